@@ -1,0 +1,69 @@
+"""Packing 1-, 2-, 4- and 8-bit integer codes into bytes, and back, exactly.
+
+Codes are stored little-endian within each byte: element ``i`` of a packed group occupies bits
+``[i*b, (i+1)*b)`` of its byte. Signed codes are stored as b-bit two's complement and
+sign-extended on unpacking. The flat element order is C order of the original shape; the last
+byte is zero-padded. Invariant: ``unpack_bits(pack_bits(q, b), b, q.shape, signed) == q`` for
+every ``q`` inside the b-bit range.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from qflax.numerics._ranges import check_choice
+
+__all__ = ["pack_bits", "unpack_bits", "packed_size", "PACKABLE_BITS"]
+
+PACKABLE_BITS = (1, 2, 4, 8)
+
+
+def packed_size(num_elements: int, bits: int) -> int:
+    """Bytes needed to pack ``num_elements`` codes of ``bits`` bits."""
+    check_choice(bits, "bits", PACKABLE_BITS)
+    return math.ceil(num_elements * bits / 8)
+
+
+def pack_bits(q: ArrayLike, bits: int) -> jax.Array:
+    """Packs integer codes (any shape, any integer dtype) into a flat ``uint8`` array.
+
+    Each code keeps its low ``bits`` bits (two's complement for negative codes).
+    """
+    check_choice(bits, "bits", PACKABLE_BITS)
+    q = jnp.asarray(q)
+    if not jnp.issubdtype(q.dtype, jnp.integer):
+        raise TypeError(f"pack_bits expects integer codes, got dtype {q.dtype}")
+    per_byte = 8 // bits
+    flat = q.reshape(-1).astype(jnp.int32) & ((1 << bits) - 1)
+    pad = (-flat.size) % per_byte
+    flat = jnp.pad(flat, (0, pad)).reshape(-1, per_byte)
+    shifts = jnp.arange(per_byte, dtype=jnp.int32) * bits
+    return jnp.sum(flat << shifts, axis=1).astype(jnp.uint8)
+
+
+def unpack_bits(
+    packed: ArrayLike, bits: int, shape: tuple[int, ...], signed: bool
+) -> jax.Array:
+    """Inverse of :func:`pack_bits`: returns ``int8`` codes (``uint8`` if unsigned) of ``shape``."""
+    check_choice(bits, "bits", PACKABLE_BITS)
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8:
+        raise TypeError(f"unpack_bits expects uint8 bytes, got dtype {packed.dtype}")
+    n = math.prod(shape)
+    if packed.size != packed_size(n, bits):
+        raise ValueError(
+            f"packed has {packed.size} bytes; shape={shape} at bits={bits} needs "
+            f"{packed_size(n, bits)}"
+        )
+    per_byte = 8 // bits
+    shifts = jnp.arange(per_byte, dtype=jnp.int32) * bits
+    codes = (packed.astype(jnp.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    codes = codes.reshape(-1)[:n]
+    if signed:
+        codes = jnp.where(codes >= (1 << (bits - 1)), codes - (1 << bits), codes)
+        return codes.astype(jnp.int8).reshape(shape)
+    return codes.astype(jnp.uint8).reshape(shape)
