@@ -18,13 +18,13 @@ run: $(STAMP)
 	$(BIN)/qflax report
 
 test: $(STAMP)
-	$(BIN)/ruff check qflax tests experiments benchmarks
-	$(BIN)/ruff format --check qflax tests experiments benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check --fix qflax tests experiments benchmarks
-	$(BIN)/ruff format qflax tests experiments benchmarks
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics._ranges import check_choice
@@ -22,10 +23,18 @@ __all__ = ["pack_bits", "unpack_bits", "packed_size", "PACKABLE_BITS"]
 PACKABLE_BITS = (1, 2, 4, 8)
 
 
+def _check_packable_bits(bits) -> int:
+    # check_choice alone lets True (== 1) and 2.0 (== 2) through; they then fail obscurely.
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        allowed = ", ".join(map(repr, PACKABLE_BITS))
+        raise ValueError(f"bits={bits!r} is not an integer; allowed: {allowed}")
+    return check_choice(int(bits), "bits", PACKABLE_BITS)
+
+
 def packed_size(num_elements: int, bits: int) -> int:
     """Bytes needed to pack ``num_elements`` codes of ``bits`` bits."""
-    check_choice(bits, "bits", PACKABLE_BITS)
-    return math.ceil(num_elements * bits / 8)
+    bits = _check_packable_bits(bits)
+    return -(-int(num_elements) * bits // 8)  # exact integer ceil, also beyond 2^53
 
 
 def pack_bits(q: ArrayLike, bits: int) -> jax.Array:
@@ -33,7 +42,7 @@ def pack_bits(q: ArrayLike, bits: int) -> jax.Array:
 
     Each code keeps its low ``bits`` bits (two's complement for negative codes).
     """
-    check_choice(bits, "bits", PACKABLE_BITS)
+    bits = _check_packable_bits(bits)
     q = jnp.asarray(q)
     if not jnp.issubdtype(q.dtype, jnp.integer):
         raise TypeError(f"pack_bits expects integer codes, got dtype {q.dtype}")
@@ -45,11 +54,9 @@ def pack_bits(q: ArrayLike, bits: int) -> jax.Array:
     return jnp.sum(flat << shifts, axis=1).astype(jnp.uint8)
 
 
-def unpack_bits(
-    packed: ArrayLike, bits: int, shape: tuple[int, ...], signed: bool
-) -> jax.Array:
+def unpack_bits(packed: ArrayLike, bits: int, shape: tuple[int, ...], signed: bool) -> jax.Array:
     """Inverse of :func:`pack_bits`: returns ``int8`` codes (``uint8`` if unsigned) of ``shape``."""
-    check_choice(bits, "bits", PACKABLE_BITS)
+    bits = _check_packable_bits(bits)
     packed = jnp.asarray(packed)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"unpack_bits expects uint8 bytes, got dtype {packed.dtype}")
@@ -61,7 +68,7 @@ def unpack_bits(
         )
     per_byte = 8 // bits
     shifts = jnp.arange(per_byte, dtype=jnp.int32) * bits
-    codes = (packed.astype(jnp.int32)[:, None] >> shifts) & ((1 << bits) - 1)
+    codes = (packed.reshape(-1).astype(jnp.int32)[:, None] >> shifts) & ((1 << bits) - 1)
     codes = codes.reshape(-1)[:n]
     if signed:
         codes = jnp.where(codes >= (1 << (bits - 1)), codes - (1 << bits), codes)

@@ -24,7 +24,8 @@ def check_bits(bits: Any, field: str = "bits", lo: int = MIN_BITS, hi: int = MAX
 def check_choice(value: Any, field: str, allowed: tuple[Any, ...]) -> Any:
     """Returns ``value`` if it is one of ``allowed``, else raises ValueError naming both."""
     if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        allowed_text = ", ".join(map(repr, allowed))
+        raise ValueError(f"{field}={value!r} is not allowed; allowed: {allowed_text}")
     return value
 
 
@@ -32,7 +33,7 @@ def int_range(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int,
     """The integer codes ``[qmin, qmax]`` of a b-bit quantizer.
 
     Signed: ``[-2^(b-1), 2^(b-1) - 1]``, narrow: ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (symmetric).
-    Unsigned: ``[0, 2^b - 1]``, narrow: ``[0, 2^b - 2]``.
+    Unsigned: ``[0, 2^b - 1]``, narrow: ``[0, 2^b - 2]``. A narrow 1-bit range (one level) raises.
 
     >>> int_range(8, True), int_range(8, True, True), int_range(4, False)
     ((-128, 127), (-127, 127), (0, 15))
@@ -47,6 +48,11 @@ def int_range(bits: int, signed: bool, narrow_range: bool = False) -> tuple[int,
         qmax = 2 ** (bits - 1) - 1
         qmin = -qmax if narrow_range else -(2 ** (bits - 1))
     else:
+        if narrow_range and bits == 1:
+            raise ValueError(
+                "narrow_range=True with bits=1 and signed=False leaves one level; "
+                "allowed: bits >= 2 for a narrow unsigned range"
+            )
         qmin = 0
         qmax = 2**bits - 1 - (1 if narrow_range else 0)
     return qmin, qmax

@@ -56,8 +56,7 @@ def check_granularity(granularity: str, axis: int, group_size: int | None) -> No
 def _norm_axis(axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(
-            f"axis={axis} is out of range for a tensor of rank {ndim}; "
-            f"allowed: {-ndim}..{ndim - 1}"
+            f"axis={axis} is out of range for a tensor of rank {ndim}; allowed: {-ndim}..{ndim - 1}"
         )
     return axis % ndim
 
@@ -112,7 +111,9 @@ def sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         return g
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(
-        lead + i for i, (s, t) in enumerate(zip(shape, g.shape[lead:], strict=True)) if s == 1 and t != 1
+        lead + i
+        for i, (s, t) in enumerate(zip(shape, g.shape[lead:], strict=True))
+        if s == 1 and t != 1
     )
     out = jnp.sum(g, axis=axes, keepdims=False) if axes else g
     return out.reshape(shape)

@@ -1,0 +1,114 @@
+"""Pure-function quantizers with custom gradients.
+
+Every quantizer is ``name(x, params, config) -> x_hat`` with a frozen, validated config
+dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; every
+``jax.custom_vjp`` is defined once at module level. Families:
+
+* uniform affine / symmetric (per tensor, channel or group; STE, clipped STE or true gradient;
+  learnable scale and zero point): :func:`uniform`;
+* power-of-two (logarithmic) levels: :func:`pow2`;
+* binary sign (deterministic, stochastic, XNOR scaling) and ternary: :func:`binary`,
+  :func:`ternary`;
+* ProxConnect++ forward/backward pairs: :func:`pair`, the catalogue :data:`PAIRS`, and the named
+  elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`.
+"""
+
+from qflax.quantizers._base import GRANULARITIES
+from qflax.quantizers._binary import (
+    BINARY_GRADIENTS,
+    SCALINGS,
+    BinaryConfig,
+    TernaryConfig,
+    binary,
+    binary_codes,
+    binary_init,
+    binary_scale,
+    ternary,
+    ternary_codes,
+    ternary_init,
+    ternary_scale,
+)
+from qflax.quantizers._pairs import (
+    BACKWARDS,
+    FORWARDS,
+    PAIRS,
+    QuantizerPair,
+    approx_sign,
+    bc,
+    bnn,
+    bnn_plus,
+    bnn_plus_plus,
+    hardtanh,
+    identity,
+    pair,
+    pc,
+    poly_sign,
+    prox,
+    proxquant,
+    sign,
+    sign_swish,
+)
+from qflax.quantizers._pow2 import (
+    POW2_GRADIENTS,
+    PowerOfTwoConfig,
+    pow2,
+    pow2_codes,
+    pow2_dequantize,
+    pow2_init,
+    pow2_levels,
+)
+from qflax.quantizers._uniform import (
+    UNIFORM_GRADIENTS,
+    UniformConfig,
+    uniform,
+    uniform_codes,
+    uniform_dequantize,
+    uniform_init,
+)
+
+__all__ = [
+    "BACKWARDS",
+    "BINARY_GRADIENTS",
+    "FORWARDS",
+    "GRANULARITIES",
+    "PAIRS",
+    "POW2_GRADIENTS",
+    "SCALINGS",
+    "UNIFORM_GRADIENTS",
+    "BinaryConfig",
+    "PowerOfTwoConfig",
+    "QuantizerPair",
+    "TernaryConfig",
+    "UniformConfig",
+    "approx_sign",
+    "bc",
+    "binary",
+    "binary_codes",
+    "binary_init",
+    "binary_scale",
+    "bnn",
+    "bnn_plus",
+    "bnn_plus_plus",
+    "hardtanh",
+    "identity",
+    "pair",
+    "pc",
+    "poly_sign",
+    "pow2",
+    "pow2_codes",
+    "pow2_dequantize",
+    "pow2_init",
+    "pow2_levels",
+    "prox",
+    "proxquant",
+    "sign",
+    "sign_swish",
+    "ternary",
+    "ternary_codes",
+    "ternary_init",
+    "ternary_scale",
+    "uniform",
+    "uniform_codes",
+    "uniform_dequantize",
+    "uniform_init",
+]

@@ -1,0 +1,448 @@
+"""ProxConnect++ pairs (Lu, Yu, Li, Partovi Nia, NeurIPS 2023); catalogue = our reading [inferred].
+
+METHODS.md §4 and §9. ProxConnect++ trains latent weights ``θ`` with a forward quantizer ``F``
+and a backward function ``B``::
+
+    w_t = F(θ_t),    θ_{t+1} = θ_t − η · B′(θ_t)ᵀ ∇ℓ(w_t)
+
+In JAX this is a ``custom_vjp`` whose value is ``F(x)`` and whose VJP is the VJP of ``B`` at
+``x`` (``g · B′(x)`` for the elementwise functions here). The update rule and the catalogue
+below are inferred from the paper's abstract and follow-up work, not read in the authors' code
+[inferred]; every entry is data (a pair of plain functions), so it is easy to replace.
+
+Catalogue (``PAIRS``):
+
+===============  =====================  =====================
+name             forward ``F``          backward ``B``
+===============  =====================  =====================
+``bc``           ``sign``               ``identity``
+``pc``           ``prox`` (P_μ)         ``identity``
+``proxquant``    ``identity``           ``prox`` (P_μ)
+``bnn``          ``sign``               ``hardtanh``
+``bnn+``         ``sign``               ``sign_swish`` (β)
+``bnn++``        ``sign_swish`` (μ)     ``sign_swish`` (μ)
+``approx_sign``  ``sign``               ``poly_sign``
+===============  =====================  =====================
+
+Hyperparameters (``μ``, ``β``) are ordinary arguments of the ``custom_vjp``, so they may be traced
+arrays: an annealed ``μ`` inside a jitted train step does not recompile. They receive a zero
+cotangent through a pair (the pair's gradient is only ``g · B′(x)``). Per-channel scaling
+(``sign(w)·sg(mean|w|)``) is not part of a pair; the binary quantizer owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "BACKWARDS",
+    "FORWARDS",
+    "PAIRS",
+    "QuantizerPair",
+    "approx_sign",
+    "bc",
+    "bnn",
+    "bnn_plus",
+    "bnn_plus_plus",
+    "hardtanh",
+    "identity",
+    "pair",
+    "pc",
+    "poly_sign",
+    "prox",
+    "proxquant",
+    "sign",
+    "sign_swish",
+]
+
+Elementwise = Callable[..., jax.Array]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation and small helpers.
+
+
+def _check_positive(value: Any, field: str) -> None:
+    """Raises ValueError unless ``value`` is a finite number > 0.
+
+    Python and NumPy numbers (and NumPy arrays) are checked; JAX arrays are not, since they may be
+    traced (annealed inside ``jit``).
+    """
+    if isinstance(value, jax.Array):
+        return
+    allowed = "allowed: a finite number > 0 (or a JAX array of them)"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating, np.ndarray)
+    ):
+        raise ValueError(f"{field}={value!r} is not a number; {allowed}")
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+        raise ValueError(f"{field}={value!r} is not a real number; {allowed}")
+    if not (np.all(np.isfinite(array)) and np.all(array > 0)):
+        raise ValueError(f"{field}={value!r} is out of range; {allowed}")
+
+
+def _as_float(x: jax.typing.ArrayLike) -> jax.Array:
+    """``x`` as a JAX array of a floating dtype (integer and bool inputs become float32)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    return x
+
+
+def _hyper(value: jax.typing.ArrayLike, field: str, dtype: Any) -> jax.Array:
+    """A validated hyperparameter cast to ``x``'s dtype (strict dtype promotion mixes nothing)."""
+    _check_positive(value, field)
+    return jnp.asarray(value, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The catalogue of elementwise functions. Each is pure and works under jit/vmap/grad.
+
+
+def identity(x: jax.typing.ArrayLike) -> jax.Array:
+    """The identity, ``x``; derivative 1 (the straight-through backward of BinaryConnect)."""
+    return _as_float(x)
+
+
+def sign(x: jax.typing.ArrayLike) -> jax.Array:
+    """Binary sign with values ±1 and ``sign(0) = +1`` (unlike ``jnp.sign``); derivative 0.
+
+    NaN stays NaN so that a debug check downstream can see it. XLA may flush subnormal inputs to
+    zero (it does on CPU), so a negative subnormal can give +1.
+
+    >>> sign(jnp.array([-2.0, -0.0, 0.0, 0.5])).tolist()
+    [-1.0, 1.0, 1.0, 1.0]
+    """
+    x = _as_float(x)
+    one = jnp.ones_like(x)
+    return jnp.where(x < 0, -one, jnp.where(x >= 0, one, x))
+
+
+def hardtanh(x: jax.typing.ArrayLike) -> jax.Array:
+    """``clip(x, −1, 1)`` whose derivative is ``1[|x| ≤ 1]``, the bounds included (BNN's backward).
+
+    Written with ``jnp.where`` rather than ``jnp.clip``: autodiff of ``jnp.clip`` gives ½ exactly on
+    a bound, while the nested ``where`` selects the ``x`` branch at ``x = ±1`` (its comparisons are
+    strict), so the derivative is exactly 1 on ``[−1, 1]`` and 0 outside.
+
+    >>> hardtanh(jnp.array([-3.0, -1.0, 0.25, 1.0, 2.0])).tolist()
+    [-1.0, -1.0, 0.25, 1.0, 1.0]
+    >>> jax.vmap(jax.grad(hardtanh))(jnp.array([-1.5, -1.0, 1.0, 1.5])).tolist()
+    [0.0, 1.0, 1.0, 0.0]
+    """
+    x = _as_float(x)
+    one = jnp.ones_like(x)
+    return jnp.where(x > 1, one, jnp.where(x < -1, -one, x))
+
+
+def sign_swish(x: jax.typing.ArrayLike, beta: jax.typing.ArrayLike = 5.0) -> jax.Array:
+    """SignSwish (BNN+), ``SS_β(x) = 2σ(βx)[1 + βx(1 − σ(βx))] − 1`` [code: larq].
+
+    Its derivative (by autodiff; equal to larq's closed form) is
+    ``SS′_β(x) = β[2 − βx·tanh(βx/2)] / (1 + cosh βx)``. ``SS_β → sign`` as ``β → ∞``
+    (used by BNN++ with an annealed ``β = μ``). ``1 − σ(z)`` is computed as ``σ(−z)``, which keeps
+    the tail exact for large ``βx``.
+
+    Args:
+        x: input.
+        beta: steepness ``β > 0`` (scalar or broadcastable to ``x``; may be a traced array).
+            Default 5.0 as in larq.
+
+    Returns:
+        ``SS_β(x)`` with ``x``'s shape and dtype.
+
+    >>> round(float(sign_swish(0.5, beta=2.0)), 6)
+    0.855341
+    """
+    x = _as_float(x)
+    beta = _hyper(beta, "beta", x.dtype)
+    z = beta * x
+    s = jax.nn.sigmoid(z)
+    return 2 * s * (1 + z * jax.nn.sigmoid(-z)) - 1
+
+
+def prox(x: jax.typing.ArrayLike, mu: jax.typing.ArrayLike = 1.0) -> jax.Array:
+    """Proximal map ``P_μ`` toward ``{−1, +1}``: ``(x + μ·sign(x)) / (1 + μ)`` [inferred].
+
+    Our reading of ProxConnect's forward quantizer: the proximal map of the quadratic distance
+    regulariser ``r(w) = ½·dist(w, {−1, +1})²`` scaled by ``μ``, i.e.
+    ``argmin_w ½(w − x)² + (μ/2)(w − sign(w))²``, which moves ``x`` a fraction ``μ/(1 + μ)`` of
+    the way to ``sign(x)`` (ties at 0 go to +1). ``μ = 0`` is the identity, ``μ → ∞`` tends to
+    ``sign``. Derivative ``1/(1 + μ)`` off 0 (the jump at 0 contributes nothing). Replace this
+    function if the paper's exact regulariser differs.
+
+    Args:
+        x: input.
+        mu: strength ``μ > 0`` (scalar or broadcastable to ``x``; may be a traced array).
+
+    Returns:
+        ``P_μ(x)`` with ``x``'s shape and dtype.
+
+    >>> prox(jnp.array([-2.0, 0.0, 0.5]), mu=1.0).tolist()
+    [-1.5, 0.5, 0.75]
+    """
+    x = _as_float(x)
+    mu = _hyper(mu, "mu", x.dtype)
+    return (x + mu * sign(x)) / (1 + mu)
+
+
+def poly_sign(x: jax.typing.ArrayLike) -> jax.Array:
+    """ApproxSign of Bi-Real Net: ``2x + x²`` on ``[−1, 0)``, ``2x − x²`` on ``[0, 1)``, ±1 outside.
+
+    Equal to ``2x − x·|x|`` inside; its derivative is ``2 − 2|x|`` on ``(−1, 1)`` and 0 outside
+    (continuous: both sides are 0 at ±1).
+
+    >>> poly_sign(jnp.array([-2.0, -0.5, 0.0, 0.5, 1.0])).tolist()
+    [-1.0, -0.75, 0.0, 0.75, 1.0]
+    """
+    x = _as_float(x)
+    one = jnp.ones_like(x)
+    return jnp.where(x < -1, -one, jnp.where(x >= 1, one, 2 * x - x * jnp.abs(x)))
+
+
+# Forward candidates: any function may be a forward (value of the quantizer).
+FORWARDS: Mapping[str, Elementwise] = types.MappingProxyType(
+    {
+        "identity": identity,
+        "sign": sign,
+        "hardtanh": hardtanh,
+        "sign_swish": sign_swish,
+        "prox": prox,
+        "poly_sign": poly_sign,
+    }
+)
+
+# Backward candidates: only functions with a useful derivative (``sign`` has derivative 0
+# everywhere, so it would stop all gradients, and is left out).
+BACKWARDS: Mapping[str, Elementwise] = types.MappingProxyType(
+    {
+        "identity": identity,
+        "hardtanh": hardtanh,
+        "sign_swish": sign_swish,
+        "prox": prox,
+        "poly_sign": poly_sign,
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The pair: value of ``forward``, VJP of ``backward``. Defined once at module level.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _pair(
+    forward: Elementwise,
+    backward: Elementwise,
+    x: jax.Array,
+    forward_kwargs: dict[str, Any],
+    backward_kwargs: dict[str, Any],
+) -> jax.Array:
+    del backward, backward_kwargs
+    return _forward_value(forward, x, forward_kwargs)
+
+
+def _forward_value(forward: Elementwise, x: jax.Array, forward_kwargs: dict[str, Any]) -> jax.Array:
+    y = jnp.asarray(forward(x, **forward_kwargs))
+    if y.shape != x.shape:
+        raise ValueError(
+            f"forward={_name(forward)} returned shape {y.shape} for an input of shape {x.shape}; "
+            "allowed: an elementwise function (output shape == input shape)"
+        )
+    return y
+
+
+def _pair_fwd(
+    forward: Elementwise,
+    backward: Elementwise,
+    x: jax.Array,
+    forward_kwargs: dict[str, Any],
+    backward_kwargs: dict[str, Any],
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any]]]:
+    del backward
+    return _forward_value(forward, x, forward_kwargs), (x, backward_kwargs)
+
+
+def _pair_bwd(
+    forward: Elementwise,
+    backward: Elementwise,
+    residuals: tuple[jax.Array, dict[str, Any]],
+    g: jax.Array,
+) -> tuple[jax.Array, None, None]:
+    del forward
+    x, backward_kwargs = residuals
+    y, vjp = jax.vjp(lambda x_: jnp.asarray(backward(x_, **backward_kwargs)), x)
+    if y.shape != x.shape:
+        raise ValueError(
+            f"backward={_name(backward)} returned shape {y.shape} for an input of shape "
+            f"{x.shape}; allowed: an elementwise function (output shape == input shape)"
+        )
+    (g_x,) = vjp(g.astype(y.dtype))
+    # None: a symbolic zero cotangent for every hyperparameter (both kwargs dicts).
+    return g_x.astype(x.dtype), None, None
+
+
+_pair.defvjp(_pair_fwd, _pair_bwd)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    return getattr(fn, "__name__", None) or repr(fn)
+
+
+def _check_kwargs(kwargs: Mapping[str, Any] | None, field: str) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise ValueError(
+            f"{field}={kwargs!r} is not allowed; allowed: None or a mapping from argument names "
+            "(str) to values (numbers or arrays)"
+        )
+    return dict(kwargs)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class QuantizerPair:
+    """A forward/backward quantizer ``q(x)``: value ``forward(x)``, VJP ``g · backward′(x)``.
+
+    Made by :func:`pair` and the named factories; call it on an array. Hashes by identity, so it
+    can be a static argument of ``jax.jit``.
+    """
+
+    # Value of the quantizer: ``forward(x, **forward_kwargs)``.
+    forward: Elementwise
+    # Gradient of the quantizer: the VJP of ``backward(x, **backward_kwargs)`` at ``x``.
+    backward: Elementwise
+    # Keyword arguments of ``forward`` (hyperparameters; may be traced arrays).
+    forward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Keyword arguments of ``backward`` (hyperparameters; may be traced arrays).
+    backward_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
+        x = _as_float(x)
+        return _pair(
+            self.forward, self.backward, x, dict(self.forward_kwargs), dict(self.backward_kwargs)
+        )
+
+    def __repr__(self) -> str:
+        def call(fn: Elementwise, kwargs: dict[str, Any]) -> str:
+            args = "".join(f", {k}={v!r}" for k, v in kwargs.items())
+            return f"{_name(fn)}(x{args})"
+
+        return (
+            f"QuantizerPair(forward={call(self.forward, self.forward_kwargs)}, "
+            f"backward={call(self.backward, self.backward_kwargs)})"
+        )
+
+
+def pair(
+    forward: Elementwise,
+    backward: Elementwise,
+    *,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    backward_kwargs: Mapping[str, Any] | None = None,
+) -> QuantizerPair:
+    """A quantizer with value ``forward(x)`` and the gradient of ``backward`` (ProxConnect++).
+
+    ``q(x) = forward(x, **forward_kwargs)``; ``vjp(q)(g) = vjp(backward(·, **backward_kwargs))(g)``
+    at ``x``, i.e. ``g · B′(x)`` for an elementwise ``B``. Both functions must be elementwise
+    (output shape == input shape) and ``backward`` differentiable. Plain functions such as
+    ``jnp.sign`` or ``lambda x: jnp.tanh(3 * x)`` work with no kwargs. The kwargs are passed to
+    the ``custom_vjp`` as ordinary arguments, so their values may be traced arrays (e.g. an
+    annealed ``μ`` under ``jit``: no recompilation); they get zero cotangents. Their values must
+    be numbers or arrays; bind anything static (a string option) with ``functools.partial``.
+
+    Args:
+        forward: the forward quantizer ``F`` (its value is the output).
+        backward: the differentiable function ``B`` whose VJP is used.
+        forward_kwargs: keyword arguments of ``forward``.
+        backward_kwargs: keyword arguments of ``backward``.
+
+    Returns:
+        A callable ``q(x) -> x̂``.
+
+    >>> q = pair(sign, hardtanh)
+    >>> x = jnp.array([-2.0, -0.5, 0.0, 1.0])
+    >>> q(x).tolist(), jax.grad(lambda v: q(v).sum())(x).tolist()
+    ([-1.0, -1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
+    """
+    if not callable(forward):
+        raise ValueError(f"forward={forward!r} is not callable; allowed: a function x -> x̂")
+    if not callable(backward):
+        raise ValueError(f"backward={backward!r} is not callable; allowed: a function x -> y")
+    return QuantizerPair(
+        forward=forward,
+        backward=backward,
+        forward_kwargs=_check_kwargs(forward_kwargs, "forward_kwargs"),
+        backward_kwargs=_check_kwargs(backward_kwargs, "backward_kwargs"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The named catalogue (METHODS.md §4 table, plus Bi-Real Net's ApproxSign).
+
+
+def bc() -> QuantizerPair:
+    """BinaryConnect: forward ``sign``, backward ``identity`` (the plain STE)."""
+    return pair(sign, identity)
+
+
+def pc(mu: jax.typing.ArrayLike = 1.0) -> QuantizerPair:
+    """ProxConnect: forward ``P_μ`` (:func:`prox`), backward ``identity`` [inferred]."""
+    _check_positive(mu, "mu")
+    return pair(prox, identity, forward_kwargs={"mu": mu})
+
+
+def proxquant(mu: jax.typing.ArrayLike = 1.0) -> QuantizerPair:
+    """ProxQuant ("reverse PC"): forward ``identity``, backward ``P_μ`` [inferred].
+
+    The gradient is ``g / (1 + μ)`` (off 0).
+    """
+    _check_positive(mu, "mu")
+    return pair(identity, prox, backward_kwargs={"mu": mu})
+
+
+def bnn() -> QuantizerPair:
+    """BNN: forward ``sign``, backward ``hardtanh`` (gradient ``g · 1[|x| ≤ 1]``)."""
+    return pair(sign, hardtanh)
+
+
+def bnn_plus(beta: jax.typing.ArrayLike = 5.0) -> QuantizerPair:
+    """BNN+: forward ``sign``, backward SignSwish with steepness ``β``."""
+    _check_positive(beta, "beta")
+    return pair(sign, sign_swish, backward_kwargs={"beta": beta})
+
+
+def bnn_plus_plus(mu: jax.typing.ArrayLike = 5.0) -> QuantizerPair:
+    """BNN++: forward and backward SignSwish with ``β = μ`` [inferred].
+
+    Anneal ``μ`` upward during training (pass a traced array) so the forward tends to ``sign``.
+    """
+    _check_positive(mu, "mu")
+    return pair(sign_swish, sign_swish, forward_kwargs={"beta": mu}, backward_kwargs={"beta": mu})
+
+
+def approx_sign() -> QuantizerPair:
+    """Bi-Real Net's ApproxSign: forward ``sign``, backward :func:`poly_sign`."""
+    return pair(sign, poly_sign)
+
+
+# Name -> factory; each factory returns a callable q(x). Read-only.
+PAIRS: Mapping[str, Callable[..., QuantizerPair]] = types.MappingProxyType(
+    {
+        "bc": bc,
+        "pc": pc,
+        "proxquant": proxquant,
+        "bnn": bnn,
+        "bnn+": bnn_plus,
+        "bnn++": bnn_plus_plus,
+        "approx_sign": approx_sign,
+    }
+)

@@ -1,0 +1,424 @@
+"""Uniform affine quantizer — Jacob et al. 2018 (CVPR), eq. (1) ``r = S·(q − Z)``; METHODS.md §1.
+
+Differs from the paper: the paper quantizes only at inference time; here the quantizer is also a
+training-time function with a choice of gradients (straight-through, clipped straight-through,
+true), and with an optional learned step (the LSQ-style gradient, without LSQ's gradient scale
+``1/√(numel·QP)``, which belongs to the LSQ quantizer) and learned zero point.
+
+Forward, per element of the grouped view ``grouped(x, granularity, axis, group_size)``, with
+``s`` the scale and ``z`` the zero point of the element's group::
+
+    u  = x / s
+    z' = round(z)                          (0 when symmetric; an integer, so codes are integers)
+    v  = u + z'                            (the pre-round code)
+    q  = clip(round(u) + z', qmin, qmax)   (the integer code; round = round-half-to-even)
+    x̂  = s · (q − z')
+
+Backward, with the inside mask ``m = 1[qmin ≤ v ≤ qmax]`` (on the pre-round ``v``, both bounds
+inclusive) and ``g`` the cotangent of ``x̂``::
+
+    ∂L/∂x = g                              gradient="ste"          (identity straight-through)
+          = g · m                          gradient="clipped_ste"  (zero outside the range)
+          = 0                              gradient="true"         (round is flat almost everywhere)
+    ∂L/∂s = Σ g · (round(u) − u)           where m = 1  (LSQ: straight-through round)
+          + Σ g · (q − z')                 where m = 0  (q = qmin or qmax: the exact derivative)
+                                           (0 everywhere unless learn_scale)
+    ∂L/∂z = Σ g · (−s)                     where m = 0  (0 inside; straight-through round(z))
+                                           (0 everywhere unless learn_zero_point)
+
+The sums run over the elements that share the parameter (the whole tensor, a channel or a group).
+The mask is on ``v``, not on the rounded code: an element with ``qmax < v ≤ qmax + ½`` is coded
+``qmax`` within half a step, yet counts as outside (zero ``clipped_ste`` gradient, scale gradient
+``qmax − z'``); likewise below ``qmin``. Elements exactly on an end of the range (where
+:func:`uniform_init` puts the extremes of the data) are inside in exact arithmetic; in float32
+their side depends on the rounding of ``x / s``, which XLA may compute differently under ``jit``
+than eagerly.
+``gradient`` selects only the gradient to ``x``; the gradients to ``s`` and ``z`` use the formulas
+above for every choice of ``gradient``. For ``symmetric=True`` the zero point is 0 whatever
+``params["zero_point"]`` holds, and its gradient is 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from qflax.numerics import check_bits, check_choice, int_range
+from qflax.quantizers._base import check_granularity, grouped, reduce_axes, sum_to_shape, ungrouped
+
+__all__ = [
+    "UNIFORM_GRADIENTS",
+    "UniformConfig",
+    "uniform",
+    "uniform_codes",
+    "uniform_dequantize",
+    "uniform_init",
+]
+
+UNIFORM_GRADIENTS = ("ste", "clipped_ste", "true")
+
+_PARAM_NAMES = ("scale", "zero_point")
+
+
+def _check_bool(value, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{field}={value!r} is not a bool; allowed: True, False")
+    return bool(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UniformConfig:
+    """Configuration of the uniform affine quantizer (hashable; validated at construction).
+
+    >>> UniformConfig(bits=4).qmin, UniformConfig(bits=4).qmax
+    (-8, 7)
+    >>> UniformConfig(bits=4, signed=False, symmetric=False).qmax
+    15
+    """
+
+    # Bit-width b of the integer codes, 1..32.
+    bits: int = 8
+    # Signed codes [-2^(b-1), 2^(b-1)-1]; unsigned codes [0, 2^b-1].
+    signed: bool = True
+    # True: the zero point is fixed at 0; False: an (integer) zero point shifts the grid.
+    symmetric: bool = True
+    # Drop the most negative signed code (±(2^(b-1)-1)), or the largest unsigned code.
+    narrow_range: bool = False
+    # Which elements share a scale: "tensor", "channel" or "group" (see qflax/quantizers/_base.py).
+    granularity: str = "tensor"
+    # The channel axis ("channel") or the axis cut into groups ("group"); unused for "tensor".
+    axis: int = -1
+    # Elements per group along `axis` for granularity="group"; None otherwise.
+    group_size: int | None = None
+    # Gradient to x: "ste" identity, "clipped_ste" zero outside the range, "true" zero (a.e.).
+    gradient: str = "ste"
+    # Whether the scale receives its (LSQ-style) gradient; zero gradient otherwise.
+    learn_scale: bool = False
+    # Whether the zero point receives its gradient; only with symmetric=False.
+    learn_zero_point: bool = False
+
+    def __post_init__(self):
+        check_bits(self.bits, "bits")
+        for field in ("signed", "symmetric", "narrow_range", "learn_scale", "learn_zero_point"):
+            _check_bool(getattr(self, field), field)
+        qmin, qmax = int_range(self.bits, self.signed, self.narrow_range)
+        if qmax <= qmin:
+            raise ValueError(
+                f"narrow_range=True with bits={self.bits} and signed={self.signed} leaves one "
+                "level; allowed: narrow_range=False, or bits >= 2"
+            )
+        check_granularity(self.granularity, self.axis, self.group_size)
+        check_choice(self.gradient, "gradient", UNIFORM_GRADIENTS)
+        if self.learn_zero_point and self.symmetric:
+            raise ValueError(
+                "learn_zero_point=True needs a zero point, but symmetric=True fixes it at 0; "
+                "allowed: learn_zero_point=False with symmetric=True, or symmetric=False"
+            )
+
+    @property
+    def qmin(self) -> int:
+        """The smallest integer code."""
+        return int_range(self.bits, self.signed, self.narrow_range)[0]
+
+    @property
+    def qmax(self) -> int:
+        """The largest integer code."""
+        return int_range(self.bits, self.signed, self.narrow_range)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, dtypes and bounds.
+
+
+def _view_shape(shape: tuple[int, ...], config: UniformConfig) -> tuple[int, ...]:
+    """The shape of ``grouped(x, ...)``; raises ValueError for a bad axis or group size."""
+    axes = reduce_axes(len(shape), config.granularity, config.axis)  # validates the axis
+    if config.granularity != "group":
+        return tuple(shape)
+    a = axes[0] - 1
+    n, size = shape[a], config.group_size
+    if n % size:
+        raise ValueError(
+            f"group_size={size} does not divide axis={config.axis} of length {n} "
+            f"(tensor shape {tuple(shape)}); allowed: a divisor of {n}"
+        )
+    return tuple(shape[:a]) + (n // size, size) + tuple(shape[a + 1 :])
+
+
+def _param_shape(shape: tuple[int, ...], config: UniformConfig) -> tuple[int, ...]:
+    """The shape of ``scale`` and ``zero_point`` for a tensor of ``shape``."""
+    view = _view_shape(shape, config)
+    axes = reduce_axes(len(shape), config.granularity, config.axis)
+    return tuple(1 if i in axes else d for i, d in enumerate(view))
+
+
+def _compute_dtype(dtype) -> np.dtype:
+    """float32 for narrower floats (bf16, f16); the dtype itself for float32/float64."""
+    dtype = np.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else np.dtype(np.float32)
+
+
+def _float_bounds(config: UniformConfig, dtype) -> tuple[float, float]:
+    """``qmin``, ``qmax`` as floats of ``dtype``, rounded toward the inside of the range.
+
+    Exact for ``bits <= 24`` in float32; for wider codes the largest representable codes inside
+    ``[qmin, qmax]`` (so the cast of a clipped code to the integer dtype never overflows).
+    """
+    dtype = np.dtype(dtype)
+    lo, hi = dtype.type(config.qmin), dtype.type(config.qmax)
+    if float(lo) < config.qmin:
+        lo = np.nextafter(lo, dtype.type(0))
+    if float(hi) > config.qmax:
+        hi = np.nextafter(hi, dtype.type(0))
+    return float(lo), float(hi)
+
+
+def _code_dtype(config: UniformConfig) -> np.dtype:
+    """int32, or uint32 for 32-bit unsigned codes (which int32 cannot hold)."""
+    return np.dtype(np.int32 if config.qmax <= np.iinfo(np.int32).max else np.uint32)
+
+
+def _check_floating(x: jax.Array, name: str) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+
+
+def _prepare_params(
+    params: Mapping[str, ArrayLike], shape: tuple[int, ...], config: UniformConfig, dtype
+) -> tuple[jax.Array, jax.Array]:
+    """Checks ``params`` against a tensor of ``shape`` and returns ``(scale, zero_point)``."""
+    if not isinstance(params, Mapping):
+        raise ValueError(
+            f"params must be a dict with keys {_PARAM_NAMES}, got {type(params).__name__}"
+        )
+    unknown = sorted(set(params) - set(_PARAM_NAMES))
+    if unknown:
+        raise ValueError(f"params has unknown keys {unknown}; allowed: {list(_PARAM_NAMES)}")
+    required = ("scale",) if config.symmetric else _PARAM_NAMES
+    missing = [k for k in required if k not in params]
+    if missing:
+        raise ValueError(
+            f"params is missing {missing}; allowed: a dict with keys {list(required)} "
+            f"(symmetric={config.symmetric}), as returned by uniform_init"
+        )
+    expected = _param_shape(shape, config)
+    for name in _PARAM_NAMES:
+        if name in params and jnp.shape(params[name]) != expected:
+            raise ValueError(
+                f"params[{name!r}] has shape {jnp.shape(params[name])}, but a tensor of shape "
+                f"{tuple(shape)} with granularity={config.granularity!r}, axis={config.axis}, "
+                f"group_size={config.group_size} needs shape {expected}; allowed: exactly "
+                f"{expected}"
+            )
+    scale = jnp.asarray(params["scale"]).astype(dtype)
+    if "zero_point" in params:
+        zero_point = jnp.asarray(params["zero_point"]).astype(dtype)
+    else:
+        zero_point = jnp.zeros(expected, dtype)
+    return scale, zero_point
+
+
+# --------------------------------------------------------------------------------------------
+# The quantizer on the grouped view: one custom_vjp, defined once.
+
+
+def _integer_zero_point(config: UniformConfig, zero_point: jax.Array) -> jax.Array:
+    return jnp.zeros_like(zero_point) if config.symmetric else jnp.round(zero_point)
+
+
+def _float_codes(
+    config: UniformConfig, x: jax.Array, scale: jax.Array, zero_point: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Returns the codes ``q`` (integer-valued floats) and the integer zero point ``z'``."""
+    lo, hi = _float_bounds(config, x.dtype)
+    z = _integer_zero_point(config, zero_point)
+    q = jnp.clip(jnp.round(x / scale) + z, lo, hi)
+    return q, z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _uniform_view(
+    config: UniformConfig, x: jax.Array, scale: jax.Array, zero_point: jax.Array
+) -> jax.Array:
+    q, z = _float_codes(config, x, scale, zero_point)
+    return scale * (q - z)
+
+
+def _uniform_fwd(config, x, scale, zero_point):
+    return _uniform_view(config, x, scale, zero_point), (x, scale, zero_point)
+
+
+def _uniform_bwd(config, residuals, g):
+    x, scale, zero_point = residuals
+    lo, hi = _float_bounds(config, x.dtype)
+    q, z = _float_codes(config, x, scale, zero_point)
+    u = x / scale
+    v = u + z
+    inside = (v >= lo) & (v <= hi)  # on the pre-round code, both bounds inclusive
+
+    if config.gradient == "ste":
+        dx = g
+    elif config.gradient == "clipped_ste":
+        dx = jnp.where(inside, g, jnp.zeros_like(g))
+    else:  # "true"
+        dx = jnp.zeros_like(g)
+
+    if config.learn_scale:
+        dxhat_ds = jnp.where(inside, jnp.round(u) - u, q - z)
+        dscale = sum_to_shape(g * dxhat_ds, scale.shape)
+    else:
+        dscale = jnp.zeros_like(scale)
+
+    if config.learn_zero_point:
+        dxhat_dz = jnp.where(inside, jnp.zeros_like(x), -jnp.broadcast_to(scale, x.shape))
+        dzero = sum_to_shape(g * dxhat_dz, zero_point.shape)
+    else:
+        dzero = jnp.zeros_like(zero_point)
+    return dx, dscale, dzero
+
+
+_uniform_view.defvjp(_uniform_fwd, _uniform_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions.
+
+
+def uniform_init(x: ArrayLike, config: UniformConfig) -> dict[str, jax.Array]:
+    """Data-dependent params ``{"scale": s, "zero_point": z}`` (float32) from the range of ``x``.
+
+    * symmetric, signed: ``s = max|x| / qmax``, so ``±max|x|`` map to ``±qmax`` (for signed 1-bit
+      codes ``{−1, 0}``, where ``qmax = 0``: ``s = max|x| / 1``, so ``−max|x|`` maps to ``−1``);
+      ``z = 0``.
+    * symmetric, unsigned: ``s = max(max x, 0) / qmax``; ``z = 0``.
+    * asymmetric: the range ``[lo, hi] = [min(min x, 0), max(max x, 0)]`` (it always holds 0, so
+      0 is exactly representable), ``s = (hi − lo) / (qmax − qmin)``,
+      ``z = qmin − round(lo / s)``, an integer in ``[qmin, qmax]``.
+
+    The statistics are taken at the config's granularity; ``s`` is floored at the smallest normal
+    float32 so that an all-zero tensor (or group) gets ``s > 0``.
+
+    Args:
+      x: the tensor to be quantized (any real dtype; the statistics are taken in float32).
+      config: the quantizer's config.
+
+    Returns:
+      ``{"scale": s, "zero_point": z}``, float32 arrays of the params shape (they broadcast
+      against ``grouped(x, ...)``).
+    """
+    x = jnp.asarray(x)
+    shape = _param_shape(x.shape, config)  # validates axis and group size before any work
+    view = grouped(x.astype(jnp.float32), config.granularity, config.axis, config.group_size)
+    axes = reduce_axes(x.ndim, config.granularity, config.axis)
+    qmin, qmax = config.qmin, config.qmax
+    tiny = float(jnp.finfo(jnp.float32).tiny)
+    if config.symmetric:
+        if config.signed:
+            top = jnp.max(jnp.abs(view), axis=axes, keepdims=True)
+            denominator = qmax if qmax > 0 else -qmin
+        else:
+            top = jnp.maximum(jnp.max(view, axis=axes, keepdims=True), 0.0)
+            denominator = qmax
+        scale = jnp.maximum(top / float(denominator), tiny)
+        zero_point = jnp.zeros_like(scale)
+    else:
+        lo = jnp.minimum(jnp.min(view, axis=axes, keepdims=True), 0.0)
+        hi = jnp.maximum(jnp.max(view, axis=axes, keepdims=True), 0.0)
+        scale = jnp.maximum((hi - lo) / float(qmax - qmin), tiny)
+        zero_point = jnp.clip(float(qmin) - jnp.round(lo / scale), float(qmin), float(qmax))
+    return {"scale": scale.reshape(shape), "zero_point": zero_point.reshape(shape)}
+
+
+def uniform(
+    x: ArrayLike,
+    params: Mapping[str, ArrayLike],
+    config: UniformConfig,
+    *,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Quantizes and dequantizes ``x``: ``x̂ = s·(clip(round(x/s) + z, qmin, qmax) − z)``.
+
+    Pure and elementwise on the grouped view; the gradients are those in the module docstring.
+    Narrow float inputs (bfloat16, float16) are computed in float32 and cast back.
+
+    Args:
+      x: a floating array.
+      params: ``{"scale": s, "zero_point": z}`` of the params shape (see :func:`uniform_init`);
+        ``"zero_point"`` may be left out when ``config.symmetric``.
+      config: the quantizer's config.
+      key: unused (the quantizer is deterministic); accepted so that all quantizers share one
+        signature.
+
+    Returns:
+      ``x̂``, with the shape and dtype of ``x``.
+
+    Raises:
+      ValueError: if the params' shapes do not fit ``x`` at this granularity, or the axis or
+        group size does not fit ``x``.
+
+    >>> config = UniformConfig(bits=4)
+    >>> x = jnp.array([0.25, 0.75, 1.25, 9.0])
+    >>> uniform(x, {"scale": jnp.full((1,), 0.5)}, config).tolist()
+    [0.0, 1.0, 1.0, 3.5]
+    """
+    del key
+    x = jnp.asarray(x)
+    _check_floating(x, "x")
+    dtype = _compute_dtype(x.dtype)
+    scale, zero_point = _prepare_params(params, x.shape, config, dtype)
+    view = grouped(x.astype(dtype), config.granularity, config.axis, config.group_size)
+    y = _uniform_view(config, view, scale, zero_point)
+    return ungrouped(y, x.shape).astype(x.dtype)
+
+
+def uniform_codes(
+    x: ArrayLike, params: Mapping[str, ArrayLike], config: UniformConfig
+) -> jax.Array:
+    """The integer codes ``q = clip(round(x/s) + round(z), qmin, qmax)`` (no gradient).
+
+    Returns an int32 array of ``x``'s shape (uint32 for 32-bit unsigned codes, which int32 cannot
+    hold). ``uniform_dequantize(uniform_codes(x, p, c), p, c, dtype=x.dtype)`` equals
+    ``uniform(x, p, c)`` exactly.
+    """
+    x = jax.lax.stop_gradient(jnp.asarray(x))
+    _check_floating(x, "x")
+    dtype = _compute_dtype(x.dtype)
+    scale, zero_point = _prepare_params(params, x.shape, config, dtype)
+    scale, zero_point = jax.lax.stop_gradient((scale, zero_point))
+    view = grouped(x.astype(dtype), config.granularity, config.axis, config.group_size)
+    q, _ = _float_codes(config, view, scale, zero_point)
+    return ungrouped(q, x.shape).astype(_code_dtype(config))
+
+
+def uniform_dequantize(
+    q: ArrayLike,
+    params: Mapping[str, ArrayLike],
+    config: UniformConfig,
+    *,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """``x̂ = s·(q − round(z))`` from integer codes ``q`` (the inverse map of the grid).
+
+    Args:
+      q: integer codes of the tensor's shape, as returned by :func:`uniform_codes`.
+      params: the params the codes were made with.
+      config: the quantizer's config.
+      dtype: the floating dtype of the result (computed in float32 when narrower).
+
+    Returns:
+      ``x̂`` of ``q``'s shape and ``dtype``.
+    """
+    q = jnp.asarray(q)
+    if not jnp.issubdtype(q.dtype, jnp.integer):
+        raise TypeError(f"q must be an integer array of codes, got dtype {q.dtype}")
+    compute = _compute_dtype(dtype)
+    scale, zero_point = _prepare_params(params, q.shape, config, compute)
+    view = grouped(q.astype(compute), config.granularity, config.axis, config.group_size)
+    z = _integer_zero_point(config, zero_point)
+    return ungrouped(scale * (view - z), q.shape).astype(dtype)
