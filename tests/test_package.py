@@ -9,7 +9,13 @@ import pytest
 import qflax
 from qflax import cli
 
-PUBLIC_MODULES = ["qflax.numerics", "qflax.quantizers", "qflax.calibration", "qflax.data"]
+PUBLIC_MODULES = [
+    "qflax.numerics",
+    "qflax.quantizers",
+    "qflax.calibration",
+    "qflax.data",
+    "qflax.models",
+]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)

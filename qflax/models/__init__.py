@@ -1,0 +1,32 @@
+"""Reference models that take layer factories (``linear=``, ``conv=``), so any quantization
+recipe applies to them, by factory or by replacing modules by path (``stem``, ``head``, ...).
+
+Every model is called as ``model(x, *, train=False)``.
+"""
+
+from qflax.models._attention import FeedForward, SelfAttention, TransformerBlock
+from qflax.models._char_transformer import CharTransformer
+from qflax.models._cnn import CNN
+from qflax.models._common import ConvFactory, EmbedFactory, LinearFactory
+from qflax.models._mlp import MLP
+from qflax.models._registry import MODELS, build_model
+from qflax.models._resnet import BasicBlock, ResNet18, ResNet20
+from qflax.models._vit import ViT
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "MODELS",
+    "BasicBlock",
+    "CharTransformer",
+    "ConvFactory",
+    "EmbedFactory",
+    "FeedForward",
+    "LinearFactory",
+    "ResNet18",
+    "ResNet20",
+    "SelfAttention",
+    "TransformerBlock",
+    "ViT",
+    "build_model",
+]
