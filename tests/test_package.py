@@ -15,6 +15,7 @@ PUBLIC_MODULES = [
     "qflax.calibration",
     "qflax.data",
     "qflax.models",
+    "qflax.studies",
 ]
 
 

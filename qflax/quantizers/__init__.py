@@ -9,6 +9,8 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
 * power-of-two (logarithmic) levels: :func:`pow2`;
 * binary sign (deterministic, stochastic, XNOR scaling) and ternary: :func:`binary`,
   :func:`ternary`;
+* dead-zone pruning + quantization (CoDeQ): :func:`codeq`;
+* differentiable bit-shifting (DBSSQ) blends ``ε·x + (1 − ε)·Q(x)``: :func:`dbssq`;
 * ProxConnect++ forward/backward pairs: :func:`pair`, the catalogue :data:`PAIRS`, and the named
   elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`.
 """
@@ -27,6 +29,28 @@ from qflax.quantizers._binary import (
     ternary_codes,
     ternary_init,
     ternary_scale,
+)
+from qflax.quantizers._codeq import (
+    CODEQ_GRADIENTS,
+    CoDeQConfig,
+    codeq,
+    codeq_bits,
+    codeq_codes,
+    codeq_deadzone,
+    codeq_init,
+    codeq_sparsity,
+)
+from qflax.quantizers._dbssq import (
+    DBSSQ_EPSILONS,
+    DBSSQ_LEVELS,
+    DBSSQConfig,
+    dbssq,
+    dbssq_act,
+    dbssq_epsilon_schedule,
+    dbssq_level_set,
+    dbssq_quantize,
+    dbssq_weight,
+    dbssq_weight_init,
 )
 from qflax.quantizers._pairs import (
     BACKWARDS,
@@ -67,6 +91,24 @@ from qflax.quantizers._uniform import (
 )
 
 __all__ = [
+    "CODEQ_GRADIENTS",
+    "CoDeQConfig",
+    "codeq",
+    "codeq_bits",
+    "codeq_codes",
+    "codeq_deadzone",
+    "codeq_init",
+    "codeq_sparsity",
+    "DBSSQ_EPSILONS",
+    "DBSSQ_LEVELS",
+    "DBSSQConfig",
+    "dbssq",
+    "dbssq_act",
+    "dbssq_epsilon_schedule",
+    "dbssq_level_set",
+    "dbssq_quantize",
+    "dbssq_weight",
+    "dbssq_weight_init",
     "BACKWARDS",
     "BINARY_GRADIENTS",
     "FORWARDS",

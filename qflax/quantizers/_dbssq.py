@@ -1,0 +1,383 @@
+"""DBSSQ, differentiable bit-shifting quantization (Badar 2025; zia-badar/DBSSQ; METHODS.md §5).
+
+The blend ``q_ε(x) = ε·x + (1 − ε)·Q(x)`` with ``ε`` annealed from 1 to 0, so training ends at
+the exact quantizer ``Q``; weights normalised per output channel, activations batch-normalised
+without affine parameters, both quantized at ``x/3`` and rescaled by 3 [code]. What differs from
+the authors' code: levels for any number of shift bits (their code spells out s = 0..3 and
+q = 1..4 case by case), built from exponent bits; the gradient rescaling is a flag on a
+``custom_vjp`` (their backward hook); the activation normalisation uses batch statistics over all
+axes but the last (their ``BatchNorm2d`` works on NCHW) [inferred].
+
+Levels (``config.levels``), with ``b = config.bits``:
+
+* ``"shift"`` (``b`` shift bits, plus one sign bit): ``Q(x) = sign(x)·2^−k``, the ``2^b``
+  magnitudes ``{1, ½, …, 2^−(2^b − 1)}``. ``|x|`` is rounded *up* to the next power of two
+  (``2^⌈log2|x|⌉``; a power of two stays itself), ``|x| > ½`` gives 1 (also ``|x| > 1``: it
+  saturates), and everything below the smallest magnitude (including 0) gives the smallest
+  magnitude. Built from the float's exponent bits with integer operations, so it is exact.
+* ``"uniform"`` (``b``-bit codes, no zero level): ``Q(x) = sign(x)·m/2^(b−1)`` with
+  ``m = min(max(⌈|x|·2^(b−1)⌉, 1), 2^(b−1))``.
+
+``sign(x)`` here is the authors' ``x ≤ 0 → −1`` (their ``cond1 = x <= 0``): 0 and −0.0 map to the
+negative smallest level. NaN stays NaN. Computed in float32 (float64 for float64 inputs) and cast
+back to ``x``'s dtype (float16 loses shift levels below its smallest normal, 2^−14).
+
+Gradient (``custom_vjp``): the exact derivative of ``q_ε`` is ``ε`` almost everywhere; the
+authors divide it by ``ε`` (``grad_scaling``), so ``rescale_grad=True`` (default) gives the
+cotangent unchanged, ``∂L/∂x = g``, for every ``ε`` including ``ε = 0``, where the division is
+undefined and we take the straight-through estimator (gradient 1). ``rescale_grad=False`` gives
+``g·ε`` (zero at ``ε = 0``). ``ε`` is a schedule, not a parameter: its cotangent is 0. ``ε`` is an
+ordinary (traced) argument, so annealing it inside a jitted step does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from qflax.numerics import check_bits, check_choice
+from qflax.quantizers._pow2 import _check_float, _layout
+
+__all__ = [
+    "DBSSQ_EPSILONS",
+    "DBSSQ_LEVELS",
+    "DBSSQConfig",
+    "dbssq",
+    "dbssq_act",
+    "dbssq_epsilon_schedule",
+    "dbssq_level_set",
+    "dbssq_quantize",
+    "dbssq_weight",
+    "dbssq_weight_init",
+]
+
+DBSSQ_LEVELS = ("shift", "uniform")
+
+# The paper's 15-epoch schedule of ε (one value per epoch) [code/paper].
+DBSSQ_EPSILONS = (
+    1.0,
+    *(2.0**-1,) * 3,
+    *(2.0**-2,) * 3,
+    *(2.0**-3,) * 3,
+    *(2.0**-4,) * 2,
+    2.0**-5,
+    2.0**-6,
+    2.0**-7,
+)
+
+_MAX_BITS = {"shift": 6, "uniform": 16}
+_MIN_BITS = {"shift": 0, "uniform": 1}
+_SIGMA_MULTIPLE = 3.0  # quantize x/3, rescale by 3 (±3σ covers the range)
+_BN_EPS = 1e-5  # the variance guard of batch normalisation (PyTorch's default)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DBSSQConfig:
+    """Configuration of the DBSSQ quantizer (module docstring for the levels and gradient).
+
+    >>> DBSSQConfig(levels="shift", bits=2).num_magnitudes
+    4
+    """
+
+    # "shift": power-of-two magnitudes 2^-k; "uniform": n-bit codes m/2^(bits-1), no zero.
+    levels: str = "shift"
+    # Shift bits s (0..6; 2^s magnitudes) for "shift"; code bits q (1..16) for "uniform".
+    bits: int = 2
+    # Divide the blend's gradient ε by ε (effective gradient 1; the STE at ε = 0).
+    rescale_grad: bool = True
+
+    def __post_init__(self):
+        check_choice(self.levels, "levels", DBSSQ_LEVELS)
+        lo, hi = _MIN_BITS[self.levels], _MAX_BITS[self.levels]
+        object.__setattr__(self, "bits", check_bits(self.bits, "bits", lo, hi))
+        if not isinstance(self.rescale_grad, (bool, np.bool_)):
+            raise ValueError(
+                f"rescale_grad={self.rescale_grad!r} is not a bool; allowed: True, False"
+            )
+        object.__setattr__(self, "rescale_grad", bool(self.rescale_grad))
+
+    @property
+    def num_magnitudes(self) -> int:
+        """The number of positive levels: ``2^bits`` (shift) or ``2^(bits−1)`` (uniform)."""
+        return 2**self.bits if self.levels == "shift" else 2 ** (self.bits - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The levels Q(x).
+
+
+def _shift_value(xc: jax.Array, config: DBSSQConfig) -> jax.Array:
+    lay = _layout(xc.dtype)
+    bits = lax.bitcast_convert_type(jnp.abs(xc), lay.uint_dtype)
+    # Adding 2^nmant - 1 carries into the exponent iff the mantissa is nonzero: the ceiling.
+    field = (bits + (2**lay.nmant - 1)) >> lay.nmant
+    field = jnp.clip(field, lay.bias - (config.num_magnitudes - 1), lay.bias)
+    return lax.bitcast_convert_type(field << lay.nmant, lay.float_dtype)
+
+
+def _uniform_value(xc: jax.Array, config: DBSSQConfig) -> jax.Array:
+    n = float(config.num_magnitudes)
+    m = jnp.clip(jnp.ceil(jnp.abs(xc) * n), 1.0, n)
+    return m * (1.0 / n)
+
+
+def _quantize_compute(xc: jax.Array, config: DBSSQConfig) -> jax.Array:
+    mag = _shift_value(xc, config) if config.levels == "shift" else _uniform_value(xc, config)
+    out = jnp.where(xc <= 0, -mag, mag)
+    return jnp.where(jnp.isnan(xc), xc, out)
+
+
+def _compute_dtype(dtype) -> Any:
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def dbssq_quantize(x: ArrayLike, config: DBSSQConfig) -> jax.Array:
+    """The hard quantizer ``Q(x)`` (shift or uniform levels; no custom gradient).
+
+    >>> cfg = DBSSQConfig(levels="shift", bits=2)  # magnitudes 1, 1/2, 1/4, 1/8
+    >>> dbssq_quantize(jnp.array([0.7, 0.5, 0.3, 0.126, 0.01, 0.0, -2.0]), cfg).tolist()
+    [1.0, 0.5, 0.5, 0.25, 0.125, -0.125, -1.0]
+    >>> cfg = DBSSQConfig(levels="uniform", bits=2)  # magnitudes 1/2, 1
+    >>> dbssq_quantize(jnp.array([0.7, 0.5, 0.3, -0.2]), cfg).tolist()
+    [1.0, 0.5, 0.5, -0.5]
+    """
+    x = jnp.asarray(x)
+    _check_float(x, "dbssq_quantize")
+    return _quantize_compute(x.astype(_compute_dtype(x.dtype)), config).astype(x.dtype)
+
+
+def dbssq_level_set(config: DBSSQConfig) -> np.ndarray:
+    """Every value ``Q`` can output, sorted (float64 numpy): ``2·num_magnitudes`` levels."""
+    if config.levels == "shift":
+        mags = np.exp2(-np.arange(config.num_magnitudes, dtype=np.float64))
+    else:
+        n = config.num_magnitudes
+        mags = np.arange(1, n + 1, dtype=np.float64) / n
+    return np.sort(np.concatenate([-mags, mags]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The blend q_ε and its custom VJP (defined once, at module level).
+
+
+def _blend_value(x: jax.Array, epsilon: jax.Array, config: DBSSQConfig) -> jax.Array:
+    xc = x.astype(_compute_dtype(x.dtype))
+    eps = epsilon.astype(xc.dtype)
+    # ε·x + (1 − ε)·Q: exactly Q at ε = 0 and exactly x at ε = 1 (finite x).
+    return (eps * xc + (1.0 - eps) * _quantize_compute(xc, config)).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dbssq_q(x: jax.Array, epsilon: jax.Array, config: DBSSQConfig) -> jax.Array:
+    return _blend_value(x, epsilon, config)
+
+
+def _dbssq_fwd(x, epsilon, config):
+    return _blend_value(x, epsilon, config), epsilon
+
+
+def _dbssq_bwd(config, epsilon, g):
+    if config.rescale_grad:
+        dx = g  # (g·ε)/ε, and the STE at ε = 0
+    else:
+        dx = g * epsilon.astype(g.dtype)
+    return dx, jnp.zeros_like(epsilon)
+
+
+_dbssq_q.defvjp(_dbssq_fwd, _dbssq_bwd)
+
+
+def _check_epsilon(epsilon: ArrayLike) -> jax.Array:
+    if not isinstance(epsilon, jax.Array):  # a traced ε cannot be checked
+        value = np.asarray(epsilon)
+        if value.shape != () or not np.issubdtype(value.dtype, np.number):
+            raise ValueError(f"epsilon={epsilon!r} is not allowed; allowed: a scalar in [0, 1]")
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"epsilon={epsilon!r} is out of range; allowed: a scalar in [0, 1]")
+    eps = jnp.asarray(epsilon)
+    if eps.shape != ():
+        raise ValueError(f"epsilon has shape {eps.shape}; allowed: a scalar in [0, 1]")
+    if not jnp.issubdtype(eps.dtype, jnp.floating):
+        eps = eps.astype(jnp.float32)
+    return eps
+
+
+def dbssq(
+    x: ArrayLike, epsilon: ArrayLike, config: DBSSQConfig, *, key: jax.Array | None = None
+) -> jax.Array:
+    """The blend ``q_ε(x) = ε·x + (1 − ε)·Q(x)``; gradient ``g`` (rescaled) or ``g·ε``.
+
+    Args:
+      x: floating array.
+      epsilon: scalar ``ε ∈ [0, 1]``; may be traced (anneal it without recompiling).
+      config: the quantizer's configuration.
+      key: unused (deterministic); accepted for a uniform signature.
+
+    Returns:
+      ``q_ε(x)``, same shape and dtype as ``x``.
+
+    >>> x = jnp.array([0.3, -0.7])
+    >>> dbssq(x, 0.0, DBSSQConfig()).tolist(), dbssq(x, 0.5, DBSSQConfig()).tolist()
+    ([0.5, -1.0], [0.4000000059604645, -0.8500000238418579])
+    """
+    del key
+    x = jnp.asarray(x)
+    _check_float(x, "dbssq")
+    return _dbssq_q(x, _check_epsilon(epsilon), config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights and activations.
+
+
+def _channel_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ValueError(f"axis={axis!r} is not an integer; allowed: an axis of the tensor")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis={axis} is out of range for rank {ndim}; allowed: {-ndim}..{ndim - 1}"
+        )
+    a = int(axis) % ndim
+    return tuple(i for i in range(ndim) if i != a)
+
+
+def _channel_std(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    return jnp.std(w.astype(jnp.float32), axis=axes, keepdims=True)
+
+
+def dbssq_weight_init(w: ArrayLike, *, axis: int = -1) -> jax.Array:
+    """``σ_c``: the per-output-channel std of the pretrained weights (float32, keepdims shape).
+
+    Population std (``ddof=0``) over every axis but ``axis`` (the output channel; ``-1`` for Flax
+    ``Dense`` (in, out) and ``Conv`` HWIO kernels). Keep it fixed during training.
+
+    >>> dbssq_weight_init(jnp.array([[1.0, 0.0], [-1.0, 0.0]])).tolist()
+    [[1.0, 0.0]]
+    """
+    w = jnp.asarray(w)
+    _check_float(w, "dbssq_weight_init")
+    return lax.stop_gradient(_channel_std(w, _channel_axes(w.ndim, axis)))
+
+
+def dbssq_weight(
+    w: ArrayLike,
+    epsilon: ArrayLike,
+    sigma: ArrayLike,
+    config: DBSSQConfig,
+    *,
+    axis: int = -1,
+) -> jax.Array:
+    """DBSSQ weights: ``3·σ_c · q_ε(ŵ/3)``, ``ŵ = (w − sg(μ_c))/sg(std_c)`` per output channel.
+
+    ``μ_c``, ``std_c`` are the current channel mean and (population) std, detached; a channel
+    with ``std_c = 0`` is divided by 1 instead. ``σ_c`` (from :func:`dbssq_weight_init`) is the
+    fixed pretrained std and gets no gradient. With ``rescale_grad`` the gradient to ``w`` is
+    ``g·σ_c/std_c``. The channel mean is not added back (the levels are symmetric about 0).
+
+    Args:
+      w: floating weights.
+      epsilon: scalar ``ε ∈ [0, 1]`` (may be traced).
+      sigma: per-channel ``σ_c`` of the keepdims shape (1 on every axis but ``axis``).
+      config: the quantizer's configuration.
+      axis: the output-channel axis.
+
+    Returns:
+      The quantized weights, same shape and dtype as ``w``.
+    """
+    w = jnp.asarray(w)
+    _check_float(w, "dbssq_weight")
+    axes = _channel_axes(w.ndim, axis)
+    sigma = jnp.asarray(sigma)
+    want = tuple(1 if i in axes else d for i, d in enumerate(w.shape))
+    if sigma.shape != want:
+        raise ValueError(
+            f"sigma has shape {sigma.shape}; allowed for w of shape {w.shape} and axis={axis}: "
+            f"{want} (as returned by dbssq_weight_init)"
+        )
+    wf = w.astype(jnp.float32)
+    mean = lax.stop_gradient(jnp.mean(wf, axis=axes, keepdims=True))
+    std = lax.stop_gradient(_channel_std(wf, axes))
+    std = jnp.where(std > 0, std, 1.0)
+    w_hat = (wf - mean) / std
+    scale = _SIGMA_MULTIPLE * lax.stop_gradient(sigma.astype(jnp.float32))
+    out = scale * dbssq(w_hat / _SIGMA_MULTIPLE, epsilon, config)
+    return out.astype(w.dtype)
+
+
+def dbssq_act(x: ArrayLike, epsilon: ArrayLike, config: DBSSQConfig) -> jax.Array:
+    """DBSSQ activations: ``3·q_ε(x̂/3)``, ``x̂`` batch-normalised without affine parameters.
+
+    ``x̂ = (x − μ)/sqrt(var + 1e-5)`` with the batch mean and (population) variance of each
+    feature, over every axis but the last (NHWC / (batch, features)); the statistics are not
+    detached (training-mode batch norm), so the gradient flows through them [inferred]. There are
+    no running statistics: inference-time normalisation belongs to the layer that owns them.
+
+    Args:
+      x: floating array with at least 2 axes, features last.
+      epsilon: scalar ``ε ∈ [0, 1]`` (may be traced).
+      config: the quantizer's configuration.
+
+    Returns:
+      The quantized, normalised activations (same shape and dtype as ``x``).
+    """
+    x = jnp.asarray(x)
+    _check_float(x, "dbssq_act")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x has shape {x.shape}; allowed: at least 2 axes (batch statistics are taken over "
+            "every axis but the last)"
+        )
+    xf = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(xf, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    x_hat = (xf - mean) * lax.rsqrt(var + _BN_EPS)
+    out = _SIGMA_MULTIPLE * dbssq(x_hat / _SIGMA_MULTIPLE, epsilon, config)
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule.
+
+
+def dbssq_epsilon_schedule(epoch: ArrayLike, total_epochs: int = 15) -> jax.Array:
+    """ε for ``epoch`` (0-based, may be fractional or traced): the 15-epoch schedule, stretched.
+
+    Piecewise constant in the fraction ``epoch/total_epochs``: ``ε = DBSSQ_EPSILONS[i]`` with
+    ``i = ⌊15·epoch/total_epochs⌋``, i.e. 1, ½ ×3, ¼ ×3, ⅛ ×3, 1/16 ×2, 1/32, 1/64, 1/128 at
+    ``total_epochs=15``. Negative epochs give 1. At and after the end (``epoch ≥ total_epochs``)
+    it returns 0: the exact quantizer, for evaluation and deployment after training.
+
+    Args:
+      epoch: the epoch index (int), or a fractional epoch (``step/steps_per_epoch``).
+      total_epochs: the training length in epochs, a positive int (static).
+
+    Returns:
+      ``ε`` as a float32 scalar.
+
+    >>> [float(dbssq_epsilon_schedule(e)) for e in (0, 1, 4, 14, 15)]
+    [1.0, 0.5, 0.25, 0.0078125, 0.0]
+    """
+    if (
+        isinstance(total_epochs, (bool, np.bool_))
+        or not isinstance(total_epochs, (int, np.integer))
+        or total_epochs < 1
+    ):
+        raise ValueError(
+            f"total_epochs={total_epochs!r} is not allowed; allowed: a positive integer"
+        )
+    table = jnp.asarray((*DBSSQ_EPSILONS, 0.0), jnp.float32)
+    n = len(DBSSQ_EPSILONS)
+    if isinstance(epoch, (int, np.integer)) and not isinstance(epoch, (bool, np.bool_)):
+        index = min(max(int(epoch) * n // int(total_epochs), 0), n)  # exact integer arithmetic
+        return table[index]
+    position = jnp.floor(jnp.asarray(epoch, jnp.float32) * n / float(total_epochs))
+    index = jnp.clip(position, 0.0, float(n)).astype(jnp.int32)
+    return table[index]
