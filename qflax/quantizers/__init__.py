@@ -6,6 +6,9 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
 
 * uniform affine / symmetric (per tensor, channel or group; STE, clipped STE or true gradient;
   learnable scale and zero point): :func:`uniform`;
+* learned scales and clips: LSQ (:func:`lsq`), PACT (:func:`pact`), DoReFa
+  (:func:`dorefa_weights`, :func:`dorefa_activations`, :func:`dorefa_gradients`);
+* GDNSQ learnable bit-width quantizers (:func:`gdnsq_weight`, :func:`gdnsq_act`);
 * power-of-two (logarithmic) levels: :func:`pow2`;
 * binary sign (deterministic, stochastic, XNOR scaling) and ternary: :func:`binary`,
   :func:`ternary`;
@@ -52,6 +55,39 @@ from qflax.quantizers._dbssq import (
     dbssq_weight,
     dbssq_weight_init,
 )
+from qflax.quantizers._dorefa import (
+    dorefa_activations,
+    dorefa_gradients,
+    dorefa_quantize_k,
+    dorefa_weight_transform,
+    dorefa_weights,
+)
+from qflax.quantizers._gdnsq import (
+    GDNSQ_BACKWARDS,
+    GDNSQActConfig,
+    GDNSQWeightConfig,
+    gdnsq_act,
+    gdnsq_act_bits,
+    gdnsq_act_codes,
+    gdnsq_act_init,
+    gdnsq_used_bits,
+    gdnsq_weight,
+    gdnsq_weight_bits,
+    gdnsq_weight_codes,
+    gdnsq_weight_init,
+)
+from qflax.quantizers._lsq import (
+    LSQConfig,
+    lsq,
+    lsq_init,
+    lsq_numel,
+)
+from qflax.quantizers._pact import (
+    PACTConfig,
+    pact,
+    pact_init,
+    pact_l2,
+)
 from qflax.quantizers._pairs import (
     BACKWARDS,
     FORWARDS,
@@ -91,6 +127,31 @@ from qflax.quantizers._uniform import (
 )
 
 __all__ = [
+    "LSQConfig",
+    "lsq",
+    "lsq_init",
+    "lsq_numel",
+    "PACTConfig",
+    "pact",
+    "pact_init",
+    "pact_l2",
+    "dorefa_weights",
+    "dorefa_activations",
+    "dorefa_gradients",
+    "dorefa_quantize_k",
+    "dorefa_weight_transform",
+    "GDNSQ_BACKWARDS",
+    "GDNSQWeightConfig",
+    "GDNSQActConfig",
+    "gdnsq_weight",
+    "gdnsq_weight_init",
+    "gdnsq_weight_bits",
+    "gdnsq_weight_codes",
+    "gdnsq_act",
+    "gdnsq_act_init",
+    "gdnsq_act_bits",
+    "gdnsq_act_codes",
+    "gdnsq_used_bits",
     "CODEQ_GRADIENTS",
     "CoDeQConfig",
     "codeq",

@@ -1,0 +1,189 @@
+"""DoReFa-Net — Zhou et al. 2016 (arXiv:1606.06160), eqs. (5), (7), (9), (11), (12); METHODS.md §2.
+
+Differs from the paper: 1-bit weights use ``sign(0) = +1``; the clip of the activations passes
+the gradient on both bounds (``0 ≤ x ≤ 1``); the gradient quantizer draws its noise from an
+explicit PRNG key; its maximum ``m`` is taken per sample (over every axis but the first), as the
+paper's §2.6 ("maxi over all axes except the mini-batch axis").
+
+* ``q_k(r) = round((2^k − 1)·r) / (2^k − 1)`` with a straight-through gradient (eq. 5).
+* :func:`dorefa_weights` (eqs. 7, 9): ``k = 1``: ``sign(w)·sg(mean|w|)`` with the identity
+  gradient to ``w`` (the paper's backward ``∂c/∂r_i = ∂c/∂r_o``); ``k > 1``:
+  ``2·q_k(t) − 1`` with ``t = tanh(w)/(2·max|tanh w|) + ½`` (:func:`dorefa_weight_transform`),
+  differentiated through ``t`` normally (the max too) and straight through ``q_k``.
+* :func:`dorefa_activations` (eq. 11): ``q_k(clip(x, 0, 1))``, gradient ``g·1[0 ≤ x ≤ 1]``.
+* :func:`dorefa_gradients` (eq. 12): identity forward; the backward replaces the cotangent ``g``
+  by ``2m·[q_k(clip(g/(2m) + ½ + N, 0, 1)) − ½]`` with ``N ~ U(−½, ½)/(2^k − 1)`` and
+  ``m = max|g|`` per sample (a sample whose cotangent is all zero stays zero).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from qflax.numerics import check_bits
+
+__all__ = [
+    "dorefa_activations",
+    "dorefa_gradients",
+    "dorefa_quantize_k",
+    "dorefa_weight_transform",
+    "dorefa_weights",
+]
+
+MAX_BITS = 24  # (2^k − 1)·r is exact in float32 up to here.
+
+
+def _check(x: ArrayLike, bits, name: str) -> jax.Array:
+    check_bits(bits, "bits", 1, MAX_BITS)
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    return x
+
+
+def _round_k(bits: int, x: jax.Array) -> jax.Array:
+    n = float(2**bits - 1)
+    return jnp.round(x * n) / n
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _quantize_k(bits: int, x: jax.Array) -> jax.Array:
+    return _round_k(bits, x)
+
+
+def _quantize_k_fwd(bits, x):
+    return _round_k(bits, x), None
+
+
+def _quantize_k_bwd(bits, residuals, g):
+    del bits, residuals
+    return (g,)
+
+
+_quantize_k.defvjp(_quantize_k_fwd, _quantize_k_bwd)
+
+
+def dorefa_quantize_k(x: ArrayLike, *, bits: int) -> jax.Array:
+    """``q_k(x) = round((2^k − 1)·x)/(2^k − 1)``, straight-through gradient (eq. 5).
+
+    >>> dorefa_quantize_k(jnp.array([0.1, 0.5, 0.9]), bits=2).tolist()
+    [0.0, 0.6666666865348816, 1.0]
+    """
+    x = _check(x, bits, "x")
+    return _quantize_k(int(bits), x)
+
+
+@jax.custom_vjp
+def _binary_weights(w: jax.Array) -> jax.Array:
+    scale = jnp.mean(jnp.abs(w))
+    return jnp.where(w >= 0, scale, -scale)
+
+
+def _binary_weights_fwd(w):
+    return _binary_weights(w), None
+
+
+def _binary_weights_bwd(residuals, g):
+    del residuals
+    return (g,)
+
+
+_binary_weights.defvjp(_binary_weights_fwd, _binary_weights_bwd)
+
+
+def dorefa_weight_transform(w: ArrayLike) -> jax.Array:
+    """The smooth part of eq. (9): ``tanh(w)/(2·max|tanh w|) + ½``, in ``[0, 1]``.
+
+    An all-zero ``w`` maps to ½ (the max is floored at the smallest normal float).
+    """
+    t = jnp.tanh(jnp.asarray(w))
+    top = jnp.maximum(jnp.max(jnp.abs(t)), jnp.finfo(t.dtype).tiny)
+    return t / (2.0 * top) + 0.5
+
+
+def dorefa_weights(w: ArrayLike, *, bits: int) -> jax.Array:
+    """DoReFa weight quantizer: values in ``[−1, 1]`` on ``2^k`` levels (``k = 1``: ``±mean|w|``).
+
+    Args:
+      w: a floating array (the whole layer shares ``max|tanh w|`` and ``mean|w|``).
+      bits: ``k``, 1..24.
+
+    Returns:
+      The quantized weights, shape and dtype of ``w``.
+
+    >>> dorefa_weights(jnp.array([-2.0, 0.0, 1.0]), bits=1).tolist()
+    [-1.0, 1.0, 1.0]
+    """
+    w = _check(w, bits, "w")
+    if bits == 1:
+        return _binary_weights(w)
+    return 2.0 * _quantize_k(int(bits), dorefa_weight_transform(w)) - 1.0
+
+
+def dorefa_activations(x: ArrayLike, *, bits: int) -> jax.Array:
+    """``q_k(clip(x, 0, 1))`` with gradient ``g·1[0 ≤ x ≤ 1]`` (eq. 11).
+
+    >>> dorefa_activations(jnp.array([-1.0, 0.2, 0.5, 2.0]), bits=1).tolist()
+    [0.0, 0.0, 0.0, 1.0]
+    """
+    x = _check(x, bits, "x")
+    inside = (x >= 0) & (x <= 1)
+    # Explicit mask: the clip passes the gradient inside (bounds included) and stops it outside.
+    clipped = jnp.where(inside, x, jax.lax.stop_gradient(jnp.clip(x, 0.0, 1.0)))
+    return _quantize_k(int(bits), clipped)
+
+
+def _sample_max(g: jax.Array) -> jax.Array:
+    axes = tuple(range(1, g.ndim))
+    return jnp.max(jnp.abs(g), axis=axes, keepdims=True) if g.ndim else jnp.abs(g)
+
+
+def _quantize_gradient(bits: int, g: jax.Array, key: jax.Array) -> jax.Array:
+    n = float(2**bits - 1)
+    m = _sample_max(g)
+    safe = jnp.where(m > 0, m, jnp.ones_like(m))
+    noise = jax.random.uniform(key, g.shape, g.dtype, -0.5, 0.5) / n
+    r = jnp.clip(g / (2.0 * safe) + 0.5 + noise, 0.0, 1.0)
+    out = 2.0 * safe * (_round_k(bits, r) - 0.5)
+    return jnp.where(m > 0, out, jnp.zeros_like(out))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dorefa_gradients(bits: int, x: jax.Array, key: jax.Array) -> jax.Array:
+    del key
+    return x
+
+
+def _dorefa_gradients_fwd(bits, x, key):
+    return x, key
+
+
+def _dorefa_gradients_bwd(bits, key, g):
+    return _quantize_gradient(bits, g, key), None
+
+
+_dorefa_gradients.defvjp(_dorefa_gradients_fwd, _dorefa_gradients_bwd)
+
+
+def dorefa_gradients(x: ArrayLike, *, bits: int, key: jax.Array) -> jax.Array:
+    """Identity in the forward pass; quantizes the cotangent with ``bits`` bits (eq. 12).
+
+    Args:
+      x: a floating array; its first axis indexes samples (``m`` is per sample).
+      bits: ``k``, 1..24.
+      key: PRNG key of the rounding noise (the same key gives the same quantized gradient).
+
+    Returns:
+      ``x`` unchanged; the gradient flowing back through it is quantized.
+
+    Raises:
+      ValueError: if ``key`` is None or ``bits`` is out of range.
+    """
+    x = _check(x, bits, "x")
+    if key is None:
+        raise ValueError("key=None is not allowed for dorefa_gradients; allowed: a PRNG key")
+    return _dorefa_gradients(int(bits), x, key)

@@ -1,0 +1,455 @@
+"""GDNSQ — learnable bit-width quantizers, after aifoundry-org/MHAQ (``src/quantization/gdnsq``,
+Apache-2.0) and arXiv:2508.14004; METHODS.md §3 [code].
+
+Differs from the code: the noise ``r`` is drawn from an explicit PRNG key; the activation
+parameters are scalars per call (one quantizer per layer input); the integer bit-width used at
+evaluation counts the distinct codes present (the code takes ``log2(max − min + 1)`` of them);
+``lsq`` is the METHODS.md rule ``∂n/∂s = round(v) − v`` (in the code it shares the STE backward).
+
+Rounding is written ``round(v) = v + n`` with the rounding noise ``n = round(v) − v``. Every rule
+sets ``∂n/∂v = 0`` (straight through) and replaces ``∂n/∂s`` by ``ρ``::
+
+    backward="ste"    ρ = 0
+    backward="noise"  ρ = r/√3,  r uniform on {−½, +½} per element (needs a key; |ρ| = 1/√12,
+                                 the std of uniform rounding noise)
+    backward="lsq"    ρ = round(v) − v = n
+
+**Weights** (:func:`gdnsq_weight`), per output channel ``c`` (or per tensor): ``z_c = min w_c``,
+``s_c = 2^ℓ_c``, ``v = (w − z)/s``, ``ŵ = s·round(v) + z`` (no clip). Since ``s·v + z = w``,
+``ŵ = w + s·n``, so (``g`` the cotangent, sums over the channel)::
+
+    ∂ŵ/∂w = 1                          (the path through z = min w cancels: ∂ŵ/∂z = 1 − 1 = 0)
+    ∂ŵ/∂s = n + s·ρ                    (n from the explicit factor s, s·ρ through n)
+    ∂L/∂w = g
+    ∂L/∂ℓ_c = ln 2 · s_c · Σ g·(n + s_c·ρ)        (∂s/∂ℓ = s·ln 2)
+
+i.e. ``ste``: ``ln2·s·Σ g·n``; ``noise``: ``ln2·s·Σ g·(n + s·r/√3)``;
+``lsq``: ``ln2·s·(1 + s)·Σ g·n``
+(this is the code's chain: its noise function receives ``v`` already divided by ``s``).
+The continuous bit-width is ``b_c = log2(max w_c − min w_c + s_c) − ℓ_c``
+(:func:`gdnsq_weight_bits`, differentiated normally).
+
+**Activations** (:func:`gdnsq_act`), scalars ``ℓ_s``, ``ℓ_q`` and lower bound ``β``: ``s = 2^ℓ_s``,
+``Q = 2^ℓ_q``, ``lo = β``, ``hi = β + Q − s``, ``c = clip(x, lo, hi)``, ``v = (c − β)/s``,
+``x̂ = s·round(v) + β = c + s·n``. The clip is differentiated normally with explicit masks
+(as torch's ``clamp``: ``x`` passes its gradient on ``lo ≤ x ≤ hi``, bounds included; ``lo``
+receives it where ``x < lo``, ``hi`` where ``x > hi``)::
+
+    ∂L/∂x   = g·1[lo ≤ x ≤ hi]
+    ∂L/∂ℓ_s = ln 2 · s · Σ g·(n + s·ρ − 1[x > hi])
+    ∂L/∂ℓ_q = ln 2 · Q · Σ g·1[x > hi]
+    ∂L/∂β   = Σ g·(1[x < lo] + 1[x > hi])          (0 unless signed: β is learnable only then)
+
+The bit-width is ``b_a = ℓ_q − ℓ_s`` (:func:`gdnsq_act_bits`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from qflax.numerics import check_choice
+from qflax.quantizers._base import reduce_axes, sum_to_shape
+
+__all__ = [
+    "GDNSQ_BACKWARDS",
+    "GDNSQActConfig",
+    "GDNSQWeightConfig",
+    "gdnsq_act",
+    "gdnsq_act_bits",
+    "gdnsq_act_codes",
+    "gdnsq_act_init",
+    "gdnsq_used_bits",
+    "gdnsq_weight",
+    "gdnsq_weight_bits",
+    "gdnsq_weight_codes",
+    "gdnsq_weight_init",
+]
+
+GDNSQ_BACKWARDS = ("ste", "noise", "lsq")
+_LN2 = math.log(2.0)
+_INV_SQRT3 = 1.0 / math.sqrt(3.0)
+
+
+def _check_bool(value, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{field}={value!r} is not a bool; allowed: True, False")
+    return bool(value)
+
+
+def _check_float(value, field: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, np.integer, np.floating))
+    if not ok or not math.isfinite(float(value)):
+        extra = ", None" if allow_none else ""
+        raise ValueError(f"{field}={value!r} is not a finite number; allowed: a float{extra}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GDNSQWeightConfig:
+    """Configuration of the GDNSQ weight quantizer (hashable; validated at construction)."""
+
+    # One log-step per output channel ("channel") or one for the whole tensor ("tensor").
+    granularity: str = "channel"
+    # The output-channel axis for granularity="channel".
+    axis: int = -1
+    # Gradient rule of the rounding noise: "ste", "noise" (needs a key) or "lsq".
+    backward: str = "ste"
+    # The log2 step that gdnsq_weight_init returns (the code uses -12).
+    init_log_step: float = -12.0
+
+    def __post_init__(self):
+        check_choice(self.granularity, "granularity", ("tensor", "channel"))
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            raise ValueError(f"axis={self.axis!r} is not an integer; allowed: an int axis")
+        check_choice(self.backward, "backward", GDNSQ_BACKWARDS)
+        _check_float(self.init_log_step, "init_log_step")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GDNSQActConfig:
+    """Configuration of the GDNSQ activation quantizer (hashable; validated at construction)."""
+
+    # False: the lower bound β is fixed (0 after a ReLU); True: β is learnable.
+    signed: bool = False
+    # Gradient rule of the rounding noise: "ste", "noise" (needs a key) or "lsq".
+    backward: str = "ste"
+    # The log2 step ℓ_s that gdnsq_act_init returns (the code uses -10).
+    init_log_step: float = -10.0
+    # The log2 range ℓ_q that gdnsq_act_init returns (the code uses 10); None: from the data.
+    init_log_range: float | None = 10.0
+
+    def __post_init__(self):
+        _check_bool(self.signed, "signed")
+        check_choice(self.backward, "backward", GDNSQ_BACKWARDS)
+        _check_float(self.init_log_step, "init_log_step")
+        _check_float(self.init_log_range, "init_log_range", allow_none=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def _compute_dtype(dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else np.dtype(np.float32)
+
+
+def _as_float(x: ArrayLike, name: str) -> jax.Array:
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    return x
+
+
+def _check_params(params, names: tuple[str, ...], shape: tuple[int, ...], where: str) -> None:
+    if not isinstance(params, Mapping) or set(params) != set(names):
+        got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+        raise ValueError(
+            f"params={got!r} is not allowed for {where}; allowed: a dict with keys {list(names)}"
+        )
+    for name in names:
+        if jnp.shape(params[name]) != shape:
+            raise ValueError(
+                f"params[{name!r}] has shape {jnp.shape(params[name])}, but {where} needs shape "
+                f"{shape}; allowed: exactly {shape}"
+            )
+
+
+def _rho(backward: str, n: jax.Array, r: jax.Array) -> jax.Array:
+    """The rule's ``∂n/∂s``."""
+    if backward == "ste":
+        return jnp.zeros_like(n)
+    if backward == "noise":
+        return r * _INV_SQRT3
+    return n
+
+
+def _noise_signs(config, key: jax.Array | None, shape, dtype, name: str) -> jax.Array:
+    """``r`` uniform on {−½, +½} per element for the noise rule; a scalar 0 otherwise."""
+    if config.backward != "noise":
+        return jnp.zeros((), dtype)
+    if key is None:
+        raise ValueError(
+            f"key=None is not allowed for {name} with backward='noise'; allowed: a PRNG key"
+        )
+    return jnp.where(jax.random.bernoulli(key, 0.5, shape), 0.5, -0.5).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights.
+
+
+def _weight_axes(ndim: int, config: GDNSQWeightConfig) -> tuple[int, ...]:
+    return reduce_axes(ndim, config.granularity, config.axis)
+
+
+def _weight_param_shape(shape: tuple[int, ...], config: GDNSQWeightConfig) -> tuple[int, ...]:
+    axes = _weight_axes(len(shape), config)
+    return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gdnsq_weight(config, w, log_step, r):
+    axes = _weight_axes(w.ndim, config)
+    z = jnp.min(w, axis=axes, keepdims=True)
+    s = jnp.exp2(log_step)
+    return s * jnp.round((w - z) / s) + z
+
+
+def _gdnsq_weight_fwd(config, w, log_step, r):
+    return _gdnsq_weight(config, w, log_step, r), (w, log_step, r)
+
+
+def _gdnsq_weight_bwd(config, residuals, g):
+    w, log_step, r = residuals
+    axes = _weight_axes(w.ndim, config)
+    z = jnp.min(w, axis=axes, keepdims=True)
+    s = jnp.exp2(log_step)
+    v = (w - z) / s
+    n = jnp.round(v) - v
+    dwhat_ds = n + s * _rho(config.backward, n, r)
+    dlog = sum_to_shape(g * dwhat_ds, log_step.shape) * (s * _LN2)
+    return g, dlog, jnp.zeros_like(r)
+
+
+_gdnsq_weight.defvjp(_gdnsq_weight_fwd, _gdnsq_weight_bwd)
+
+
+def gdnsq_weight_init(w: ArrayLike, config: GDNSQWeightConfig) -> dict[str, jax.Array]:
+    """``{"log_step": ℓ}`` filled with ``config.init_log_step`` (float32, the params shape)."""
+    shape = _weight_param_shape(jnp.shape(w), config)
+    return {"log_step": jnp.full(shape, config.init_log_step, jnp.float32)}
+
+
+def _weight_prepare(w, params, config, where):
+    w = _as_float(w, "w")
+    shape = _weight_param_shape(w.shape, config)
+    _check_params(params, ("log_step",), shape, f"{where} of a tensor of shape {w.shape}")
+    dtype = _compute_dtype(w.dtype)
+    return w, w.astype(dtype), jnp.asarray(params["log_step"]).astype(dtype)
+
+
+def gdnsq_weight(
+    w: ArrayLike,
+    params: Mapping[str, ArrayLike],
+    config: GDNSQWeightConfig,
+    *,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Quantizes weights on the grid ``min w_c + 2^ℓ_c·k`` (no clip); gradients per module doc.
+
+    Args:
+      w: a floating array of weights.
+      params: ``{"log_step": ℓ}``; ℓ has ``w``'s shape with every axis but ``config.axis`` set
+        to 1 ("channel"), or all ones ("tensor").
+      config: the quantizer's config.
+      key: PRNG key of ``r``; required when ``config.backward == "noise"``, ignored otherwise.
+
+    Returns:
+      ``ŵ``, shape and dtype of ``w``.
+
+    >>> gdnsq_weight(jnp.array([[0.1], [0.9], [1.3]]), {"log_step": jnp.full((1, 1), -1.0)},
+    ...              GDNSQWeightConfig()).ravel().tolist()
+    [0.10000000149011612, 1.100000023841858, 1.100000023841858]
+    """
+    w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight")
+    r = _noise_signs(config, key, w.shape, wc.dtype, "gdnsq_weight")
+    return _gdnsq_weight(config, wc, log_step, r).astype(w.dtype)
+
+
+def gdnsq_weight_codes(
+    w: ArrayLike, params: Mapping[str, ArrayLike], config: GDNSQWeightConfig
+) -> jax.Array:
+    """The int32 codes ``round((w − min w_c)/2^ℓ_c)`` (no gradient), each ≥ 0."""
+    w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight_codes")
+    wc, log_step = jax.lax.stop_gradient((wc, log_step))
+    z = jnp.min(wc, axis=_weight_axes(w.ndim, config), keepdims=True)
+    return jnp.round((wc - z) / jnp.exp2(log_step)).astype(jnp.int32)
+
+
+def gdnsq_weight_bits(
+    w: ArrayLike, params: Mapping[str, ArrayLike], config: GDNSQWeightConfig
+) -> jax.Array:
+    """The continuous bit-width ``b_c = log2(max w_c − min w_c + 2^ℓ_c) − ℓ_c`` (params shape).
+
+    Differentiable in ``w`` (through the max and min) and in ``ℓ``.
+
+    >>> gdnsq_weight_bits(jnp.array([[0.0], [3.0]]), {"log_step": jnp.zeros((1, 1))},
+    ...                   GDNSQWeightConfig()).tolist()
+    [[2.0]]
+    """
+    w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight_bits")
+    axes = _weight_axes(w.ndim, config)
+    spread = jnp.max(wc, axis=axes, keepdims=True) - jnp.min(wc, axis=axes, keepdims=True)
+    return jnp.log2(spread + jnp.exp2(log_step)) - log_step
+
+
+# --------------------------------------------------------------------------------------------
+# Activations.
+
+_ACT_PARAMS = ("log_step", "log_range", "lower")
+
+
+def _act_parts(x, log_step, log_range, lower):
+    s = jnp.exp2(log_step)
+    q = jnp.exp2(log_range)
+    hi = lower + q - s
+    return s, q, hi, jnp.clip(x, lower, hi)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gdnsq_act(config, x, log_step, log_range, lower, r):
+    s, _, _, c = _act_parts(x, log_step, log_range, lower)
+    return s * jnp.round((c - lower) / s) + lower
+
+
+def _gdnsq_act_fwd(config, x, log_step, log_range, lower, r):
+    return _gdnsq_act(config, x, log_step, log_range, lower, r), (x, log_step, log_range, lower, r)
+
+
+def _gdnsq_act_bwd(config, residuals, g):
+    x, log_step, log_range, lower, r = residuals
+    s, q, hi, c = _act_parts(x, log_step, log_range, lower)
+    below = x < lower
+    above = x > hi
+    zero = jnp.zeros_like(g)
+    v = (c - lower) / s
+    n = jnp.round(v) - v
+    dx = jnp.where(below | above, zero, g)
+    dxhat_ds = n + s * _rho(config.backward, n, r) - above.astype(g.dtype)
+    dlog_step = jnp.sum(g * dxhat_ds) * (s * _LN2)
+    dlog_range = jnp.sum(jnp.where(above, g, zero)) * (q * _LN2)
+    if config.signed:
+        dlower = jnp.sum(jnp.where(below | above, g, zero))
+    else:
+        dlower = jnp.zeros((), g.dtype)
+    return dx, dlog_step, dlog_range, dlower, jnp.zeros_like(r)
+
+
+_gdnsq_act.defvjp(_gdnsq_act_fwd, _gdnsq_act_bwd)
+
+
+def gdnsq_act_init(x: ArrayLike | None, config: GDNSQActConfig) -> dict[str, jax.Array]:
+    """Scalar params ``{"log_step": ℓ_s, "log_range": ℓ_q, "lower": β}`` (float32).
+
+    ``ℓ_s = config.init_log_step``. With ``config.init_log_range`` set (the code's default 10):
+    ``ℓ_q = init_log_range`` and ``β = 0`` (unsigned) or ``β = −2^(ℓ_q − 1)`` (signed, as the code:
+    the range is centred on 0). With ``init_log_range=None`` the range is taken from ``x``:
+    ``β = 0`` (unsigned) or ``min x`` (signed), and ``ℓ_q = log2(max x − β + s)``, so that
+    ``hi = β + 2^ℓ_q − s = max x`` (floored so that ``2^ℓ_q ≥ s``).
+    """
+    log_step = jnp.asarray(config.init_log_step, jnp.float32)
+    if config.init_log_range is not None:
+        log_range = jnp.asarray(config.init_log_range, jnp.float32)
+        lower = -jnp.exp2(log_range - 1.0) if config.signed else jnp.zeros((), jnp.float32)
+        return {"log_step": log_step, "log_range": log_range, "lower": lower}
+    if x is None:
+        raise ValueError(
+            "x=None is not allowed with init_log_range=None; allowed: the data to take the range "
+            "from, or a float init_log_range"
+        )
+    x = _as_float(x, "x").astype(jnp.float32)
+    lower = jnp.min(x) if config.signed else jnp.zeros((), jnp.float32)
+    s = jnp.exp2(log_step)
+    log_range = jnp.log2(jnp.maximum(jnp.max(x) - lower, 0.0) + s)
+    return {"log_step": log_step, "log_range": log_range, "lower": lower}
+
+
+def _act_prepare(x, params, where):
+    x = _as_float(x, "x")
+    _check_params(params, _ACT_PARAMS, (), where)
+    dtype = _compute_dtype(x.dtype)
+    values = tuple(jnp.asarray(params[k]).astype(dtype) for k in _ACT_PARAMS)
+    return x, x.astype(dtype), values
+
+
+def gdnsq_act(
+    x: ArrayLike,
+    params: Mapping[str, ArrayLike],
+    config: GDNSQActConfig,
+    *,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``x̂ = s·round((clip(x, β, β + 2^ℓ_q − s) − β)/s) + β``, ``s = 2^ℓ_s``.
+
+    Args:
+      x: a floating array (the input of a quantized layer).
+      params: scalars ``{"log_step", "log_range", "lower"}`` (see :func:`gdnsq_act_init`).
+      config: the quantizer's config.
+      key: PRNG key of ``r``; required when ``config.backward == "noise"``, ignored otherwise.
+
+    Returns:
+      ``x̂``, shape and dtype of ``x``.
+
+    >>> p = {"log_step": jnp.asarray(-1.0), "log_range": jnp.asarray(1.0),
+    ...      "lower": jnp.asarray(0.0)}
+    >>> gdnsq_act(jnp.array([-1.0, 0.3, 0.8, 5.0]), p, GDNSQActConfig()).tolist()
+    [0.0, 0.5, 1.0, 1.5]
+    """
+    x, xc, (log_step, log_range, lower) = _act_prepare(x, params, "gdnsq_act")
+    r = _noise_signs(config, key, x.shape, xc.dtype, "gdnsq_act")
+    return _gdnsq_act(config, xc, log_step, log_range, lower, r).astype(x.dtype)
+
+
+def gdnsq_act_codes(x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array:
+    """The int32 codes ``round((clip(x, β, hi) − β)/s)`` in ``[0, 2^ℓ_q/s − 1]`` (no gradient)."""
+    _, xc, parts = _act_prepare(x, params, "gdnsq_act_codes")
+    xc, (log_step, log_range, lower) = jax.lax.stop_gradient((xc, parts))
+    s, _, _, c = _act_parts(xc, log_step, log_range, lower)
+    return jnp.round((c - lower) / s).astype(jnp.int32)
+
+
+def gdnsq_act_bits(params: Mapping[str, ArrayLike]) -> jax.Array:
+    """The activation bit-width ``b_a = ℓ_q − ℓ_s`` (differentiable)."""
+    return jnp.asarray(params["log_range"]) - jnp.asarray(params["log_step"])
+
+
+# --------------------------------------------------------------------------------------------
+# Integer bit-width used at evaluation.
+
+
+def gdnsq_used_bits(codes: ArrayLike, *, axis: int | None = None) -> jax.Array:
+    """``ceil(log2(number of distinct values present))`` — the integer bit-width actually used.
+
+    Used at evaluation (GDNSQ's convergence test: every layer's used width ≤ its target). One
+    distinct value gives 0 bits.
+
+    Args:
+      codes: the codes (integers, or integer-valued floats) of one tensor, e.g. from
+        :func:`gdnsq_weight_codes` or :func:`gdnsq_act_codes`.
+      axis: None: one width for the whole tensor (shape ``()``); an int: one width per index
+        of that axis (shape ``(codes.shape[axis],)``), e.g. per output channel.
+
+    Returns:
+      int32 bit-widths.
+
+    >>> gdnsq_used_bits(jnp.array([[0, 1], [5, 5], [2, 7]]), axis=0).tolist()
+    [1, 0, 1]
+    >>> int(gdnsq_used_bits(jnp.array([0, 1, 2, 2, 9])))
+    2
+    """
+    codes = jnp.asarray(codes)
+    if axis is None:
+        rows = codes.reshape(1, -1)
+    else:
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise ValueError(f"axis={axis!r} is not an integer; allowed: None or an int axis")
+        if not -codes.ndim <= axis < codes.ndim:
+            raise ValueError(
+                f"axis={axis} is out of range for codes of rank {codes.ndim}; "
+                f"allowed: None or {-codes.ndim}..{codes.ndim - 1}"
+            )
+        rows = jnp.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1)
+    ordered = jnp.sort(rows, axis=1)
+    distinct = 1 + jnp.sum((ordered[:, 1:] != ordered[:, :-1]).astype(jnp.int32), axis=1)
+    bits = jnp.ceil(jnp.log2(distinct.astype(jnp.float32))).astype(jnp.int32)
+    return bits[0] if axis is None else bits
