@@ -32,6 +32,8 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, int_range
 from qflax.quantizers._base import check_granularity, grouped, reduce_axes, reduce_stat
+from qflax.quantizers._uniform import affine_params as _affine_params
+from qflax.quantizers._uniform import symmetric_params as _symmetric_params
 
 __all__ = [
     "MIN_SCALE",
@@ -100,25 +102,6 @@ def _check_number(value: Any, field: str, lo: float, hi: float, lo_open: bool, h
 
 def _as_float32(x: ArrayLike) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
-
-
-def _symmetric_params(amax: jax.Array, qmax: int | jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``s = max(amax, 0) / qmax`` (at least MIN_SCALE), ``z = 0``."""
-    scale = jnp.maximum(jnp.maximum(amax, 0.0) / qmax, MIN_SCALE)
-    return scale, jnp.zeros_like(scale)
-
-
-def _affine_params(
-    lo: jax.Array, hi: jax.Array, qmin: int | jax.Array, qmax: int | jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Maps ``[min(lo, 0), max(hi, 0)]`` onto ``[qmin, qmax]`` with 0 on an integer code."""
-    lo = jnp.minimum(lo, 0.0)
-    hi = jnp.maximum(hi, 0.0)
-    scale = jnp.maximum((hi - lo) / (qmax - qmin), MIN_SCALE)
-    # lo / s lies in [-(qmax - qmin), 0], so z lies in [qmin, qmax]; the clip only absorbs
-    # float rounding.
-    zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
-    return scale, zero_point
 
 
 def _fake_quant(

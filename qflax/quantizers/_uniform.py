@@ -290,6 +290,36 @@ _uniform_view.defvjp(_uniform_fwd, _uniform_bwd)
 # Public functions.
 
 
+_MIN_SCALE = float(np.finfo(np.float32).tiny)
+
+
+def symmetric_params(amax: jax.Array, qmax: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``s = max(amax, 0) / qmax`` (at least the smallest normal float32), ``z = 0``.
+
+    The one place where a symmetric range becomes ``(scale, zero_point)``; shared with
+    ``qflax.calibration``.
+    """
+    scale = jnp.maximum(jnp.maximum(amax, 0.0) / qmax, _MIN_SCALE)
+    return scale, jnp.zeros_like(scale)
+
+
+def affine_params(
+    lo: jax.Array, hi: jax.Array, qmin: int | jax.Array, qmax: int | jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Maps ``[min(lo, 0), max(hi, 0)]`` onto ``[qmin, qmax]`` with 0 on an integer code.
+
+    ``s = (hi − lo) / (qmax − qmin)`` (at least the smallest normal float32),
+    ``z = qmin − round(lo / s)``. Shared with ``qflax.calibration``.
+    """
+    lo = jnp.minimum(lo, 0.0)
+    hi = jnp.maximum(hi, 0.0)
+    scale = jnp.maximum((hi - lo) / (qmax - qmin), _MIN_SCALE)
+    # lo / s lies in [-(qmax - qmin), 0], so z lies in [qmin, qmax]; the clip only absorbs
+    # float rounding.
+    zero_point = jnp.clip(qmin - jnp.round(lo / scale), qmin, qmax)
+    return scale, zero_point
+
+
 def uniform_init(x: ArrayLike, config: UniformConfig) -> dict[str, jax.Array]:
     """Data-dependent params ``{"scale": s, "zero_point": z}`` (float32) from the range of ``x``.
 
@@ -317,21 +347,18 @@ def uniform_init(x: ArrayLike, config: UniformConfig) -> dict[str, jax.Array]:
     view = grouped(x.astype(jnp.float32), config.granularity, config.axis, config.group_size)
     axes = reduce_axes(x.ndim, config.granularity, config.axis)
     qmin, qmax = config.qmin, config.qmax
-    tiny = float(jnp.finfo(jnp.float32).tiny)
     if config.symmetric:
         if config.signed:
             top = jnp.max(jnp.abs(view), axis=axes, keepdims=True)
             denominator = qmax if qmax > 0 else -qmin
         else:
-            top = jnp.maximum(jnp.max(view, axis=axes, keepdims=True), 0.0)
+            top = jnp.max(view, axis=axes, keepdims=True)
             denominator = qmax
-        scale = jnp.maximum(top / float(denominator), tiny)
-        zero_point = jnp.zeros_like(scale)
+        scale, zero_point = symmetric_params(top, float(denominator))
     else:
-        lo = jnp.minimum(jnp.min(view, axis=axes, keepdims=True), 0.0)
-        hi = jnp.maximum(jnp.max(view, axis=axes, keepdims=True), 0.0)
-        scale = jnp.maximum((hi - lo) / float(qmax - qmin), tiny)
-        zero_point = jnp.clip(float(qmin) - jnp.round(lo / scale), float(qmin), float(qmax))
+        lo = jnp.min(view, axis=axes, keepdims=True)
+        hi = jnp.max(view, axis=axes, keepdims=True)
+        scale, zero_point = affine_params(lo, hi, float(qmin), float(qmax))
     return {"scale": scale.reshape(shape), "zero_point": zero_point.reshape(shape)}
 
 
