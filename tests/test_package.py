@@ -16,6 +16,8 @@ PUBLIC_MODULES = [
     "qflax.data",
     "qflax.models",
     "qflax.studies",
+    "qflax.ops",
+    "qflax.layers",
 ]
 
 

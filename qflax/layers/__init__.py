@@ -1,0 +1,44 @@
+"""Quantized Flax NNX layers, recipes, model-wide quantization by regex rules, and summaries.
+
+* :class:`TensorQuant` (one tensor's quantizer) and :class:`Recipe` (a layer's weight / input
+  activation / gradient quantizers); factories in :data:`recipes` and :data:`RECIPES`.
+* :class:`QuantLinear`, :class:`QuantConv`, :class:`QuantEinsum`: own a wrapped ``nnx.Linear`` /
+  ``nnx.Conv`` / ``nnx.Einsum`` (``.inner``) and inject the quantized ops of :mod:`qflax.ops`
+  through its own hook; learnable quantizer params are :class:`QuantParam`.
+* :func:`quantize_model` with :class:`Rule` s (regex on "."-joined module paths) and its
+  :class:`QuantReport`; :func:`first_last_float_rules`; :func:`calibrate`.
+* :func:`layer_summaries`, :func:`count_macs`, :func:`totals`: sizes, bits, BOPs, sparsity.
+"""
+
+from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate
+from qflax.layers._recipes import RECIPES, Recipe, TensorQuant, recipes
+from qflax.layers._rules import (
+    QuantReport,
+    Rule,
+    count_macs,
+    first_last_float_rules,
+    layer_summaries,
+    quantize_model,
+    totals,
+)
+from qflax.layers._variables import QuantParam, QuantStat
+
+__all__ = [
+    "RECIPES",
+    "QuantConv",
+    "QuantEinsum",
+    "QuantLinear",
+    "QuantParam",
+    "QuantReport",
+    "QuantStat",
+    "Recipe",
+    "Rule",
+    "TensorQuant",
+    "calibrate",
+    "count_macs",
+    "first_last_float_rules",
+    "layer_summaries",
+    "quantize_model",
+    "recipes",
+    "totals",
+]

@@ -1,0 +1,574 @@
+"""Quantized Flax NNX layers that wrap ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum``.
+
+Each layer OWNS the wrapped Flax layer (attribute ``inner``: its kernel lives at
+``<path>.inner.kernel``) and the quantizers' learnable parameters (``QuantParam`` attributes
+``weight_scale``, ``act_scale``, ...). A call sets the wrapped layer's own hook
+(``dot_general`` / ``conv_general_dilated`` / ``einsum_op``) to the quantized op of
+:mod:`qflax.ops`, with the quantizers bound to the current parameter values, calls the wrapped
+layer, and restores the hook, so the layer's math is never re-implemented and the graph
+definition is the same before and after every call (no retracing under ``nnx.jit``).
+
+The layer also records the multiply-accumulates of one forward per example (from the shapes the
+hook sees) in the ``QuantStat`` ``macs``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import opt_einsum
+from flax import nnx
+from jax import lax
+
+from qflax.layers._graph import definition_order, sort_paths
+from qflax.layers._recipes import FLOAT_BITS, Recipe, TensorQuant
+from qflax.layers._variables import QuantParam, QuantStat
+from qflax.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_einsum
+
+__all__ = [
+    "QuantConv",
+    "QuantEinsum",
+    "QuantLinear",
+    "calibrate",
+    "macs_per_example",
+    "packed_weight_bytes",
+]
+
+# Storage widths sub-byte codes are packed into (qflax.numerics.pack_bits: 1, 2, 4, 8), then
+# whole 16- and 32-bit words.
+_CONTAINER_BITS = (1, 2, 4, 8, 16, 32)
+
+
+def packed_weight_bytes(num_weights: int, bits: int) -> int:
+    """Bytes of ``num_weights`` codes of ``bits`` bits, each packed in the next storage width.
+
+    Widths are 1, 2, 4 and 8 bits (several codes per byte, as ``qflax.numerics.pack_bits``
+    stores them), then 16 and 32: a 3-bit code takes 4 bits, a 5-bit code a byte.
+
+    >>> packed_weight_bytes(12, 4), packed_weight_bytes(12, 3), packed_weight_bytes(9, 1)
+    (6, 6, 2)
+    """
+    width = next(w for w in _CONTAINER_BITS if w >= bits)
+    return -(-int(num_weights) * width // 8)
+
+
+# ---------------------------------------------------------------------------------- MAC counts
+
+_SIGNATURES = {
+    "dot_general": inspect.signature(lax.dot_general),
+    "conv_general_dilated": inspect.signature(lax.conv_general_dilated),
+}
+
+
+def macs_per_example(hook: str, args: tuple, kwargs: dict, out_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one hook call per example (the leading axis of the input).
+
+    Args:
+      hook: ``"dot_general"``, ``"conv_general_dilated"`` or ``"einsum_op"``.
+      args, kwargs: the hook call's arguments (as the Flax layer passes them).
+      out_shape: the shape of the hook's result.
+
+    Returns:
+      ``prod(out_shape) · (contraction size) / batch`` as an int, where the contraction size is
+      the product of the contracting dimensions (dot), the kernel's receptive field times input
+      features per group (conv) or all the summed-over letters (einsum), and ``batch`` is the
+      size of the input's leading axis (1 for an input without a batch axis).
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("lhs_quantizer", "rhs_quantizer")}
+    kwargs.pop("grad_quantizer", None)
+    if hook == "einsum_op":
+        subscripts, lhs, rhs = args[:3]
+        inputs, _, _ = opt_einsum.parser.parse_einsum_input((subscripts, lhs, rhs))
+        sizes: dict[str, int] = {}
+        for spec, shape in zip(inputs.split(","), (lhs.shape, rhs.shape), strict=True):
+            for letter, size in zip(spec, shape, strict=True):
+                sizes[letter] = max(sizes.get(letter, 1), int(size))
+        total = math.prod(sizes.values())
+        batch = lhs.shape[0] if lhs.ndim > 1 else 1
+        return int(total // max(batch, 1))
+    bound = _SIGNATURES[hook].bind(*args, **kwargs)
+    lhs, rhs = bound.arguments["lhs"], bound.arguments["rhs"]
+    if hook == "dot_general":
+        (lhs_contracting, _), _ = bound.arguments["dimension_numbers"]
+        contraction = math.prod(lhs.shape[d] for d in lhs_contracting)
+        batch = lhs.shape[0] if lhs.ndim > 1 else 1
+    else:
+        dn = lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, bound.arguments.get("dimension_numbers")
+        )
+        contraction = math.prod(rhs.shape) // rhs.shape[dn.rhs_spec[0]]
+        batch = lhs.shape[dn.lhs_spec[0]]
+    return int(math.prod(out_shape) * contraction // max(batch, 1))
+
+
+# ---------------------------------------------------------------------------------- the layers
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_params(spec: TensorQuant, x: jax.Array) -> dict[str, jax.Array]:
+    """``spec.init(x)`` as one compiled computation (one compile per spec and shape)."""
+    return spec.init(x)
+
+
+class _QuantLayer(nnx.Module):
+    """Shared machinery: params, hook injection, calibration, MACs and ``quant_info``.
+
+    Attributes (per instance): ``inner`` (the wrapped Flax layer); ``recipe`` (static);
+    ``weight_<name>`` / ``act_<name>`` (``QuantParam``, only for learned quantizers: e.g.
+    ``weight_scale`` per output channel, initialised from the kernel at construction, and
+    ``act_scale``, 1.0 until :func:`calibrate` sets it from real inputs); ``macs``
+    (``QuantStat``: MACs per example of the last call); ``calibrating`` and ``mac_recorder``
+    (static switches used by :func:`calibrate` and ``count_macs``).
+    """
+
+    # The wrapped Flax class, the name of its hook attribute, the quantized op and the default
+    # hook (a wrapped layer with any other hook is refused).
+    _inner_type: ClassVar[type]
+    _hook_name: ClassVar[str]
+    _op: ClassVar[Callable[..., jax.Array]]
+    _default_hook: ClassVar[Callable[..., jax.Array]]
+
+    def _setup(self, inner: nnx.Module, recipe: Recipe) -> None:
+        if not isinstance(recipe, Recipe):
+            raise ValueError(f"recipe={recipe!r} is not allowed; allowed: a qflax Recipe")
+        if not isinstance(inner, self._inner_type) or isinstance(inner, _QuantLayer):
+            raise ValueError(
+                f"module={type(inner).__name__} is not allowed for {type(self).__name__}; "
+                f"allowed: an nnx.{self._inner_type.__name__}"
+            )
+        hook = getattr(inner, self._hook_name)
+        if hook is not self._default_hook:
+            raise ValueError(
+                f"module.{self._hook_name}={hook!r} is a custom hook, which "
+                f"{type(self).__name__} would replace; allowed: the default "
+                f"{self._default_hook.__module__}.{self._default_hook.__name__}"
+            )
+        self.inner = inner
+        self.recipe = recipe
+        # Static: True only inside `calibrate` (initialise learned params from the tensors seen).
+        self.calibrating = False
+        # Static: a callback receiving the MACs of each call (set by `count_macs`), or None.
+        self.mac_recorder = None
+        names = {}
+        if recipe.weight is not None and recipe.weight.learnable:
+            for name, value in _init_params(recipe.weight, self._kernel()).items():
+                setattr(self, f"weight_{name}", QuantParam(value))
+            names["weight"] = tuple(recipe.weight.param_shapes(self._kernel().shape))
+        if recipe.act is not None and recipe.act.learnable:
+            shapes = recipe.act.param_shapes(self._act_example_shape())
+            for name, shape in shapes.items():
+                fill = 1.0 if name == "scale" else 0.0  # placeholders until `calibrate`
+                setattr(self, f"act_{name}", QuantParam(jnp.full(shape, fill, jnp.float32)))
+            names["act"] = tuple(shapes)
+        self.param_names = tuple(sorted(names.items()))  # ((role, (name, ...)), ...), static
+        self.macs = QuantStat(jnp.zeros((), jnp.int32))
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def _kernel(self) -> jax.Array:
+        return self.inner.kernel[...]
+
+    def _act_example_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ quantizers
+
+    def _params(self, role: str) -> dict[str, jax.Array]:
+        names = dict(self.param_names).get(role, ())
+        return {name: getattr(self, f"{role}_{name}")[...] for name in names}
+
+    def _set_params(self, role: str, values: dict[str, jax.Array]) -> None:
+        for name, value in values.items():
+            getattr(self, f"{role}_{name}")[...] = value
+
+    def quantizers(self) -> tuple[Callable | None, Callable | None, Callable | None]:
+        """The ``(weight, act, grad)`` quantizers bound to the current parameter values."""
+        recipe = self.recipe
+        weight = None if recipe.weight is None else recipe.weight.quantizer(self._params("weight"))
+        act = None if recipe.act is None else recipe.act.quantizer(self._params("act"))
+        grad = None if recipe.grad is None else recipe.grad.quantizer()
+        return weight, act, grad
+
+    def quantized_kernel(self) -> jax.Array:
+        """The kernel as the forward pass uses it (quantized unless the weights are float)."""
+        kernel = self._kernel()
+        if self.recipe.weight is None:
+            return kernel
+        return self.recipe.weight.apply(kernel, self._params("weight"))
+
+    # ------------------------------------------------------------------ the call
+
+    def _calibrate(self, x: jax.Array) -> None:
+        recipe = self.recipe
+        if recipe.weight is not None and recipe.weight.learnable:
+            self._set_params("weight", _init_params(recipe.weight, self._kernel()))
+        if recipe.act is not None and recipe.act.learnable:
+            self._set_params("act", _init_params(recipe.act, x))
+
+    def _call_inner(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        if self.calibrating:
+            self._calibrate(jnp.asarray(inputs))
+        weight_q, act_q, grad_q = self.quantizers()
+        hook_name, op = self._hook_name, type(self)._op
+        seen: list[int] = []
+
+        def hook(*hook_args: Any, **hook_kwargs: Any) -> jax.Array:
+            out = op(
+                *hook_args,
+                **hook_kwargs,
+                lhs_quantizer=act_q,
+                rhs_quantizer=weight_q,
+                grad_quantizer=grad_q,
+            )
+            seen.append(macs_per_example(hook_name, hook_args, hook_kwargs, out.shape))
+            return out
+
+        saved = getattr(self.inner, hook_name)
+        setattr(self.inner, hook_name, hook)
+        try:
+            y = self.inner(inputs, *args, **kwargs)
+        finally:
+            setattr(self.inner, hook_name, saved)
+        macs = sum(seen)
+        self.macs[...] = jnp.asarray(macs, jnp.int32)
+        if self.mac_recorder is not None:
+            self.mac_recorder(macs)
+        return y
+
+    # ------------------------------------------------------------------ summaries
+
+    def quant_info(self) -> dict[str, Any]:
+        """Sizes and bit-widths of this layer (eager; python numbers; abstract modules give NaN
+        sparsity and 0 MACs).
+
+        Returns:
+          A dict with ``weight_bits`` and ``act_bits`` (32 when float); ``params`` (kernel plus
+          bias elements); ``weights`` (kernel elements); ``packed_bytes`` (the kernel packed at
+          ``weight_bits`` — see :func:`packed_weight_bytes` — plus, as float32, the bias, every
+          ``QuantParam`` of the layer and the scales a stateless weight quantizer needs at rest,
+          e.g. one per output channel for absmax); ``sparsity`` (fraction of exactly-zero
+          quantized kernel values); ``macs`` (multiply-accumulates of one forward per example,
+          from the last call; 0 before the first call); ``recipe`` (its description).
+        """
+        recipe = self.recipe
+        info = float_layer_info(self.inner)
+        weight_bits = recipe.weight_bits
+        quant_params = sum(
+            math.prod(v.shape) for _, v in nnx.iter_graph(self) if isinstance(v, QuantParam)
+        )
+        scales = 0
+        if recipe.weight is not None and not recipe.weight.learnable:
+            scales = recipe.weight.scale_count(tuple(self.inner.kernel.shape))
+        if weight_bits < FLOAT_BITS:
+            num_bias = info["params"] - info["weights"]
+            info["packed_bytes"] = packed_weight_bytes(info["weights"], weight_bits) + 4 * (
+                num_bias + quant_params + scales
+            )
+        else:
+            info["packed_bytes"] += 4 * (quant_params + scales)
+        if not _is_abstract(self.inner.kernel) and recipe.weight is not None:
+            info["sparsity"] = float(np.mean(np.asarray(self.quantized_kernel()) == 0))
+        macs = self.macs.get_value()
+        info.update(
+            weight_bits=int(weight_bits),
+            act_bits=int(recipe.act_bits),
+            macs=0 if isinstance(macs, jax.ShapeDtypeStruct) else int(macs),
+            recipe=str(recipe),
+        )
+        return info
+
+
+def _is_abstract(variable: nnx.Variable) -> bool:
+    return isinstance(variable.get_value(), jax.ShapeDtypeStruct)
+
+
+def float_layer_info(module: nnx.Module) -> dict[str, Any]:
+    """:meth:`quant_info` of an unquantized ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum``.
+
+    Bits 32, ``packed_bytes = 4·params``, ``macs`` 0 (unknown: see ``count_macs``). Works on
+    abstract modules (``nnx.eval_shape``), whose ``sparsity`` is NaN.
+    """
+    shape = tuple(module.kernel.shape)
+    num_weights = math.prod(shape)
+    num_bias = 0 if module.bias is None else math.prod(module.bias.shape)
+    if _is_abstract(module.kernel):
+        sparsity = float("nan")
+    else:
+        kernel = np.asarray(module.kernel[...])
+        mask = getattr(module, "mask", None)
+        if mask is not None:
+            kernel = kernel * np.asarray(mask)
+        sparsity = float(np.mean(kernel == 0))
+    return {
+        "weight_bits": FLOAT_BITS,
+        "act_bits": FLOAT_BITS,
+        "params": num_weights + num_bias,
+        "weights": num_weights,
+        "packed_bytes": 4 * (num_weights + num_bias),
+        "sparsity": sparsity,
+        "macs": 0,
+        "recipe": "float",
+    }
+
+
+class QuantLinear(_QuantLayer):
+    """``nnx.Linear`` with quantized weights / input activations (/ gradients), per a Recipe.
+
+    Example:
+      >>> import functools
+      >>> from qflax.layers import recipes
+      >>> layer = QuantLinear(3, 4, recipe=recipes.absmax(4, 8), rngs=nnx.Rngs(0))
+      >>> layer(jnp.ones((2, 3))).shape, layer.inner.kernel.shape
+      ((2, 4), (3, 4))
+      >>> factory = functools.partial(QuantLinear, recipe=recipes.absmax(4, 8))  # `linear=`
+    """
+
+    _inner_type = nnx.Linear
+    _hook_name = "dot_general"
+    _op = staticmethod(quantized_dot_general)
+    _default_hook = staticmethod(lax.dot_general)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        recipe: Recipe,
+        use_bias: bool = True,
+        rngs: nnx.Rngs | None = None,
+        _inner: nnx.Linear | None = None,
+        **linear_kwargs: Any,
+    ):
+        """Builds the wrapped ``nnx.Linear(in_features, out_features, use_bias=..., rngs=...,
+        **linear_kwargs)`` and the quantizer params (weight scales from the new kernel)."""
+        if _inner is None:
+            if rngs is None:
+                raise ValueError("rngs=None is not allowed; allowed: an nnx.Rngs")
+            _inner = nnx.Linear(
+                in_features, out_features, use_bias=use_bias, rngs=rngs, **linear_kwargs
+            )
+        self._setup(_inner, recipe)
+
+    @classmethod
+    def from_module(cls, module: nnx.Linear, recipe: Recipe) -> QuantLinear:
+        """Wraps an existing ``nnx.Linear`` (the same object: its weights are kept)."""
+        if not isinstance(module, nnx.Linear):
+            raise ValueError(
+                f"module={type(module).__name__} is not allowed; allowed: an nnx.Linear"
+            )
+        return cls(module.in_features, module.out_features, recipe=recipe, _inner=module)
+
+    def _act_example_shape(self) -> tuple[int, ...]:
+        return (1, self.inner.in_features)
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """``inner(inputs)`` with the quantized ``dot_general``."""
+        return self._call_inner(inputs, out_sharding=out_sharding)
+
+
+class QuantConv(_QuantLayer):
+    """``nnx.Conv`` with quantized weights / input activations (/ gradients), per a Recipe.
+
+    Gradients reach the kernel, the input and every quantizer parameter (unlike AQT's conv
+    injection, whose kernels get zero gradients).
+    """
+
+    _inner_type = nnx.Conv
+    _hook_name = "conv_general_dilated"
+    _op = staticmethod(quantized_conv_general_dilated)
+    _default_hook = staticmethod(lax.conv_general_dilated)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | tuple[int, ...],
+        strides: int | tuple[int, ...] | None = 1,
+        *,
+        recipe: Recipe,
+        use_bias: bool = True,
+        rngs: nnx.Rngs | None = None,
+        _inner: nnx.Conv | None = None,
+        **conv_kwargs: Any,
+    ):
+        """Builds the wrapped ``nnx.Conv(in_features, out_features, kernel_size, strides,
+        use_bias=..., rngs=..., **conv_kwargs)`` (``padding=``, ``feature_group_count=``, ...)
+        and the quantizer params."""
+        if _inner is None:
+            if rngs is None:
+                raise ValueError("rngs=None is not allowed; allowed: an nnx.Rngs")
+            _inner = nnx.Conv(
+                in_features,
+                out_features,
+                kernel_size,
+                strides,
+                use_bias=use_bias,
+                rngs=rngs,
+                **conv_kwargs,
+            )
+        self._setup(_inner, recipe)
+
+    @classmethod
+    def from_module(cls, module: nnx.Conv, recipe: Recipe) -> QuantConv:
+        """Wraps an existing ``nnx.Conv`` (the same object: its weights are kept)."""
+        if not isinstance(module, nnx.Conv):
+            raise ValueError(f"module={type(module).__name__} is not allowed; allowed: an nnx.Conv")
+        return cls(
+            module.in_features,
+            module.out_features,
+            module.kernel_size,
+            recipe=recipe,
+            _inner=module,
+        )
+
+    def _kernel(self) -> jax.Array:
+        kernel = self.inner.kernel[...]
+        mask = self.inner.mask
+        return kernel if mask is None else kernel * mask
+
+    def _act_example_shape(self) -> tuple[int, ...]:
+        return (1,) * (len(self.inner.kernel_size) + 1) + (self.inner.in_features,)
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """``inner(inputs)`` with the quantized ``conv_general_dilated``."""
+        return self._call_inner(inputs, out_sharding=out_sharding)
+
+
+class QuantEinsum(_QuantLayer):
+    """``nnx.Einsum`` with quantized kernel / input (/ gradients), per a Recipe.
+
+    A learned activation scale per channel needs the channel letter of the input to appear in
+    the kernel (its size is read from ``kernel_shape``); per tensor always works.
+    """
+
+    _inner_type = nnx.Einsum
+    _hook_name = "einsum_op"
+    _op = staticmethod(quantized_einsum)
+    _default_hook = staticmethod(jnp.einsum)
+
+    def __init__(
+        self,
+        einsum_str: str,
+        kernel_shape: tuple[int, ...],
+        bias_shape: tuple[int, ...] | None = None,
+        *,
+        recipe: Recipe,
+        rngs: nnx.Rngs | None = None,
+        _inner: nnx.Einsum | None = None,
+        **einsum_kwargs: Any,
+    ):
+        """Builds the wrapped ``nnx.Einsum(einsum_str, kernel_shape, bias_shape, rngs=...,
+        **einsum_kwargs)`` and the quantizer params."""
+        if _inner is None:
+            if rngs is None:
+                raise ValueError("rngs=None is not allowed; allowed: an nnx.Rngs")
+            _inner = nnx.Einsum(einsum_str, kernel_shape, bias_shape, rngs=rngs, **einsum_kwargs)
+        self._setup(_inner, recipe)
+
+    @classmethod
+    def from_module(cls, module: nnx.Einsum, recipe: Recipe) -> QuantEinsum:
+        """Wraps an existing ``nnx.Einsum`` (the same object: its weights are kept)."""
+        if not isinstance(module, nnx.Einsum):
+            raise ValueError(
+                f"module={type(module).__name__} is not allowed; allowed: an nnx.Einsum"
+            )
+        return cls(
+            module.einsum_str, module.kernel_shape, module.bias_shape, recipe=recipe, _inner=module
+        )
+
+    def _act_example_shape(self) -> tuple[int, ...]:
+        act = self.recipe.act
+        lhs, rhs = self.inner.einsum_str.split("->")[0].split(",")
+        if act is None or act.granularity != "channel":
+            return (1,) * max(len(lhs.replace("...", "")), 1)
+        axis = act.config.axis
+        if "..." in lhs or not -len(lhs) <= axis < len(lhs) or lhs[axis] not in rhs:
+            raise ValueError(
+                f"act.config.axis={axis} of einsum_str={self.inner.einsum_str!r} is not a "
+                "kernel letter; allowed: granularity='tensor', or an input axis whose letter "
+                "appears in the kernel"
+            )
+        shape = [1] * len(lhs)
+        shape[axis] = self.inner.kernel_shape[rhs.index(lhs[axis])]
+        return tuple(shape)
+
+    def __call__(
+        self, inputs: jax.Array, einsum_str: str | None = None, out_sharding: Any = None
+    ) -> jax.Array:
+        """``inner(inputs, einsum_str)`` with the quantized ``einsum_op``."""
+        return self._call_inner(inputs, einsum_str, out_sharding=out_sharding)
+
+
+QUANT_LAYERS: dict[type, type[_QuantLayer]] = {
+    nnx.Linear: QuantLinear,
+    nnx.Conv: QuantConv,
+    nnx.Einsum: QuantEinsum,
+}
+
+
+def quant_layer_for(module: nnx.Module) -> type[_QuantLayer] | None:
+    """The quant wrapper class for a Flax layer (subclasses included), or None."""
+    if isinstance(module, _QuantLayer):
+        return None
+    for base, wrapper in QUANT_LAYERS.items():
+        if isinstance(module, base):
+            return wrapper
+    return None
+
+
+def is_quant_layer(module: Any) -> bool:
+    """Whether ``module`` is one of the quant layers."""
+    return isinstance(module, _QuantLayer)
+
+
+# ---------------------------------------------------------------------------------- calibrate
+
+
+def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any) -> list[str]:
+    """Initialises learned quantizer params from real tensors with one forward pass.
+
+    Every quant layer whose recipe has learned params (``"learned_step"``) sets them, during
+    ``model(x, **call_kwargs)``, from the tensors it actually sees: the weight scale from its
+    kernel and the activation scale from its input (``TensorQuant.init``: absmax-based for
+    symmetric configs). Layers run in order, so each sees the quantized outputs of the layers
+    calibrated before it. Call it before training (and before ``nnx.split`` for a jitted step).
+    Other state the forward updates (BatchNorm statistics with ``train=True``) is updated too.
+
+    Args:
+      model: an NNX model containing quant layers (modified in place).
+      x: a representative batch.
+      jit: run the forward under ``nnx.jit`` (one compilation; much faster than eager dispatch
+        of the quantizers on CPU); False: eagerly.
+      **call_kwargs: passed to the model (e.g. ``train=False``); static under ``jit``.
+
+    Returns:
+      The paths (``"."``-joined) of the layers whose params were initialised.
+    """
+    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, _QuantLayer)]
+    layers = [
+        (".".join(map(str, path)), node)
+        for path, node in sort_paths(found, definition_order(model))
+    ]
+    for _, layer in layers:
+        layer.calibrating = True
+    try:
+        if jit:
+            nnx.jit(lambda m, x: m(x, **call_kwargs))(model, x)
+        else:
+            model(x, **call_kwargs)
+    finally:
+        for _, layer in layers:
+            layer.calibrating = False
+    learned = [
+        path
+        for path, layer in layers
+        if any(tq is not None and tq.learnable for tq in (layer.recipe.weight, layer.recipe.act))
+    ]
+    return learned

@@ -1,0 +1,562 @@
+"""Quantizer specs: :class:`TensorQuant` (one tensor), :class:`Recipe` (a layer), and factories.
+
+A :class:`TensorQuant` names a quantizer family and its config; it is a frozen, hashable
+dataclass, so recipes can be static attributes of Flax modules (part of the graph definition) and
+the keys of jit caches. Learnable quantizer parameters live in the layer (as ``QuantParam``), in a
+*compact* layout that does not depend on the rank of the tensor:
+
+* granularity ``"tensor"``: shape ``()``;
+* granularity ``"channel"``: shape ``(C,)``, ``C = x.shape[axis]``;
+* granularity ``"group"``: the quantizer's own params shape (for tensors of fixed rank: weights).
+
+so one activation scale serves inputs of any rank (``(batch, features)`` or
+``(batch, length, features)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from qflax import quantizers as qz
+from qflax.numerics import check_choice
+
+__all__ = ["KINDS", "RECIPES", "Recipe", "TensorQuant", "recipes"]
+
+# The quantizer families a TensorQuant can name.
+KINDS = ("absmax", "learned_step", "pow2", "binary", "ternary", "pair")
+
+_CONFIG_TYPES = {
+    "absmax": qz.UniformConfig,
+    "learned_step": qz.UniformConfig,
+    "pow2": qz.PowerOfTwoConfig,
+    "binary": qz.BinaryConfig,
+    "ternary": qz.TernaryConfig,
+    "pair": type(None),
+}
+
+# Bits of a float tensor in summaries.
+FLOAT_BITS = 32
+
+
+def _check_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{field}={value!r} is not an integer; allowed: an int axis")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorQuant:
+    """How one tensor is quantized: a quantizer family (``kind``) and its config.
+
+    Kinds:
+
+    * ``"absmax"``: :func:`qflax.quantizers.uniform` with the scale recomputed from the tensor on
+      every call (``uniform_init`` of ``stop_gradient(x)``: ``s = max|x| / qmax`` at the config's
+      granularity); no learnable params.
+    * ``"learned_step"``: :func:`~qflax.quantizers.uniform` with ``learn_scale=True``; the scale
+      (and the zero point when asymmetric) is a learnable param, initialised by :meth:`init`
+      from data (``uniform_init``).
+    * ``"pow2"``: :func:`~qflax.quantizers.pow2` with the power-of-two scale recomputed from the
+      tensor on every call (``pow2_init``); no learnable params.
+    * ``"binary"`` / ``"ternary"``: :func:`~qflax.quantizers.binary` /
+      :func:`~qflax.quantizers.ternary` (scales from the tensor); no learnable params.
+    * ``"pair"``: a ProxConnect++ pair from :data:`qflax.quantizers.PAIRS` (``pair`` names it,
+      ``pair_kwargs`` are its factory's arguments), times ``stop_gradient(mean|x|)`` per tensor or
+      per channel when ``scaling`` says so (XNOR-style); no learnable params. Pair
+      hyperparameters are static here (changing them recompiles).
+
+    >>> TensorQuant(kind="absmax", config=qz.UniformConfig(bits=4)).bits
+    4
+    >>> TensorQuant(kind="pair", pair="bnn", scaling="channel").bits
+    1
+    """
+
+    # Quantizer family: one of KINDS.
+    kind: str
+    # The family's config (UniformConfig, PowerOfTwoConfig, BinaryConfig, TernaryConfig); None:
+    # the family's default config (learned_step: UniformConfig(learn_scale=True)); None for pairs.
+    config: Any = None
+    # kind="pair": the name of the pair in qflax.quantizers.PAIRS ("bnn", "bnn+", "bc", ...).
+    pair: str | None = None
+    # kind="pair": keyword arguments of the pair's factory, as sorted (name, value) tuples (a
+    # mapping is accepted and converted).
+    pair_kwargs: tuple[tuple[str, Any], ...] = ()
+    # kind="pair": output scale "none" (±1), "tensor" or "channel" (sg(mean|x|), per `axis`).
+    scaling: str = "none"
+    # kind="pair": the channel axis of scaling="channel".
+    axis: int = -1
+
+    def __post_init__(self):
+        check_choice(self.kind, "kind", KINDS)
+        config = self.config
+        if config is None and self.kind != "pair":
+            config = (
+                qz.UniformConfig(learn_scale=True)
+                if self.kind == "learned_step"
+                else _CONFIG_TYPES[self.kind]()
+            )
+            object.__setattr__(self, "config", config)
+        want = _CONFIG_TYPES[self.kind]
+        if not isinstance(config, want):
+            allowed = "None" if self.kind == "pair" else f"a {want.__name__} (or None)"
+            raise ValueError(
+                f"config={config!r} does not fit kind={self.kind!r}; allowed: {allowed}"
+            )
+        if self.kind == "learned_step" and not config.learn_scale:
+            raise ValueError(
+                "config.learn_scale=False is not allowed for kind='learned_step'; allowed: True"
+            )
+        if self.kind == "absmax" and (config.learn_scale or config.learn_zero_point):
+            raise ValueError(
+                "config.learn_scale/learn_zero_point=True is not allowed for kind='absmax' (its "
+                "scale is recomputed from the tensor); allowed: False, or kind='learned_step'"
+            )
+        if self.kind == "pair":
+            check_choice(self.pair, "pair", tuple(qz.PAIRS))
+            kwargs = self.pair_kwargs
+            if isinstance(kwargs, Mapping):
+                kwargs = tuple(sorted(kwargs.items()))
+            kwargs = tuple(tuple(item) for item in kwargs)
+            for item in kwargs:
+                if len(item) != 2 or not isinstance(item[0], str):
+                    raise ValueError(
+                        f"pair_kwargs={self.pair_kwargs!r} is not allowed; allowed: a mapping "
+                        "or (name, value) pairs"
+                    )
+                if not isinstance(item[1], numbers.Real) or isinstance(item[1], bool):
+                    raise ValueError(
+                        f"pair_kwargs[{item[0]!r}]={item[1]!r} is not allowed; allowed: a number"
+                    )
+            object.__setattr__(self, "pair_kwargs", kwargs)
+            qz.PAIRS[self.pair](**dict(kwargs))  # validates the arguments now
+            check_choice(self.scaling, "scaling", qz.SCALINGS)
+            _check_int(self.axis, "axis")
+        else:
+            if self.pair is not None or self.pair_kwargs:
+                raise ValueError(
+                    f"pair={self.pair!r} is only used with kind='pair'; allowed for "
+                    f"kind={self.kind!r}: None"
+                )
+            if self.scaling != "none":
+                raise ValueError(
+                    f"scaling={self.scaling!r} is only used with kind='pair' (the {self.kind} "
+                    "config holds its own); allowed: 'none'"
+                )
+
+    # ---------------------------------------------------------------- description
+
+    @property
+    def bits(self) -> int:
+        """Bits per value at rest: the config's bits; binary and pairs 1; ternary 2."""
+        if self.kind in ("absmax", "learned_step", "pow2"):
+            return int(self.config.bits)
+        if self.kind == "ternary":
+            return 2
+        return 1
+
+    @property
+    def granularity(self) -> str:
+        """Which elements share a scale: ``"tensor"``, ``"channel"``, ``"group"`` or ``"none"``."""
+        if self.kind in ("absmax", "learned_step", "pow2"):
+            return self.config.granularity
+        return self.scaling if self.kind == "pair" else self.config.scaling
+
+    @property
+    def learnable(self) -> bool:
+        """Whether :meth:`init` returns learnable params (only ``"learned_step"``)."""
+        return self.kind == "learned_step"
+
+    def __str__(self) -> str:
+        name = f"pair:{self.pair}" if self.kind == "pair" else self.kind
+        gran = self.granularity
+        return f"{name}{self.bits}" + ("" if gran in ("tensor", "none") else f"/{gran}")
+
+    # ---------------------------------------------------------------- params
+
+    def init(self, x: ArrayLike) -> dict[str, jax.Array]:
+        """Data-dependent learnable params (compact layout, float32); ``{}`` for stateless kinds.
+
+        ``"learned_step"``: ``{"scale": s}`` (plus ``"zero_point"`` when asymmetric) from
+        :func:`qflax.quantizers.uniform_init` of ``x`` (absmax-based for symmetric configs).
+        """
+        if self.kind != "learned_step":
+            return {}
+        x = jax.lax.stop_gradient(jnp.asarray(x))
+        params = qz.uniform_init(x, self.config)
+        if self.config.symmetric:
+            params = {"scale": params["scale"]}
+        return {k: self._compact(v) for k, v in params.items()}
+
+    def param_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Shapes of :meth:`init`'s params for a tensor of ``shape`` (no computation)."""
+        out = jax.eval_shape(self.init, jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+        return {k: tuple(v.shape) for k, v in out.items()}
+
+    def scale_count(self, shape: tuple[int, ...]) -> int:
+        """Number of float scale values needed to dequantize a stored tensor of ``shape``.
+
+        One per tensor, one per channel or per group, and 0 for unscaled binary/ternary/pairs.
+        Zero points of asymmetric configs count too.
+        """
+        gran = self.granularity
+        if gran == "none":
+            return 0
+        if self.kind in ("absmax", "learned_step"):
+            per = 1 if self.config.symmetric else 2
+        else:
+            per = 1
+        if gran == "tensor":
+            return per
+        if gran == "group":
+            return per * int(np.prod(shape)) // self.config.group_size
+        axis = self.config.axis if self.kind != "pair" else self.axis
+        return per * int(shape[axis % len(shape)])
+
+    def _compact(self, v: jax.Array) -> jax.Array:
+        gran = self.config.granularity
+        if gran == "tensor":
+            return v.reshape(())
+        if gran == "channel":
+            return v.reshape(-1)
+        return v
+
+    def _expand(self, v: jax.Array, x: jax.Array) -> jax.Array:
+        gran = self.config.granularity
+        if gran == "tensor":
+            return jnp.reshape(v, (1,) * x.ndim)
+        if gran == "channel":
+            axis = self.config.axis
+            if not -x.ndim <= axis < x.ndim:
+                raise ValueError(
+                    f"axis={axis} is out of range for a tensor of rank {x.ndim}; allowed: "
+                    f"{-x.ndim}..{x.ndim - 1}"
+                )
+            if v.ndim != 1 or v.shape[0] != x.shape[axis]:
+                raise ValueError(
+                    f"a per-channel param of shape {v.shape} does not fit a tensor of shape "
+                    f"{x.shape} on axis={axis}; allowed: shape ({x.shape[axis]},)"
+                )
+            shape = [1] * x.ndim
+            shape[axis % x.ndim] = x.shape[axis]
+            return v.reshape(shape)
+        return v
+
+    # ---------------------------------------------------------------- quantize
+
+    def apply(
+        self,
+        x: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        *,
+        key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Quantizes ``x`` (shape and dtype kept); ``params`` as returned by :meth:`init`.
+
+        Gradients are the quantizer's own (see ``qflax.quantizers``); scales recomputed from
+        ``x`` (absmax, pow2, binary, ternary, pair scaling) are under ``stop_gradient``.
+        """
+        x = jnp.asarray(x)
+        params = {} if params is None else dict(params)
+        if self.kind == "learned_step":
+            missing = {"scale"} - set(params)
+            if missing:
+                raise ValueError(
+                    "params is missing 'scale' for kind='learned_step'; allowed: the dict "
+                    "returned by TensorQuant.init"
+                )
+            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            return qz.uniform(x, full, self.config, key=key)
+        if params:
+            raise ValueError(
+                f"params={sorted(params)!r} is not allowed for kind={self.kind!r}; allowed: {{}}"
+            )
+        if self.kind == "absmax":
+            stats = qz.uniform_init(jax.lax.stop_gradient(x), self.config)
+            stats = jax.lax.stop_gradient(stats)
+            if self.config.symmetric:
+                stats = {"scale": stats["scale"]}
+            return qz.uniform(x, stats, self.config, key=key)
+        if self.kind == "pow2":
+            return qz.pow2(x, qz.pow2_init(jax.lax.stop_gradient(x), self.config), self.config)
+        if self.kind == "binary":
+            return qz.binary(x, {}, self.config, key=key)
+        if self.kind == "ternary":
+            return qz.ternary(x, {}, self.config)
+        # pair
+        y = qz.PAIRS[self.pair](**dict(self.pair_kwargs))(x).astype(x.dtype)
+        if self.scaling == "none":
+            return y
+        alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))
+        return alpha.astype(x.dtype) * y
+
+    def quantizer(self, params: Mapping[str, ArrayLike] | None = None) -> Callable:
+        """``x -> self.apply(x, params)``: a slot for the ops in :mod:`qflax.ops`."""
+        return _Bound(self, dict(params or {}))
+
+
+class _Bound:
+    """A TensorQuant with its params bound: the callable handed to an op's quantizer slot."""
+
+    def __init__(self, spec: TensorQuant, params: dict[str, jax.Array]):
+        self.spec = spec
+        self.params = params
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.spec.apply(x, self.params)
+
+
+def _check_tensor_quant(value: Any, field: str) -> None:
+    if value is not None and not isinstance(value, TensorQuant):
+        raise ValueError(f"{field}={value!r} is not allowed; allowed: a TensorQuant or None")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """How one layer is quantized (hashable). ``None`` keeps that tensor in float.
+
+    >>> str(recipes.absmax(4, 8))
+    'w:absmax4/channel a:absmax8'
+    >>> str(Recipe())
+    'float'
+    """
+
+    # Quantizer of the layer's kernel (per output channel is the usual choice).
+    weight: TensorQuant | None = None
+    # Quantizer of the layer's INPUT activations (signed unless configured otherwise).
+    act: TensorQuant | None = None
+    # Quantizer of the output cotangent before both backward products (stateless kinds only:
+    # absmax, pow2); None: float gradients.
+    grad: TensorQuant | None = None
+
+    def __post_init__(self):
+        _check_tensor_quant(self.weight, "weight")
+        _check_tensor_quant(self.act, "act")
+        _check_tensor_quant(self.grad, "grad")
+        if self.grad is not None and self.grad.kind not in ("absmax", "pow2"):
+            raise ValueError(
+                f"grad.kind={self.grad.kind!r} is not allowed; allowed: 'absmax', 'pow2' "
+                "(stateless, deterministic gradient quantizers)"
+            )
+        if self.act is not None and self.act.kind == "learned_step":
+            if self.act.config.granularity == "group":
+                raise ValueError(
+                    "act.config.granularity='group' is not allowed for a learned activation "
+                    "scale (its shape would depend on the batch); allowed: 'tensor', 'channel'"
+                )
+
+    @property
+    def weight_bits(self) -> int:
+        """Bits of the weights (32 when float)."""
+        return FLOAT_BITS if self.weight is None else self.weight.bits
+
+    @property
+    def act_bits(self) -> int:
+        """Bits of the input activations (32 when float)."""
+        return FLOAT_BITS if self.act is None else self.act.bits
+
+    def __str__(self) -> str:
+        parts = [
+            f"{name}:{tq}"
+            for name, tq in (("w", self.weight), ("a", self.act), ("g", self.grad))
+            if tq is not None
+        ]
+        return " ".join(parts) if parts else "float"
+
+
+# ------------------------------------------------------------------------------------ factories
+
+
+def _is_float_bits(bits: Any, field: str) -> bool:
+    if bits is None:
+        return True
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+        raise ValueError(f"{field}={bits!r} is not allowed; allowed: None or integers 1..32")
+    return int(bits) == FLOAT_BITS
+
+
+def _uniform(kind: str, bits: Any, field: str, **config: Any) -> TensorQuant | None:
+    if _is_float_bits(bits, field):
+        return None
+    learn = {"learn_scale": True} if kind == "learned_step" else {}
+    try:
+        cfg = qz.UniformConfig(bits=int(bits), **learn, **config)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+    return TensorQuant(kind=kind, config=cfg)
+
+
+def float_recipe() -> Recipe:
+    """Everything in float (wrapped layers still record MACs)."""
+    return Recipe()
+
+
+def absmax(
+    weight_bits: int | None = 8,
+    act_bits: int | None = 8,
+    *,
+    weight_granularity: str = "channel",
+    act_signed: bool = True,
+    gradient: str = "ste",
+    grad_bits: int | None = None,
+) -> Recipe:
+    """Uniform symmetric quantization with scales recomputed from each tensor (dynamic absmax).
+
+    Weights per output channel (the kernel's last axis) unless ``weight_granularity="tensor"``,
+    activations per tensor; ``bits=None`` (or 32) keeps that tensor in float.
+
+    Args:
+      weight_bits: bits of the kernel.
+      act_bits: bits of the input activations.
+      weight_granularity: ``"channel"`` or ``"tensor"``.
+      act_signed: signed activation codes (False: unsigned, for inputs known to be >= 0).
+      gradient: the straight-through rule of both quantizers (``"ste"``, ``"clipped_ste"``).
+      grad_bits: bits of the output cotangent before the backward products (per tensor); None:
+        float gradients.
+    """
+    return Recipe(
+        weight=_uniform(
+            "absmax", weight_bits, "weight_bits", granularity=weight_granularity, gradient=gradient
+        ),
+        act=_uniform("absmax", act_bits, "act_bits", signed=act_signed, gradient=gradient),
+        grad=_uniform("absmax", grad_bits, "grad_bits"),
+    )
+
+
+def learned_step(
+    weight_bits: int | None = 8,
+    act_bits: int | None = 8,
+    *,
+    weight_granularity: str = "channel",
+    act_signed: bool = True,
+    gradient: str = "ste",
+) -> Recipe:
+    """Uniform symmetric quantization with learned scales (``QuantParam``; LSQ-style gradient).
+
+    Weight scales are initialised from the kernel when the layer is built; activation scales
+    from real inputs by :func:`qflax.layers.calibrate` (1.0 until then). ``bits=None`` (or 32)
+    keeps that tensor in float.
+    """
+    return Recipe(
+        weight=_uniform(
+            "learned_step",
+            weight_bits,
+            "weight_bits",
+            granularity=weight_granularity,
+            gradient=gradient,
+        ),
+        act=_uniform("learned_step", act_bits, "act_bits", signed=act_signed, gradient=gradient),
+    )
+
+
+def pow2(weight_bits: int | None = 4, act_bits: int | None = None) -> Recipe:
+    """Power-of-two (logarithmic) levels with scales from each tensor.
+
+    Weights per output channel, activations (when ``act_bits`` is given) per tensor, both with
+    an exact zero level. ``bits`` counts the sign bit (2..8); None or 32: float.
+    """
+
+    def spec(bits, field, granularity):
+        if _is_float_bits(bits, field):
+            return None
+        try:
+            cfg = qz.PowerOfTwoConfig(bits=int(bits), granularity=granularity)
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+        return TensorQuant(kind="pow2", config=cfg)
+
+    return Recipe(
+        weight=spec(weight_bits, "weight_bits", "channel"),
+        act=spec(act_bits, "act_bits", "tensor"),
+    )
+
+
+def binary(
+    pair: str | None = "bnn",
+    scaling: str = "channel",
+    act: bool = True,
+    **pair_kwargs: Any,
+) -> Recipe:
+    """Binary weights (and activations): a ProxConnect++ pair, or the plain binary quantizer.
+
+    Args:
+      pair: name in :data:`qflax.quantizers.PAIRS` (``"bnn"``, ``"bnn+"``, ``"bnn++"``, ``"bc"``,
+        ...) used for weights and activations; None: :func:`qflax.quantizers.binary` with the
+        BNN clipped straight-through gradient.
+      scaling: weight scale ``"none"``, ``"tensor"`` or ``"channel"`` (``sg(mean|w|)``); the
+        activations are never scaled (±1).
+      act: binarize the input activations too.
+      **pair_kwargs: arguments of the pair's factory (``mu=``, ``beta=``).
+    """
+    if pair is None:
+        if pair_kwargs:
+            raise ValueError(
+                f"pair_kwargs={pair_kwargs!r} need a pair; allowed: none with pair=None"
+            )
+        weight = TensorQuant(kind="binary", config=qz.BinaryConfig(scaling=scaling))
+        act_q = TensorQuant(kind="binary", config=qz.BinaryConfig()) if act else None
+    else:
+        weight = TensorQuant(kind="pair", pair=pair, pair_kwargs=pair_kwargs, scaling=scaling)
+        act_q = TensorQuant(kind="pair", pair=pair, pair_kwargs=pair_kwargs) if act else None
+    return Recipe(weight=weight, act=act_q)
+
+
+def ternary(
+    threshold: float = 0.7,
+    scaling: str = "channel",
+    act_bits: int | None = None,
+) -> Recipe:
+    """Ternary weights (TWN: ``Δ = threshold·mean|w|``, per output channel by default).
+
+    Activations are absmax-uniform with ``act_bits`` (per tensor), or float when None.
+    """
+    weight = TensorQuant(
+        kind="ternary", config=qz.TernaryConfig(threshold=threshold, scaling=scaling)
+    )
+    return Recipe(weight=weight, act=_uniform("absmax", act_bits, "act_bits"))
+
+
+# Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``). Read-only.
+RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(
+    {
+        "float": float_recipe,
+        "absmax": absmax,
+        "learned_step": learned_step,
+        "pow2": pow2,
+        "binary": binary,
+        "ternary": ternary,
+    }
+)
+
+
+def build(name: str, **kwargs: Any) -> Recipe:
+    """The recipe ``RECIPES[name](**kwargs)``; ValueError for an unknown name or argument.
+
+    >>> str(build("absmax", weight_bits=2, act_bits=None))
+    'w:absmax2/channel'
+    """
+    check_choice(name, "recipe", tuple(RECIPES))
+    try:
+        return RECIPES[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"recipe {name!r}: {e}") from None
+
+
+# The public namespace of factories: ``recipes.absmax(4, 4)``, ``recipes.build("pow2", ...)``.
+recipes = types.SimpleNamespace(
+    float=float_recipe,
+    absmax=absmax,
+    learned_step=learned_step,
+    pow2=pow2,
+    binary=binary,
+    ternary=ternary,
+    build=build,
+)

@@ -1,0 +1,315 @@
+"""Quantized ``dot_general`` / ``conv_general_dilated`` / ``einsum`` with three quantizer slots.
+
+Each op has the signature of its ``jax.lax`` / ``jax.numpy`` counterpart plus three keyword-only
+slots, each a callable ``x -> x̂`` (``None`` keeps that tensor in float):
+
+* ``lhs_quantizer`` and ``rhs_quantizer`` quantize the two forward operands::
+
+      y = op(Q_lhs(lhs), Q_rhs(rhs))
+
+  Their gradients are the quantizers' own (straight-through, clipped, pairs, learned scales...),
+  so ``∂L/∂lhs = Q_lhs'ᵀ · vjp_lhs(op)(g)`` at the quantized operands, and gradients reach every
+  learnable quantizer parameter the callables close over.
+* ``grad_quantizer`` quantizes the output cotangent ``g`` before the two backward products::
+
+      dlhs = vjp_lhs(op at (Q_lhs(lhs), Q_rhs(rhs)))(Q_dlhs(g))
+      drhs = vjp_rhs(op at (Q_lhs(lhs), Q_rhs(rhs)))(Q_drhs(g))
+
+  A single callable is used for both (``Q_dlhs = Q_drhs``, applied once); a pair
+  ``(dlhs_quantizer, drhs_quantizer)`` applies two independent quantizers (e.g. stochastic
+  rounding with two keys, as in Chen et al. 2020, METHODS.md §7). The forward value never changes.
+
+The gradient quantizer is wrapped in one module-level ``jax.custom_vjp``; the callables it gets
+are closure-converted (``jax.closure_convert``), so they may close over traced arrays (a PRNG key
+or a learnable parameter inside ``jit``/``grad``); the hoisted values get zero cotangents (they do
+not affect the forward value). With no gradient quantizer the op is the plain ``jax.lax`` op on
+the quantized operands: its jaxpr has exactly one ``dot_general`` / ``conv_general_dilated``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+__all__ = [
+    "GradQuantizer",
+    "Quantizer",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
+    "quantized_einsum",
+]
+
+# A quantizer slot: ``x -> x̂`` (same shape and dtype), or None for float.
+Quantizer = Callable[[jax.Array], jax.Array]
+# The gradient slot: one quantizer for both backward products, or (dlhs, drhs) quantizers.
+GradQuantizer = Quantizer | tuple[Quantizer | None, Quantizer | None]
+
+
+# --------------------------------------------------------------------------------------------
+# The gradient-quantizing wrapper: one custom_vjp, defined once.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _grad_quantized(
+    op: Callable[[jax.Array, jax.Array], jax.Array],
+    dlhs_quantizer: Callable[..., jax.Array] | None,
+    drhs_quantizer: Callable[..., jax.Array] | None,
+    shared: bool,
+    lhs: jax.Array,
+    rhs: jax.Array,
+    dlhs_consts: tuple[jax.Array, ...],
+    drhs_consts: tuple[jax.Array, ...],
+) -> jax.Array:
+    del dlhs_quantizer, drhs_quantizer, shared, dlhs_consts, drhs_consts
+    return op(lhs, rhs)
+
+
+def _grad_quantized_fwd(op, dlhs_quantizer, drhs_quantizer, shared, lhs, rhs, dc, rc):
+    del dlhs_quantizer, drhs_quantizer, shared
+    return op(lhs, rhs), (lhs, rhs, dc, rc)
+
+
+def _apply_converted(quantizer, g: jax.Array, consts: tuple[jax.Array, ...]) -> jax.Array:
+    if quantizer is None:
+        return g
+    g_hat = quantizer(g, *consts)
+    if g_hat.shape != g.shape:
+        raise ValueError(
+            f"grad_quantizer returned shape {g_hat.shape} for a cotangent of shape {g.shape}; "
+            "allowed: a quantizer that keeps the shape"
+        )
+    return g_hat.astype(g.dtype)
+
+
+def _grad_quantized_bwd(op, dlhs_quantizer, drhs_quantizer, shared, residuals, g):
+    lhs, rhs, dc, rc = residuals
+    g_lhs = _apply_converted(dlhs_quantizer, g, dc)
+    g_rhs = g_lhs if shared else _apply_converted(drhs_quantizer, g, rc)
+    # The op is linear in each operand: transpose each map (no forward recomputation).
+    (dlhs,) = jax.linear_transpose(lambda a: op(a, rhs), lhs)(g_lhs)
+    (drhs,) = jax.linear_transpose(lambda b: op(lhs, b), rhs)(g_rhs)
+    zeros = lambda consts: tuple(jnp.zeros_like(c) for c in consts)
+    return dlhs, drhs, zeros(dc), zeros(rc)
+
+
+_grad_quantized.defvjp(_grad_quantized_fwd, _grad_quantized_bwd)
+
+
+def _check_slot(value: Any, field: str) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(f"{field}={value!r} is not callable; allowed: None or a function x -> x̂")
+
+
+def _split_grad_quantizer(grad_quantizer: Any) -> tuple[Any, Any, bool]:
+    """Returns ``(dlhs_quantizer, drhs_quantizer, shared)``."""
+    if isinstance(grad_quantizer, tuple | list):
+        if len(grad_quantizer) != 2:
+            raise ValueError(
+                f"grad_quantizer has {len(grad_quantizer)} entries; allowed: a callable or a "
+                "pair (dlhs_quantizer, drhs_quantizer)"
+            )
+        dq, rq = grad_quantizer
+        _check_slot(dq, "grad_quantizer[0]")
+        _check_slot(rq, "grad_quantizer[1]")
+        return dq, rq, False
+    _check_slot(grad_quantizer, "grad_quantizer")
+    return grad_quantizer, grad_quantizer, True
+
+
+def _quantize_operand(quantizer: Quantizer | None, x: jax.Array, field: str) -> jax.Array:
+    if quantizer is None:
+        return x
+    x_hat = jnp.asarray(quantizer(x))
+    if x_hat.shape != x.shape:
+        raise ValueError(
+            f"{field} returned shape {x_hat.shape} for an operand of shape {x.shape}; "
+            "allowed: a quantizer that keeps the shape"
+        )
+    return x_hat
+
+
+def _quantized_binary_op(
+    op: Callable[[jax.Array, jax.Array], jax.Array],
+    lhs: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    lhs_quantizer: Quantizer | None,
+    rhs_quantizer: Quantizer | None,
+    grad_quantizer: GradQuantizer | None,
+) -> jax.Array:
+    """``op(Q_lhs(lhs), Q_rhs(rhs))`` with the output cotangent quantized by ``grad_quantizer``."""
+    _check_slot(lhs_quantizer, "lhs_quantizer")
+    _check_slot(rhs_quantizer, "rhs_quantizer")
+    lhs_hat = _quantize_operand(lhs_quantizer, jnp.asarray(lhs), "lhs_quantizer")
+    rhs_hat = _quantize_operand(rhs_quantizer, jnp.asarray(rhs), "rhs_quantizer")
+    if grad_quantizer is None:
+        return op(lhs_hat, rhs_hat)
+    dq, rq, shared = _split_grad_quantizer(grad_quantizer)
+    if dq is None and rq is None:
+        return op(lhs_hat, rhs_hat)
+    out = jax.eval_shape(op, lhs_hat, rhs_hat)
+    example = jax.ShapeDtypeStruct(out.shape, out.dtype)
+    dq_conv, dc = jax.closure_convert(dq, example) if dq is not None else (None, [])
+    if shared:
+        rq_conv, rc = dq_conv, []
+    else:
+        rq_conv, rc = jax.closure_convert(rq, example) if rq is not None else (None, [])
+    return _grad_quantized(op, dq_conv, rq_conv, shared, lhs_hat, rhs_hat, tuple(dc), tuple(rc))
+
+
+# --------------------------------------------------------------------------------------------
+# Public ops.
+
+
+def quantized_dot_general(
+    lhs: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    dimension_numbers: lax.DotDimensionNumbers,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    *,
+    out_sharding: Any = None,
+    lhs_quantizer: Quantizer | None = None,
+    rhs_quantizer: Quantizer | None = None,
+    grad_quantizer: GradQuantizer | None = None,
+) -> jax.Array:
+    """``jax.lax.dot_general`` of quantized operands, with an optional gradient quantizer.
+
+    Drop-in for ``nnx.Linear(dot_general=...)`` through ``functools.partial`` of the slots.
+
+    Args:
+      lhs: left operand (for ``nnx.Linear``, the input activations).
+      rhs: right operand (for ``nnx.Linear``, the kernel).
+      dimension_numbers: as for ``jax.lax.dot_general``.
+      precision: as for ``jax.lax.dot_general``.
+      preferred_element_type: as for ``jax.lax.dot_general``.
+      out_sharding: as for ``jax.lax.dot_general`` (Flax passes it).
+      lhs_quantizer: ``lhs -> lhs_hat`` or None (float).
+      rhs_quantizer: ``rhs -> rhs_hat`` or None (float).
+      grad_quantizer: ``g -> g_hat`` applied to the output cotangent before both backward
+        products, or a pair ``(dlhs_quantizer, drhs_quantizer)`` applied independently; None:
+        float gradients.
+
+    Returns:
+      ``lax.dot_general(lhs_quantizer(lhs), rhs_quantizer(rhs), dimension_numbers, ...)``.
+
+    >>> q = lambda x: jnp.round(x)
+    >>> quantized_dot_general(jnp.array([[0.6, 1.4]]), jnp.array([[1.0], [2.0]]),
+    ...                       (((1,), (0,)), ((), ())), lhs_quantizer=q).tolist()
+    [[3.0]]
+    """
+    op = functools.partial(
+        lax.dot_general,
+        dimension_numbers=dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+    )
+    return _quantized_binary_op(op, lhs, rhs, lhs_quantizer, rhs_quantizer, grad_quantizer)
+
+
+def quantized_conv_general_dilated(
+    lhs: jax.typing.ArrayLike,
+    rhs: jax.typing.ArrayLike,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    out_sharding: Any = None,
+    *,
+    lhs_quantizer: Quantizer | None = None,
+    rhs_quantizer: Quantizer | None = None,
+    grad_quantizer: GradQuantizer | None = None,
+) -> jax.Array:
+    """``jax.lax.conv_general_dilated`` of quantized operands, with an optional gradient quantizer.
+
+    Drop-in for ``nnx.Conv(conv_general_dilated=...)``. Gradients reach both the input and the
+    kernel (and every quantizer parameter) through the quantizers' own VJPs.
+
+    Args:
+      lhs: input (for ``nnx.Conv``, the activations).
+      rhs: kernel.
+      window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type,
+        out_sharding: as for ``jax.lax.conv_general_dilated``.
+      lhs_quantizer: ``lhs -> lhs_hat`` or None (float).
+      rhs_quantizer: ``rhs -> rhs_hat`` or None (float).
+      grad_quantizer: as for :func:`quantized_dot_general`.
+
+    Returns:
+      ``lax.conv_general_dilated(lhs_quantizer(lhs), rhs_quantizer(rhs), ...)``.
+    """
+    op = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+    )
+    return _quantized_binary_op(op, lhs, rhs, lhs_quantizer, rhs_quantizer, grad_quantizer)
+
+
+def quantized_einsum(
+    subscripts: str,
+    /,
+    *operands: jax.typing.ArrayLike,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    out_sharding: Any = None,
+    optimize: Any = "auto",
+    lhs_quantizer: Quantizer | None = None,
+    rhs_quantizer: Quantizer | None = None,
+    grad_quantizer: GradQuantizer | None = None,
+) -> jax.Array:
+    """``jnp.einsum`` of two quantized operands, with an optional gradient quantizer.
+
+    Drop-in for ``nnx.Einsum(einsum_op=...)`` (called as
+    ``einsum_op(subscripts, inputs, kernel, precision=..., out_sharding=...)``) and for the
+    ``einsum=`` argument of :class:`qflax.models.SelfAttention`. ``lhs_quantizer`` applies to the
+    first operand, ``rhs_quantizer`` to the second; with every slot ``None`` any number of
+    operands is accepted (plain ``jnp.einsum``).
+
+    Args:
+      subscripts: the einsum equation.
+      *operands: the operands (exactly two when a quantizer slot is set).
+      precision, preferred_element_type, out_sharding, optimize: as for ``jnp.einsum``.
+      lhs_quantizer: quantizer of ``operands[0]`` or None.
+      rhs_quantizer: quantizer of ``operands[1]`` or None.
+      grad_quantizer: as for :func:`quantized_dot_general` (applied to the einsum's output
+        cotangent).
+
+    Returns:
+      ``jnp.einsum(subscripts, lhs_quantizer(operands[0]), rhs_quantizer(operands[1]), ...)``.
+    """
+    op_kwargs = dict(
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding,
+        optimize=optimize,
+    )
+    if lhs_quantizer is None and rhs_quantizer is None and grad_quantizer is None:
+        return jnp.einsum(subscripts, *operands, **op_kwargs)
+    if len(operands) != 2:
+        raise ValueError(
+            f"quantized_einsum got {len(operands)} operands with a quantizer slot set; allowed: "
+            "exactly 2 (lhs, rhs)"
+        )
+    op = functools.partial(jnp.einsum, subscripts, **op_kwargs)
+    return _quantized_binary_op(
+        op, operands[0], operands[1], lhs_quantizer, rhs_quantizer, grad_quantizer
+    )
