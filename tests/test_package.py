@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "qflax.studies",
     "qflax.ops",
     "qflax.layers",
+    "qflax.export",
 ]
 
 

@@ -1,0 +1,81 @@
+"""Quantized models at rest and integer-only inference.
+
+* :class:`QArray` (integer codes + scales, a pytree) with :func:`quantize_uniform` (and the
+  other kinds), :func:`dequantize`, :func:`pack` / :func:`unpack` and :func:`nbytes`;
+* :func:`export_model` / :func:`import_model`, :func:`save_packed` / :func:`load_packed` (orbax),
+  :func:`packed_model_bytes`;
+* BatchNorm folding: :func:`fold_batchnorm`, :func:`fold_model_batchnorm`;
+* integer-only inference of MLP / CNN models with absmax recipes: :func:`static_act_scales`,
+  :func:`fake_quant_forward`, :func:`export_integer`, :func:`integer_forward`.
+"""
+
+from qflax.export._export import (
+    export_model,
+    import_model,
+    load_packed,
+    packed_model_bytes,
+    quant_layers,
+    quantize_tensor,
+    save_packed,
+)
+from qflax.export._fold import Identity, fold_batchnorm, fold_model_batchnorm, identity_variance
+from qflax.export._integer import (
+    IntegerLayer,
+    IntegerProgram,
+    export_integer,
+    fake_quant_forward,
+    integer_forward,
+    quantize_input,
+    quantize_multiplier,
+    requantize,
+    static_act_scales,
+)
+from qflax.export._qarray import (
+    QARRAY_KINDS,
+    QArray,
+    container_bits,
+    dequantize,
+    nbytes,
+    pack,
+    quantize_binary,
+    quantize_codeq,
+    quantize_pow2,
+    quantize_ternary,
+    quantize_uniform,
+    unpack,
+)
+
+__all__ = [
+    "QARRAY_KINDS",
+    "Identity",
+    "IntegerLayer",
+    "IntegerProgram",
+    "QArray",
+    "container_bits",
+    "dequantize",
+    "export_integer",
+    "export_model",
+    "fake_quant_forward",
+    "fold_batchnorm",
+    "fold_model_batchnorm",
+    "identity_variance",
+    "import_model",
+    "integer_forward",
+    "load_packed",
+    "nbytes",
+    "pack",
+    "packed_model_bytes",
+    "quant_layers",
+    "quantize_binary",
+    "quantize_codeq",
+    "quantize_input",
+    "quantize_multiplier",
+    "quantize_pow2",
+    "quantize_tensor",
+    "quantize_ternary",
+    "quantize_uniform",
+    "requantize",
+    "save_packed",
+    "static_act_scales",
+    "unpack",
+]
