@@ -14,8 +14,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	@touch $(STAMP)
 
+# The main job: train the mnist5k CNN in float and in W4A4 (fresh workdirs under runs/), then
+# print both per-layer summaries and the two test accuracies side by side.
 run: $(STAMP)
-	$(BIN)/qflax report
+	@rm -rf runs/mnist5k-fp runs/mnist5k-w4a4
+	@start=$$(date +%s); \
+	$(BIN)/qflax train --config experiments/mnist5k/fp.py --workdir runs/mnist5k-fp && \
+	$(BIN)/qflax train --config experiments/mnist5k/w4a4.py --workdir runs/mnist5k-w4a4 && \
+	$(BIN)/qflax summary --workdir runs/mnist5k-fp --workdir runs/mnist5k-w4a4 && \
+	echo "main job wall time: $$(( $$(date +%s) - start )) s"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,10 +1,27 @@
-"""The ``qflax`` command. Thin: every subcommand calls an importable function."""
+"""The ``qflax`` command. Thin: every subcommand calls an importable function.
+
+    qflax train --config experiments/mnist5k/fp.py [--config.KEY=VALUE ...] --workdir DIR
+    qflax eval --workdir DIR [--integer]
+    qflax summary --workdir DIR [--workdir DIR2 ...]
+    qflax report [--seed N]
+
+Importing this module is cheap: jax, the datasets and the models are imported by the
+subcommands that need them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 import time
+
+CONFIG_PREFIX = "--config."
+INTEGER_NOT_IMPLEMENTED = (
+    "--integer: evaluation through integer-only inference is not yet implemented "
+    "(issue: integer inference); run `qflax eval` without --integer"
+)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -17,9 +34,151 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_config_overrides(extra: list[str]) -> list[tuple[str, str]]:
+    """``["--config.a.b=1", "--config.c", "x"]`` -> ``[("a.b", "1"), ("c", "x")]``.
+
+    Raises:
+      ValueError: an argument that is not a ``--config.KEY=VALUE`` (or ``--config.KEY VALUE``)
+        override.
+    """
+    overrides = []
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith(CONFIG_PREFIX) or len(arg) == len(CONFIG_PREFIX):
+            raise ValueError(
+                f"unrecognised argument {arg!r}; allowed: --config.KEY=VALUE overrides"
+            )
+        body = arg[len(CONFIG_PREFIX) :]
+        if "=" in body:
+            key, value = body.split("=", 1)
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            key, value = body, extra[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"{arg} has no value; allowed: {arg}=VALUE")
+        overrides.append((key, value))
+        i += 1
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from qflax.train import _config, train_and_evaluate
+
+    config = _config.load_config_file(args.config)
+    config = _config.apply_overrides(config, args.overrides)
+    _config.validate_config(config)
+    _, summary = train_and_evaluate(config, args.workdir)
+    text = f"test_accuracy: {summary['test_accuracy']:.4f}"
+    if "fp_test_accuracy" in summary:
+        text += f"  (float teacher: {summary['fp_test_accuracy']:.4f})"
+    print(f"{text}  wall: {summary['wall_seconds']:.1f} s  workdir: {args.workdir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if args.integer:
+        raise NotImplementedError(INTEGER_NOT_IMPLEMENTED)
+    from qflax.train import evaluate
+
+    result = evaluate(args.workdir)
+    path = pathlib.Path(args.workdir) / "eval.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"test_accuracy: {result['test_accuracy']:.4f}")
+    return 0
+
+
+def _load_summary(workdir: str) -> dict:
+    path = pathlib.Path(workdir) / "summary.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    # No summary yet (an interrupted run): describe the latest checkpoint.
+    from qflax.train import _loop, summarize_model
+
+    model, config, meta = _loop.load_model(workdir)
+    dataset = _loop._load_dataset(config)
+    summary = summarize_model(model, dataset.test_x[:1])
+    print(f"{workdir}: no summary.json yet; the checkpoint of step {meta.get('step')}:")
+    return summary
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from qflax.train import format_table
+
+    summaries = []
+    for workdir in args.workdir:
+        summary = _load_summary(workdir)
+        summaries.append((workdir, summary))
+        print(f"== {workdir}")
+        print(format_table(summary))
+        if "test_accuracy" in summary:
+            line = f"test_accuracy: {summary['test_accuracy']:.4f}"
+            if "fp_test_accuracy" in summary:
+                line += f"  fp_test_accuracy: {summary['fp_test_accuracy']:.4f}"
+            print(line)
+        print()
+    if len(summaries) > 1:
+        header = (
+            f"{'workdir':<28} {'test acc':>8} {'w bits':>6} {'a bits':>6} {'KiB':>9} "
+            f"{'x smaller':>9} {'GBOPs':>8} {'wall s':>7}"
+        )
+        print(header)
+        print("-" * len(header))
+        for workdir, s in summaries:
+            acc = s.get("test_accuracy", float("nan"))
+            print(
+                f"{workdir:<28} {acc:>8.4f} {s['avg_weight_bits']:>6.2f} "
+                f"{s['avg_act_bits']:>6.2f} {s['model_bytes'] / 1024:>9.1f} "
+                f"{s.get('compression', 1.0):>9.2f} {s['bops'] / 1e9:>8.3f} "
+                f"{s.get('wall_seconds', float('nan')):>7.1f}"
+            )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qflax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="qflax", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model from a config file; resumes from the latest checkpoint in --workdir",
+        description="Train from a get_config() file. Override any key with --config.KEY=VALUE "
+        "(the value is read with the type of the key's default), e.g. --config.epochs=2 "
+        "--config.optimizer.learning_rate=3e-4 --config.model_kwargs.width=0.5.",
+        allow_abbrev=False,
+    )
+    train.add_argument(
+        "--config", required=True, help="config file defining get_config(); PATH:ARG passes ARG"
+    )
+    train.add_argument("--workdir", required=True, help="directory of the run")
+    train.set_defaults(func=_train)
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="evaluate the latest checkpoint of a run; prints test_accuracy, writes eval.json",
+        allow_abbrev=False,
+    )
+    evaluate.add_argument("--workdir", required=True, help="directory of the run")
+    evaluate.add_argument(
+        "--integer", action="store_true", help="through integer-only inference (not yet)"
+    )
+    evaluate.set_defaults(func=_eval)
+
+    summary = sub.add_parser(
+        "summary",
+        help="per-layer table of a run: bits, parameters, packed bytes, BOPs, sparsity",
+        allow_abbrev=False,
+    )
+    summary.add_argument(
+        "--workdir",
+        required=True,
+        action="append",
+        help="directory of the run (repeat to compare runs)",
+    )
+    summary.set_defaults(func=_summary)
+
     rep = sub.add_parser(
         "report",
         help="quantize bundled MNIST images and fitted MLP weights with every quantizer; "
@@ -31,8 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Runs the command; returns the exit status (1 with a one-line message on bad input)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            args.overrides = split_config_overrides(extra)
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
+    except (ValueError, FloatingPointError, NotImplementedError) as error:
+        print(f"qflax {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

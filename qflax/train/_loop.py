@@ -1,0 +1,670 @@
+"""``train_and_evaluate(config, workdir)``: the training loop behind ``qflax train``.
+
+The loop loads the dataset, builds (and quantizes) the model, restores the latest checkpoint in
+``workdir`` if there is one, trains epoch by epoch with one jitted step, evaluates, saves
+checkpoints, and writes ``metrics.jsonl``, ``summary.json`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from qflax.train import _checkpoint, _config, _summary
+from qflax.train._optimizer import learning_rate_schedules, make_optimizer
+from qflax.train._steps import (
+    TrainState,
+    create_train_state,
+    make_eval_step,
+    make_train_step,
+    split_model,
+)
+
+__all__ = [
+    "NonFiniteLossError",
+    "build_model",
+    "evaluate",
+    "load_config",
+    "load_model",
+    "train_and_evaluate",
+]
+
+logger = logging.getLogger("qflax.train")
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CURVES_FILE = "curves.png"
+QUANTIZATION_FILE = "quantization.txt"
+CHECKPOINT_DIR = "checkpoints"
+TEACHER_DIR = "teacher"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss (or the parameters) became NaN or infinite; names the step."""
+
+
+# --------------------------------------------------------------------------- config and data
+
+
+def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The config a run in ``workdir`` was started with (``workdir/config.json``), locked."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist; allowed: a workdir written by `qflax train`")
+    try:
+        values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); it was not written by qflax"
+        ) from error
+    config = _config.default_config()
+    with config.unlocked():
+        for key, value in values.items():
+            if key not in config:
+                config[key] = value  # validate_config reports it with near matches
+            elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+                if key in _config.OPEN_KEYS:
+                    config[key] = ml_collections.ConfigDict(value)
+                else:
+                    with config[key].unlocked():
+                        config[key].update(value)
+            else:
+                config[key] = value
+    return _config.lock_config(config)
+
+
+def _load_dataset(config: ml_collections.ConfigDict):
+    from qflax import data
+
+    return data.load(config.dataset, seed=config.seed, **dict(config.dataset_kwargs))
+
+
+def _first_batch(config: ml_collections.ConfigDict, dataset) -> np.ndarray:
+    """The inputs of the first training batch (epoch 0), used to calibrate quantizers."""
+    from qflax import data
+
+    x, _ = next(
+        data.batches(
+            dataset.train_x,
+            dataset.train_y,
+            min(config.batch_size, len(dataset.train_x)),
+            seed=config.seed,
+            epoch=0,
+        )
+    )
+    return x
+
+
+def quantization_rules(config: ml_collections.ConfigDict) -> list:
+    """The ``qflax.layers.Rule`` list of ``config.quant``: its ``rules`` first, then the default
+    recipe (with ``stem``/``head`` kept float when ``first_last_float``)."""
+    from qflax import layers as ql
+
+    quant = config.quant
+
+    def recipe(name: str):
+        if name == _config.FLOAT_RECIPE:
+            return None
+        return _config.build_recipe(name, quant.weight_bits, quant.act_bits)
+
+    rules = [ql.Rule(pattern, recipe(name)) for pattern, name in quant.rules]
+    main = recipe(quant.recipe)
+    if quant.first_last_float:
+        rules += list(ql.first_last_float_rules(main))
+    else:
+        rules.append(ql.Rule(".*", main))
+    return rules
+
+
+def build_model(
+    config: ml_collections.ConfigDict, dataset, *, calibrate: bool = True
+) -> tuple[nnx.Module, str | None]:
+    """Builds the model of ``config`` for ``dataset`` and applies its quantization rules.
+
+    The input shape and the number of classes come from the dataset (text: the vocabulary).
+    With ``quant.recipe != "none"`` the model goes through ``qflax.layers.quantize_model`` and
+    ``qflax.layers.calibrate`` on the first training batch.
+
+    Returns:
+      ``(model, report)``: the report of ``quantize_model`` as text, None for float models.
+    """
+    from qflax import models
+
+    kwargs = dict(config.model_kwargs)
+    try:
+        model = models.build_model(
+            config.model,
+            input_shape=dataset.input_shape,
+            num_classes=dataset.num_classes,
+            rngs=nnx.Rngs(config.seed),
+            **kwargs,
+        )
+    except TypeError as error:
+        raise ValueError(
+            f"model_kwargs={kwargs!r} are not accepted by model {config.model!r}: {error}"
+        ) from error
+    if config.quant.recipe == _config.FLOAT_RECIPE and not config.quant.rules:
+        return model, None
+    from qflax import layers as ql
+
+    model, report = ql.quantize_model(model, quantization_rules(config))
+    if getattr(report, "unmatched_rules", None):
+        logger.warning("quantization rules that matched no layer: %s", report.unmatched_rules)
+    if calibrate:
+        ql.calibrate(model, _first_batch(config, dataset))
+    return model, str(report)
+
+
+def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Translates each image ``(N, H, W, C)`` by random ``(dy, dx)`` in ``[-max_shift,
+    max_shift]`` pixels, filling with zeros (the shift is drawn per image from ``rng``)."""
+    n, height, width, _ = images.shape
+    padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+    offsets = rng.integers(0, 2 * max_shift + 1, size=(n, 2))
+    out = np.empty_like(images)
+    for i, (dy, dx) in enumerate(offsets):
+        out[i] = padded[i, dy : dy + height, dx : dx + width]
+    return out
+
+
+def _teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The float model of ``config``: same data, model and optimizer, no quantization."""
+    teacher = copy.deepcopy(config)
+    teacher.quant.recipe = _config.FLOAT_RECIPE
+    teacher.quant.rules = ()
+    teacher.teacher.mode = "none"
+    teacher.teacher.path = ""
+    return teacher
+
+
+# --------------------------------------------------------------------------- loading runs
+
+
+def load_model(
+    workdir: str | os.PathLike, *, step: int | None = None
+) -> tuple[nnx.Module, ml_collections.ConfigDict, dict[str, Any]]:
+    """Rebuilds the model of the run in ``workdir`` from its latest (or given) checkpoint.
+
+    Returns:
+      ``(model, config, meta)``; ``meta`` holds ``step`` and ``epoch`` of the checkpoint.
+
+    Raises:
+      ValueError: no config or no checkpoint in ``workdir``; CheckpointError (a ValueError)
+        when the checkpoint is corrupt.
+    """
+    workdir = pathlib.Path(workdir)
+    config = _config.validate_config(load_config(workdir))
+    directory = workdir / CHECKPOINT_DIR
+    if not _checkpoint.has_checkpoint(directory):
+        raise ValueError(f"{directory} holds no checkpoint; train first (`qflax train`)")
+    dataset = _load_dataset(config)
+    model, _ = build_model(config, dataset)
+    graphdef, params, rest = split_model(model)
+    manager = _checkpoint.checkpoint_manager(directory, max_to_keep=config.checkpoint.max_to_keep)
+    step = manager.latest_step() if step is None else step
+    params, rest, meta = _checkpoint.restore_model_state(manager, step, params, rest)
+    manager.close()
+    return nnx.merge(graphdef, params, rest), config, meta
+
+
+def _evaluate_arrays(
+    eval_step, params, rest, x: np.ndarray, y: np.ndarray, batch_size: int
+) -> dict[str, float]:
+    """Mean loss and accuracy over ``(x, y)``, the last batch padded to ``batch_size``."""
+    batch_size = min(batch_size, len(x))
+    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    sums = []
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        n = len(xb)
+        weights = np.zeros(batch_size, np.float32)
+        weights[:n] = 1.0
+        if n < batch_size:
+            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((batch_size - n, *yb.shape[1:]), yb.dtype)])
+        sums.append(eval_step(params, rest, (xb, yb), weights))
+    for s in jax.device_get(sums):
+        for key in totals:
+            totals[key] += float(s[key])
+    count = max(totals["count"], 1.0)
+    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
+
+
+def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
+    """Re-evaluates the latest checkpoint in ``workdir`` on the test split.
+
+    Returns:
+      ``{"test_accuracy", "test_loss", "step", "epoch", "dataset", "model"}``.
+    """
+    model, config, meta = load_model(workdir)
+    dataset = _load_dataset(config)
+    graphdef, params, rest = split_model(model)
+    result = _evaluate_arrays(
+        make_eval_step(graphdef),
+        params,
+        rest,
+        dataset.test_x,
+        dataset.test_y,
+        config.eval_batch_size,
+    )
+    return {
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "step": int(meta.get("step", -1)),
+        "epoch": int(meta.get("epoch", -1)),
+        "dataset": config.dataset,
+        "model": config.model,
+    }
+
+
+# --------------------------------------------------------------------------- workdir files
+
+
+def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Refuses a workdir holding checkpoints of another config; records this config."""
+    path = workdir / CONFIG_FILE
+    if path.is_file() and _checkpoint.has_checkpoint(workdir / CHECKPOINT_DIR):
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); use a fresh workdir") from error
+        diff = {
+            key: values
+            for key, values in _config.config_diff(old, config).items()
+            if key not in _config.RESUMABLE_KEYS
+        }
+        if diff:
+            lines = "; ".join(f"{k}: {a!r} (saved) != {b!r} (now)" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"workdir {workdir} holds checkpoints of a different config; differing keys: "
+                f"{lines}. Use another workdir, or delete {workdir} to start over "
+                f"(keys that may change on resume: {', '.join(_config.RESUMABLE_KEYS)})"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_config.config_to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut short by an interruption; later lines cannot be trusted
+    return records
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> list[dict[str, Any]]:
+    """Drops records logged after ``step`` (the checkpoint a resumed run restarts from)."""
+    records = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, np.ndarray | jax.Array):
+        return _json_ready(np.asarray(value).tolist())
+    return value
+
+
+def _write_curves(records: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
+    """Loss and accuracy per epoch, and learned per-layer bits when they changed."""
+    from matplotlib.figure import Figure
+
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    if not epochs:
+        return
+    bits = [r["layer_bits"] for r in epochs if r.get("layer_bits")]
+    learned = len(bits) > 1 and any(b != bits[0] for b in bits)
+    fig = Figure(figsize=(12 if learned else 8, 3.5), layout="constrained")
+    axes = fig.subplots(1, 3 if learned else 2)
+    x = [r["epoch"] for r in epochs]
+    axes[0].plot(x, [r["train_loss"] for r in epochs], label="train")
+    test = [r for r in epochs if "test_loss" in r]
+    axes[0].plot([r["epoch"] for r in test], [r["test_loss"] for r in test], label="test")
+    axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
+    axes[1].plot(x, [r["train_accuracy"] for r in epochs], label="train")
+    axes[1].plot([r["epoch"] for r in test], [r["test_accuracy"] for r in test], label="test")
+    axes[1].set(xlabel="epoch", ylabel="accuracy")
+    for ax in axes[:2]:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    if learned:
+        with_bits = [r for r in epochs if r.get("layer_bits")]
+        for name in with_bits[-1]["layer_bits"]:
+            axes[2].plot(
+                [r["epoch"] for r in with_bits],
+                [r["layer_bits"].get(name, [math.nan])[0] for r in with_bits],
+                label=name,
+            )
+        axes[2].set(xlabel="epoch", ylabel="weight bits")
+        axes[2].legend(fontsize="x-small")
+    fig.savefig(path, dpi=100)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class _Logger:
+    """Collects per-step metrics on device; checks, averages and writes them in windows."""
+
+    def __init__(self, path: pathlib.Path, every: int, schedule):
+        self.path = path
+        self.every = every
+        self.schedule = schedule
+        self.pending: list[tuple[int, dict[str, jax.Array]]] = []
+        self.window: list[dict[str, float]] = []
+        self.epoch_rows: list[dict[str, float]] = []
+        self.latest: dict[str, float] = {}
+
+    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+        self.pending.append((step, metrics))
+
+    def flush(self, epoch: int) -> None:
+        """Fetches pending metrics; raises NonFiniteLossError naming the first bad step."""
+        if not self.pending:
+            return
+        steps = [s for s, _ in self.pending]
+        values = jax.device_get([m for _, m in self.pending])
+        self.pending = []
+        with self.path.open("a") as f:
+            for step, row in zip(steps, values, strict=True):
+                row = {k: float(v) for k, v in row.items()}
+                if not math.isfinite(row["loss"]):
+                    raise NonFiniteLossError(
+                        f"the training loss became {row['loss']} at step {step} (epoch "
+                        f"{epoch + 1}); training stopped and the last good checkpoint is kept"
+                    )
+                self.window.append(row)
+                self.epoch_rows.append(row)
+                self.latest = row
+                if step % self.every == 0:
+                    f.write(json.dumps(self._record(step, epoch, self.window)) + "\n")
+                    self.window = []
+
+    def _record(self, step: int, epoch: int, rows: list[dict[str, float]]) -> dict[str, Any]:
+        mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+        return {
+            "kind": "step",
+            "step": step,
+            "epoch": epoch + 1,
+            "train_loss": mean.pop("loss"),
+            "train_accuracy": mean.pop("accuracy"),
+            **{f"train_{k}": v for k, v in mean.items()},
+            "learning_rate": float(self.schedule(step - 1)),
+        }
+
+    def end_epoch(self) -> dict[str, float]:
+        rows, self.epoch_rows, self.window = self.epoch_rows, [], []
+        return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _all_finite(tree: Any) -> bool:
+    leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating)]
+    return bool(all(np.isfinite(np.asarray(x)).all() for x in leaves))
+
+
+def _layer_bits(model: nnx.Module) -> dict[str, list[float]] | None:
+    """Per-layer ``[weight_bits, act_bits]`` of a model with learnable quantizer parameters."""
+    from qflax import layers as ql
+
+    if not jax.tree.leaves(nnx.state(model, ql.QuantParam)):
+        return None
+    return {
+        r["path"]: [float(r["weight_bits"]), float(r["act_bits"])]
+        for r in ql.layer_summaries(model)
+    }
+
+
+def _progress_bar(config, total: int, initial: int, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=name,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not config.progress_bar,
+        leave=True,
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike
+) -> tuple[TrainState, dict[str, Any]]:
+    """Trains and evaluates the model of ``config``, writing everything under ``workdir``.
+
+    Rerun with the same ``workdir`` it resumes from the latest checkpoint (the same config is
+    required, except the keys in ``RESUMABLE_KEYS`` such as ``epochs``); a run that already
+    finished is only re-summarised. With ``teacher.mode="train"`` the float model is trained
+    first in ``workdir/teacher`` and then distilled into this one.
+
+    Files: ``config.json``, ``metrics.jsonl`` (``kind`` "step": window means every
+    ``log_every_steps``; ``kind`` "epoch": epoch means and test metrics), ``checkpoints/``,
+    ``summary.json`` (see :func:`_summary.summarize_model` for the size fields, plus
+    ``test_accuracy``, ``test_loss``, ``fp_test_accuracy`` with a teacher, ``wall_seconds``),
+    ``curves.png``, and ``quantization.txt`` (which rule matched which layer).
+
+    Args:
+      config: a training config (see :func:`default_config`); validated first.
+      workdir: the run's directory (created when missing).
+
+    Returns:
+      ``(state, summary)``: the final :class:`TrainState` and the ``summary.json`` dict.
+
+    Raises:
+      ValueError: a bad config, a workdir holding checkpoints of a different config, or a
+        corrupt checkpoint — all before any training step.
+      NonFiniteLossError: the loss became NaN or infinite (names the step); the last good
+        checkpoint stays in place.
+    """
+    start_time = time.perf_counter()
+    _config.validate_config(config)
+    workdir = pathlib.Path(workdir)
+    _check_workdir(config, workdir)
+    dataset = _load_dataset(config)
+    if config.augment_shift and dataset.kind != "image":
+        raise ValueError(
+            f"augment_shift={config.augment_shift} needs an image dataset; {config.dataset!r} is "
+            f"{dataset.kind}; allowed: augment_shift=0"
+        )
+    steps_per_epoch = len(dataset.train_x) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the training split of "
+            f"{config.dataset!r} ({len(dataset.train_x)} examples); "
+            f"allowed: 1..{len(dataset.train_x)}"
+        )
+    model, report = build_model(config, dataset)
+    if report is not None:
+        (workdir / QUANTIZATION_FILE).write_text(report + "\n")
+
+    teacher_model, fp_test_accuracy, teacher_wall = None, None, 0.0
+    if config.teacher.mode == "train":
+        _, teacher_summary = train_and_evaluate(_teacher_config(config), workdir / TEACHER_DIR)
+        teacher_model, _, _ = load_model(workdir / TEACHER_DIR)
+        fp_test_accuracy = teacher_summary["test_accuracy"]
+        teacher_wall = teacher_summary["wall_seconds"]
+    elif config.teacher.mode == "checkpoint":
+        teacher_model, _, _ = load_model(config.teacher.path)
+        teacher_summary_path = pathlib.Path(config.teacher.path) / SUMMARY_FILE
+        if teacher_summary_path.is_file():
+            fp_test_accuracy = json.loads(teacher_summary_path.read_text())["test_accuracy"]
+
+    params = nnx.state(model, nnx.Param)
+    tx = make_optimizer(config, params, steps_per_epoch=steps_per_epoch)
+    graphdef, state, teacher_graphdef = create_train_state(
+        model, tx, seed=config.seed, teacher=teacher_model
+    )
+    train_step = make_train_step(
+        graphdef,
+        tx,
+        teacher_graphdef=teacher_graphdef,
+        divergence=config.teacher.divergence,
+        distill_weight=float(config.teacher.weight),
+        temperature=float(config.teacher.temperature),
+    )
+    eval_step = make_eval_step(graphdef)
+    if teacher_model is not None and fp_test_accuracy is None:
+        tgraphdef, tparams, trest = split_model(teacher_model)
+        fp_test_accuracy = _evaluate_arrays(
+            make_eval_step(tgraphdef),
+            tparams,
+            trest,
+            dataset.test_x,
+            dataset.test_y,
+            config.eval_batch_size,
+        )["accuracy"]
+
+    manager = _checkpoint.checkpoint_manager(
+        workdir / CHECKPOINT_DIR, max_to_keep=config.checkpoint.max_to_keep
+    )
+    metrics_path = workdir / METRICS_FILE
+    start_epoch, previous_wall = 0, 0.0
+    latest = manager.latest_step()
+    if latest is not None:
+        state, meta = _checkpoint.restore_checkpoint(manager, latest, state)
+        start_epoch, previous_wall = int(meta["epoch"]), float(meta.get("wall_seconds", 0.0))
+        records = _truncate_metrics(metrics_path, latest)
+        logger.info("resuming %s from step %d (epoch %d)", workdir, latest, start_epoch)
+    else:
+        metrics_path.write_text("")
+        records = []
+
+    schedule, _ = learning_rate_schedules(config, steps_per_epoch)
+    log = _Logger(metrics_path, config.log_every_steps, schedule)
+    total_steps = config.epochs * steps_per_epoch
+    step = int(jax.device_get(state.step))
+    last_saved = latest
+
+    def elapsed() -> float:
+        return previous_wall + time.perf_counter() - start_time
+
+    def save(epoch: int) -> None:
+        nonlocal last_saved
+        if not _all_finite(state.params):
+            raise NonFiniteLossError(
+                f"the parameters became NaN or infinite by step {step} (epoch {epoch}); "
+                f"training stopped and the last good checkpoint (step {last_saved}) is kept"
+            )
+        last_saved = _checkpoint.save_checkpoint(
+            manager, state, {"epoch": epoch, "step": step, "wall_seconds": elapsed()}
+        )
+
+    from qflax import data
+
+    bar = _progress_bar(config, total_steps, min(step, total_steps), workdir.name or "train")
+    test = None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            bar.set_description(f"{workdir.name} epoch {epoch + 1}/{config.epochs}")
+            shift_rng = np.random.default_rng((config.seed, epoch, 1))
+            for x, y in data.batches(
+                dataset.train_x, dataset.train_y, config.batch_size, seed=config.seed, epoch=epoch
+            ):
+                if config.augment_shift:
+                    x = random_shift(x, config.augment_shift, shift_rng)
+                state, metrics = train_step(state, (x, y))
+                step += 1
+                log.add(step, metrics)
+                bar.update(1)
+                if step % config.log_every_steps == 0:
+                    log.flush(epoch)
+                    bar.set_postfix(_postfix(log.latest, test))
+            log.flush(epoch)
+            train = log.end_epoch()
+            record = {
+                "kind": "epoch",
+                "step": step,
+                "epoch": epoch + 1,
+                "train_loss": train.pop("loss"),
+                "train_accuracy": train.pop("accuracy"),
+                **{f"train_{k}": v for k, v in train.items()},
+                "learning_rate": float(schedule(step - 1)),
+                "wall_seconds": elapsed(),
+            }
+            last_epoch = epoch + 1 == config.epochs
+            if (epoch + 1) % config.eval_every_epochs == 0 or last_epoch:
+                test = _evaluate_arrays(
+                    eval_step,
+                    state.params,
+                    state.rest,
+                    dataset.test_x,
+                    dataset.test_y,
+                    config.eval_batch_size,
+                )
+                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            if report is not None:
+                bits = _layer_bits(nnx.merge(graphdef, state.params, state.rest))
+                if bits:
+                    record["layer_bits"] = bits
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(_json_ready(record)) + "\n")
+            records.append(record)
+            bar.set_postfix(_postfix(log.latest, test))
+            if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch:
+                save(epoch + 1)
+    finally:
+        bar.close()
+        manager.close()
+
+    final_model = nnx.merge(graphdef, state.params, state.rest)
+    if test is None:  # resumed a finished run
+        test = _evaluate_arrays(
+            eval_step,
+            state.params,
+            state.rest,
+            dataset.test_x,
+            dataset.test_y,
+            config.eval_batch_size,
+        )
+    summary = {
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        **({"fp_test_accuracy": fp_test_accuracy} if fp_test_accuracy is not None else {}),
+        "dataset": config.dataset,
+        "model": config.model,
+        "recipe": config.quant.recipe,
+        "epochs": config.epochs,
+        "steps": step,
+        **_summary.summarize_model(final_model, dataset.test_x[:1]),
+        "teacher_wall_seconds": teacher_wall,
+        "wall_seconds": elapsed(),  # includes training the teacher in this job
+    }
+    summary = _json_ready(summary)
+    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}")
+    return state, summary
+
+
+def _postfix(latest: dict[str, float], test: dict[str, float] | None) -> dict[str, str]:
+    postfix = {}
+    if latest:
+        postfix = {"loss": f"{latest['loss']:.3f}", "acc": f"{latest['accuracy']:.3f}"}
+    if test is not None:
+        postfix["test_acc"] = f"{test['accuracy']:.3f}"
+    return postfix

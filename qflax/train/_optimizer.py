@@ -1,0 +1,159 @@
+"""The optimizer, built from the config as one ``optax.chain``.
+
+Weights and quantizer parameters (``QuantParam``) are told apart by their variable type: both
+share the moment estimator, only weights get weight decay, and each group has its own learning
+rate schedule (``optimizer.learning_rate`` and ``quant.learning_rate``, same shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from qflax.layers._variables import QuantParam
+
+__all__ = ["QUANT", "WEIGHTS", "learning_rate_schedules", "make_optimizer", "param_labels"]
+
+WEIGHTS = "weights"
+QUANT = "quant"
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def param_labels(model_state: Any) -> Any:
+    """A tree of labels, ``"quant"`` for each ``QuantParam`` and ``"weights"`` for other leaves.
+
+    Args:
+      model_state: an ``nnx.State`` (or any pytree holding ``nnx.Variable`` s) of parameters,
+        or an ``nnx.Module`` (its ``nnx.Param`` state is used).
+
+    Returns:
+      A tree of the same structure as ``model_state`` down to its variables (a prefix of the
+      parameter tree that ``optax.partition`` accepts).
+    """
+    if isinstance(model_state, nnx.Module):
+        model_state = nnx.state(model_state, nnx.Param)
+
+    def label(x: Any) -> str:
+        return QUANT if isinstance(x, QuantParam) else WEIGHTS
+
+    return jax.tree.map(label, model_state, is_leaf=_is_variable)
+
+
+def learning_rate_schedules(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> tuple[optax.Schedule, optax.Schedule]:
+    """The ``(weights, quantizer params)`` learning-rate schedules of ``config``.
+
+    Linear warm-up from 0 over ``optimizer.warmup_epochs``, then constant or a cosine decay to 0
+    at the end of ``epochs``; the quantizer schedule is the same with peak
+    ``quant.learning_rate``.
+    """
+    total = max(1, int(config.epochs) * int(steps_per_epoch))
+    warmup = min(total, int(round(float(config.optimizer.warmup_epochs) * steps_per_epoch)))
+
+    def make(peak: float) -> optax.Schedule:
+        peak = float(peak)
+        if warmup >= total:  # the whole run is warm-up
+            return optax.linear_schedule(0.0, peak, total)
+        if config.optimizer.schedule == "cosine":
+            if warmup == 0:
+                return optax.cosine_decay_schedule(peak, decay_steps=total)
+            return optax.warmup_cosine_decay_schedule(
+                0.0, peak, warmup_steps=warmup, decay_steps=total
+            )
+        if warmup == 0:
+            return optax.constant_schedule(peak)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+        )
+
+    return make(config.optimizer.learning_rate), make(config.quant.learning_rate)
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict, model_state: Any, *, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """Builds the optimizer of ``config`` as one ``optax.chain``.
+
+    The chain is: [L2 weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's,
+    or SGD momentum) -> [decoupled weight decay, masked to weights (adamw)] ->
+    ``optax.partition`` scaling weights by ``-schedule(step)`` and quantizer parameters by
+    ``-quant_schedule(step)``. Quantizer parameters (``QuantParam``) never get weight decay.
+    (The chain's update runs under standard dtype promotion, see ``_standard_promotion``.)
+
+    Args:
+      config: a validated training config (``optimizer.*``, ``quant.learning_rate``, ``epochs``).
+      model_state: the ``nnx.State`` of the parameters to train (or the module); only its
+        structure and variable types are used.
+      steps_per_epoch: optimizer steps per epoch (for the warm-up and the cosine length).
+
+    Returns:
+      The gradient transformation; ``init`` it with the parameter state.
+
+    Example:
+      >>> from flax import nnx
+      >>> from qflax import models
+      >>> from qflax.train import default_config
+      >>> model = models.MLP((4,), 3, hidden=(8,), rngs=nnx.Rngs(0))
+      >>> params = nnx.state(model, nnx.Param)
+      >>> tx = make_optimizer(default_config(), params, steps_per_epoch=10)
+      >>> opt_state = tx.init(params)
+    """
+    if isinstance(model_state, nnx.Module):
+        model_state = nnx.state(model_state, nnx.Param)
+    labels = param_labels(model_state)
+    is_weight = jax.tree.map(lambda label: label == WEIGHTS, labels)
+    opt = config.optimizer
+    schedule, quant_schedule = learning_rate_schedules(config, steps_per_epoch)
+    decay = float(opt.weight_decay)
+    weight_decay = optax.masked(optax.add_decayed_weights(decay), is_weight)
+
+    parts: list[optax.GradientTransformation] = []
+    if opt.name == "sgd":
+        if decay:
+            parts.append(weight_decay)
+        if opt.momentum:
+            parts.append(optax.trace(decay=float(opt.momentum)))
+    elif opt.name == "adam":
+        if decay:
+            parts.append(weight_decay)
+        parts.append(optax.scale_by_adam())
+    elif opt.name == "adamw":
+        parts.append(optax.scale_by_adam())
+        if decay:
+            parts.append(weight_decay)
+    else:
+        raise ValueError(f"optimizer.name={opt.name!r} is not allowed; allowed: adam, adamw, sgd")
+    parts.append(
+        optax.partition(
+            {
+                WEIGHTS: optax.scale_by_learning_rate(schedule),
+                QUANT: optax.scale_by_learning_rate(quant_schedule),
+            },
+            labels,
+        )
+    )
+    return _standard_promotion(optax.chain(*parts))
+
+
+def _standard_promotion(
+    tx: optax.GradientTransformationExtraArgs,
+) -> optax.GradientTransformationExtraArgs:
+    """``tx`` with its update traced under standard dtype promotion.
+
+    optax's Adam bias correction computes ``b1 ** count`` (a Python float to an int32 power),
+    which ``jax_numpy_dtype_promotion="strict"`` (our tests) rejects; the values are the same.
+    """
+
+    def update(updates, state, params=None, **extra_args):
+        with jax.numpy_dtype_promotion("standard"):
+            return tx.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)

@@ -1,0 +1,232 @@
+"""The train state, the losses, and the jitted train and eval steps.
+
+The model's graph is split once (``nnx.split``) when the steps are made; the steps are pure
+functions of a :class:`TrainState` (arrays only) that merge the graph back inside the trace.
+Distillation follows Hinton et al. 2015 ("Distilling the Knowledge in a Neural Network", Sec. 2):
+soften both distributions by a temperature ``T`` and scale the divergence by ``T^2``; the
+Jeffreys variant ``KL(p_s || p_t) + KL(p_t || p_s)`` is the GDNSQ task loss (METHODS.md 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+__all__ = [
+    "Batch",
+    "TrainState",
+    "create_train_state",
+    "cross_entropy",
+    "distillation_divergence",
+    "jeffreys_divergence",
+    "kl_divergence",
+    "make_eval_step",
+    "make_train_step",
+    "split_model",
+]
+
+Batch = tuple[jax.Array, jax.Array]  # (inputs, integer labels or next-token targets)
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step changes, as a pytree of arrays (no graph, no Python state).
+
+    Attributes:
+      step: int32 scalar, optimizer steps taken.
+      params: ``nnx.State`` of the model's ``nnx.Param`` s (weights and ``QuantParam`` s).
+      rest: ``nnx.State`` of every other model variable (BatchNorm statistics, ``QuantStat`` s).
+      opt_state: the optimizer state.
+      rng: uint32 ``(2,)`` key data, split once per step (``jax.random.wrap_key_data``).
+      teacher: the frozen teacher's whole ``nnx.State`` (None without distillation); it is
+        donated and returned unchanged by every step.
+    """
+
+    step: jax.Array
+    params: Any
+    rest: Any
+    opt_state: Any
+    rng: jax.Array
+    teacher: Any = None
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """``(graphdef, params, rest)``: the one split the steps are built on."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def create_train_state(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    teacher: nnx.Module | None = None,
+) -> tuple[nnx.GraphDef, TrainState, nnx.GraphDef | None]:
+    """Splits ``model`` (and the teacher) and initialises the optimizer.
+
+    Returns:
+      ``(graphdef, state, teacher_graphdef)``; pass both graphdefs to :func:`make_train_step`.
+    """
+    graphdef, params, rest = split_model(model)
+    teacher_graphdef, teacher_state = None, None
+    if teacher is not None:
+        teacher_graphdef, teacher_state = nnx.split(teacher)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        rest=rest,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        teacher=teacher_state,
+    )
+    return graphdef, state, teacher_graphdef
+
+
+def _log_softmax(logits: jax.Array) -> jax.Array:
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example (per-token) softmax cross-entropy with integer labels, in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """``KL(p || q) = sum p (log p - log q)`` over the last axis, from log-probabilities."""
+    return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def jeffreys_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """``KL(p || q) + KL(q || p) = sum (p - q)(log p - log q)`` over the last axis."""
+    return jnp.sum((jnp.exp(log_p) - jnp.exp(log_q)) * (log_p - log_q), axis=-1)
+
+
+def distillation_divergence(
+    student_logits: jax.Array, teacher_logits: jax.Array, *, kind: str, temperature: float
+) -> jax.Array:
+    """Per-example ``T^2 * D(softmax(s/T), softmax(t/T))``; the teacher gets no gradient.
+
+    ``kind="kl"`` is ``KL(p_t || p_s)`` (Hinton et al.), ``"jeffreys"`` the symmetric
+    ``KL(p_s || p_t) + KL(p_t || p_s)``.
+    """
+    log_ps = _log_softmax(student_logits / temperature)
+    log_pt = jax.lax.stop_gradient(_log_softmax(teacher_logits / temperature))
+    if kind == "kl":
+        divergence = kl_divergence(log_pt, log_ps)
+    elif kind == "jeffreys":
+        divergence = jeffreys_divergence(log_ps, log_pt)
+    else:
+        raise ValueError(f"divergence={kind!r} is not allowed; allowed: 'kl', 'jeffreys'")
+    return (temperature**2) * divergence
+
+
+def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    teacher_graphdef: nnx.GraphDef | None = None,
+    divergence: str = "kl",
+    distill_weight: float = 1.0,
+    temperature: float = 1.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """Makes ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
+
+    The loss is the mean cross-entropy; with a teacher it is
+    ``(1 - distill_weight) * CE + distill_weight * T^2 * D`` (see
+    :func:`distillation_divergence`), the teacher run in inference mode. BatchNorm statistics
+    (and any other non-``Param`` variable the forward pass updates) are carried in
+    ``state.rest``. For sequence models every position is one example.
+
+    Args:
+      graphdef: the student's graph from :func:`split_model`.
+      tx: the optimizer (initialised in ``state.opt_state``).
+      teacher_graphdef: the teacher's graph (its state is ``state.teacher``), or None.
+      divergence: ``"kl"`` or ``"jeffreys"``.
+      distill_weight: weight of the divergence in [0, 1].
+      temperature: softening temperature ``T > 0``.
+
+    Returns:
+      The jitted step. ``metrics`` holds float32 scalars ``loss`` and ``accuracy`` and, with
+      a teacher, ``cross_entropy`` and ``divergence``. Do not reuse a state after
+      passing it in (its buffers are donated).
+    """
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        inputs, labels = batch
+        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
+        teacher_logits = None
+        if teacher_graphdef is not None:
+            teacher = nnx.merge(teacher_graphdef, state.teacher)
+            teacher_logits = jax.lax.stop_gradient(teacher(inputs, train=False))
+
+        def loss_fn(params):
+            # Fresh Variable objects (tree.map rebuilds them) belong to this trace level, so
+            # the forward pass may update them (BatchNorm statistics).
+            rest = jax.tree.map(lambda x: x, state.rest)
+            model = nnx.merge(graphdef, params, rest)
+            logits = model(inputs, train=True)
+            ce = jnp.mean(cross_entropy(logits, labels))
+            metrics = {"accuracy": jnp.mean(_accuracy(logits, labels))}
+            loss = ce
+            if teacher_logits is not None:
+                metrics["cross_entropy"] = ce
+                div = jnp.mean(
+                    distillation_divergence(
+                        logits, teacher_logits, kind=divergence, temperature=temperature
+                    )
+                )
+                metrics["divergence"] = div
+                loss = (1.0 - distill_weight) * ce + distill_weight * div
+            _, _, rest = split_model(model)
+            return loss, (metrics, rest)
+
+        (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            rest=rest,
+            opt_state=opt_state,
+            rng=jax.random.key_data(rng),
+        )
+        return new_state, {"loss": loss, **metrics}
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef,
+) -> Callable[[Any, Any, Batch, jax.Array], dict[str, jax.Array]]:
+    """Makes the jitted ``eval_step(params, rest, batch, weights) -> sums``.
+
+    ``weights`` (float32, shape of the labels' leading axis) masks padded examples, so a short
+    last batch padded to the full size reuses the compiled step. Returns float32 sums
+    ``loss_sum``, ``correct`` and ``count`` (positions count for sequence models); the model
+    runs in inference mode (BatchNorm running averages).
+    """
+
+    def step(params: Any, rest: Any, batch: Batch, weights: jax.Array) -> dict[str, jax.Array]:
+        inputs, labels = batch
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(inputs, train=False)
+        w = jnp.broadcast_to(
+            weights.reshape(weights.shape + (1,) * (labels.ndim - 1)), labels.shape
+        )
+        return {
+            "loss_sum": jnp.sum(cross_entropy(logits, labels) * w),
+            "correct": jnp.sum(_accuracy(logits, labels) * w),
+            "count": jnp.sum(w),
+        }
+
+    return jax.jit(step)

@@ -1,0 +1,118 @@
+"""The ``qflax`` command end to end: train (config file + overrides), eval, summary, errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from qflax import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FP = str(REPO / "experiments" / "mnist5k" / "fp.py")
+
+
+def test_importing_the_cli_is_cheap():
+    code = (
+        "import sys, qflax.cli; heavy = [m for m in ('jax', 'flax', 'optax', 'orbax', "
+        "'ml_collections', 'sklearn', 'matplotlib') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_parser_knows_every_subcommand():
+    parser = cli.build_parser()
+    args, extra = parser.parse_known_args(
+        ["train", "--config", FP, "--config.epochs=2", "--workdir", "w"]
+    )
+    assert (args.command, args.config, args.workdir, extra) == (
+        "train",
+        FP,
+        "w",
+        ["--config.epochs=2"],
+    )
+    assert parser.parse_args(["eval", "--workdir", "w", "--integer"]).integer
+    assert parser.parse_args(["summary", "--workdir", "a", "--workdir", "b"]).workdir == ["a", "b"]
+    assert parser.parse_args(["report"]).command == "report"
+
+
+def test_split_config_overrides():
+    assert cli.split_config_overrides(
+        ["--config.epochs=2", "--config.dataset", "digits", "--config.optimizer.name=sgd"]
+    ) == [("epochs", "2"), ("dataset", "digits"), ("optimizer.name", "sgd")]
+    with pytest.raises(ValueError, match=r"unrecognised argument '--epochs=2'"):
+        cli.split_config_overrides(["--epochs=2"])
+    with pytest.raises(ValueError, match=r"--config.epochs has no value"):
+        cli.split_config_overrides(["--config.epochs"])
+
+
+def test_train_eval_summary_end_to_end(tmp_path, capsys):
+    workdir = str(tmp_path / "run")
+    status = cli.main(
+        [
+            "train",
+            "--config",
+            FP,
+            "--config.dataset=digits",
+            "--config.epochs=2",
+            "--config.progress_bar=false",
+            "--workdir",
+            workdir,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert status == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"test_accuracy: {summary['test_accuracy']:.4f}" in out
+    assert summary["test_accuracy"] > 0.5  # 8x8 digits, two epochs
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+
+    assert cli.main(["eval", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert out.strip() == f"test_accuracy: {evaluation['test_accuracy']:.4f}"
+    assert evaluation["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+
+    assert cli.main(["summary", "--workdir", workdir, "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    for text in ("layer", "w bits", "a bits", "params", "packed KiB", "MBOPs", "sparsity"):
+        assert text in out
+    for layer in ("stem", "conv2", "dense", "head"):
+        assert f"\n{layer} " in out
+    assert "1.00x smaller" in out
+    assert out.count("test_accuracy") >= 2 and "GBOPs" in out  # two tables, one comparison
+
+    (tmp_path / "run" / "summary.json").unlink()  # as if interrupted: describe the checkpoint
+    assert cli.main(["summary", "--workdir", workdir]) == 0
+    out = capsys.readouterr().out
+    assert "no summary.json yet; the checkpoint of step 22" in out and "\nconv2 " in out
+
+    assert cli.main(["eval", "--workdir", workdir, "--integer"]) == 1
+    err = capsys.readouterr().err
+    assert "not yet implemented (issue: integer inference)" in err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.optimizer.learning_rat=0.1", "did you mean 'optimizer.learning_rate'"),
+        ("--config.quant.weight_bits=0", "quant.weight_bits=0 is out of range"),
+        ("--config.model=resnet21", "model='resnet21' is not allowed"),
+        ("--config.dataset=mnist6k", "dataset='mnist6k' is not known"),
+        ("--config.epochs=two", "cannot be read as int"),
+    ],
+)
+def test_bad_train_input_is_one_clear_line(override, message, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    status = cli.main(["train", "--config", FP, override, "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("qflax train: error: ") and message in err
+    assert not workdir.exists()  # refused before any work
+
+
+def test_eval_of_an_empty_workdir_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["eval", "--workdir", str(tmp_path)]) == 1
+    assert "config.json does not exist" in capsys.readouterr().err

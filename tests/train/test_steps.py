@@ -1,0 +1,198 @@
+"""The jitted steps: losses against their formulas, no recompilation, donation, BatchNorm
+statistics, determinism, distillation and padded evaluation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qflax import models
+from qflax.train import (
+    create_train_state,
+    default_config,
+    distillation_divergence,
+    jeffreys_divergence,
+    kl_divergence,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
+
+KEY = jax.random.key(0)
+
+
+def log_probs(key, shape):
+    return jax.nn.log_softmax(3.0 * jax.random.normal(key, shape), axis=-1)
+
+
+def test_kl_and_jeffreys_match_their_formulas():
+    lp, lq = log_probs(jax.random.key(1), (5, 7)), log_probs(jax.random.key(2), (5, 7))
+    p, q = np.exp(np.asarray(lp, np.float64)), np.exp(np.asarray(lq, np.float64))
+    kl_pq = np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+    kl_qp = np.sum(q * (np.log(q) - np.log(p)), axis=-1)
+    np.testing.assert_allclose(kl_divergence(lp, lq), kl_pq, rtol=1e-5)
+    np.testing.assert_allclose(jeffreys_divergence(lp, lq), kl_pq + kl_qp, rtol=1e-5)
+    np.testing.assert_allclose(jeffreys_divergence(lq, lp), jeffreys_divergence(lp, lq), rtol=1e-6)
+    np.testing.assert_allclose(kl_divergence(lp, lp), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["kl", "jeffreys"])
+def test_distillation_scales_by_t_squared_and_stops_teacher_gradient(kind):
+    s = jax.random.normal(jax.random.key(3), (4, 6))
+    t = jax.random.normal(jax.random.key(4), (4, 6))
+    temperature = 2.5
+    got = distillation_divergence(s, t, kind=kind, temperature=temperature)
+    ls = jax.nn.log_softmax(s / temperature)
+    lt = jax.nn.log_softmax(t / temperature)
+    expected = kl_divergence(lt, ls) if kind == "kl" else jeffreys_divergence(ls, lt)
+    np.testing.assert_allclose(got, temperature**2 * expected, rtol=1e-5)
+    grad_t = jax.grad(
+        lambda t: distillation_divergence(s, t, kind=kind, temperature=temperature).sum()
+    )(t)
+    np.testing.assert_array_equal(grad_t, 0.0)
+    grad_s = jax.grad(lambda s: distillation_divergence(s, t, kind=kind, temperature=1.0).sum())(s)
+    assert np.all(np.isfinite(grad_s)) and np.any(grad_s != 0)
+
+
+def small_cnn(seed=0):
+    return models.CNN((8, 8, 1), 10, channels=(4, 8), hidden=16, rngs=nnx.Rngs(seed))
+
+
+def batch(seed=0, n=16):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 8, 8, 1), np.float32), rng.integers(0, 10, n).astype(np.int32)
+
+
+def setup(teacher=None, **step_kwargs):
+    model = small_cnn()
+    config = default_config()
+    tx = make_optimizer(config, nnx.state(model, nnx.Param), steps_per_epoch=10)
+    graphdef, state, teacher_graphdef = create_train_state(model, tx, seed=0, teacher=teacher)
+    step = make_train_step(graphdef, tx, teacher_graphdef=teacher_graphdef, **step_kwargs)
+    return graphdef, state, step
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One compiled step (pure, so tests share it) and a maker of fresh states for it."""
+    graphdef, _, step = setup()
+    tx = make_optimizer(default_config(), nnx.state(small_cnn(), nnx.Param), steps_per_epoch=10)
+
+    def fresh_state():
+        return create_train_state(small_cnn(), tx, seed=0)[1]
+
+    return graphdef, step, fresh_state
+
+
+def test_second_step_compiles_nothing_new():
+    _, state, step = setup()
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        state, _ = step(state, batch(0))
+        first = len(compiles)
+        state, metrics = step(state, batch(1))
+        jax.block_until_ready(metrics)
+        second = len(compiles) - first
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert first >= 1
+    assert second == 0
+    assert step._cache_size() == 1
+
+
+def test_state_is_donated_and_batch_stats_update(shared):
+    _, step, fresh_state = shared
+    state = fresh_state()
+    old_leaf = jax.tree.leaves(state.params)[0]
+    old_rest = [np.array(x) for x in jax.tree.leaves(state.rest)]
+    new_state, metrics = step(state, batch())
+    assert old_leaf.is_deleted()  # donated
+    assert int(new_state.step) == 1
+    assert set(metrics) == {"loss", "accuracy"}
+    new_rest = [np.asarray(x) for x in jax.tree.leaves(new_state.rest)]
+    assert any(np.any(a != b) for a, b in zip(old_rest, new_rest, strict=True))  # BN running stats
+
+
+def test_steps_are_deterministic(shared):
+    _, step, fresh_state = shared
+    results = []
+    for _ in range(2):
+        state = fresh_state()
+        for i in range(3):
+            state, _ = step(state, batch(i))
+        results.append([np.asarray(x) for x in jax.tree.leaves(state.params)])
+    for a, b in zip(*results, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_training_lowers_the_loss(shared):
+    _, step, fresh_state = shared
+    state = fresh_state()
+    x, y = batch(0, n=32)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, (x, y))
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jeffreys"])
+def test_distillation_step_keeps_the_teacher_frozen(divergence):
+    teacher = small_cnn(seed=7)
+    teacher_values = [np.array(x) for x in jax.tree.leaves(nnx.state(teacher))]
+    _, state, step = setup(teacher=teacher, divergence=divergence, distill_weight=0.5)
+    for i in range(3):
+        state, metrics = step(state, batch(i))
+    assert set(metrics) == {"loss", "accuracy", "cross_entropy", "divergence"}
+    np.testing.assert_allclose(
+        metrics["loss"], 0.5 * metrics["cross_entropy"] + 0.5 * metrics["divergence"], rtol=1e-5
+    )
+    for a, b in zip(teacher_values, jax.tree.leaves(state.teacher), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pure_distillation_ignores_labels():
+    _, state_a, step = setup(teacher=small_cnn(seed=7), distill_weight=1.0)
+    _, state_b, _ = setup(teacher=small_cnn(seed=7), distill_weight=1.0)
+    x, y = batch()
+    state_a, _ = step(state_a, (x, y))
+    state_b, _ = step(state_b, (x, (y + 1) % 10))
+    for a, b in zip(jax.tree.leaves(state_a.params), jax.tree.leaves(state_b.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_eval_step_padding_is_masked(shared):
+    graphdef, _, fresh_state = shared
+    state = fresh_state()
+    eval_step = make_eval_step(graphdef)
+    x, y = batch(n=10)
+    full = eval_step(state.params, state.rest, (x, y), jnp.ones(10, jnp.float32))
+    xp = np.concatenate([x, np.ones((6, 8, 8, 1), np.float32)])
+    yp = np.concatenate([y, np.zeros(6, np.int32)])
+    weights = jnp.asarray(np.r_[np.ones(10), np.zeros(6)].astype(np.float32))
+    padded = eval_step(state.params, state.rest, (xp, yp), weights)
+    assert float(padded["count"]) == 10.0
+    np.testing.assert_allclose(padded["loss_sum"], full["loss_sum"], rtol=1e-5)
+    np.testing.assert_allclose(padded["correct"], full["correct"])
+
+
+def test_sequence_model_step():
+    model = models.CharTransformer(11, 6, dim=8, depth=1, num_heads=2, rngs=nnx.Rngs(0))
+    config = default_config()
+    tx = make_optimizer(config, nnx.state(model, nnx.Param), steps_per_epoch=10)
+    graphdef, state, _ = create_train_state(model, tx, seed=0)
+    step = make_train_step(graphdef, tx)
+    tokens = np.random.default_rng(0).integers(0, 11, (4, 7)).astype(np.int32)
+    state, metrics = step(state, (tokens[:, :-1], tokens[:, 1:]))
+    assert np.isfinite(float(metrics["loss"]))
+    sums = make_eval_step(graphdef)(
+        state.params, state.rest, (tokens[:, :-1], tokens[:, 1:]), jnp.ones(4, jnp.float32)
+    )
+    assert float(sums["count"]) == 4 * 6  # every position counts
