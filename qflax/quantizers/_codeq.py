@@ -224,9 +224,67 @@ def _check_params(params: Any) -> tuple[jax.Array, jax.Array]:
     return out[0], out[1]
 
 
+_INF_BITS = 0x7F800000  # the bits of +inf; larger bits (as uint32) are NaN
+_NAN_BITS = 0x7FC00000
+
+
+def _count_at_most(bits: jax.Array, v: jax.Array) -> jax.Array:
+    return jnp.sum(bits <= v, dtype=jnp.int32)
+
+
+def _select_bits(bits: jax.Array, k: jax.Array) -> jax.Array:
+    """The bits of the ``k``-th smallest (0-based) of non-negative floats given as uint32 bits.
+
+    For floats ``≥ 0`` the order of the bits is the order of the values, so a binary search on
+    the bits (31 counting passes over the data, no sort) finds the exact order statistic.
+    """
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = _count_at_most(bits, mid) > k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    lo, _ = lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(_INF_BITS)))
+    return lo
+
+
+@jax.jit
+def _abs_quantile(a: jax.Array, q: jax.Array) -> jax.Array:
+    """``jnp.quantile(a, q)`` (linear interpolation) for a float32 ``a ≥ 0``, without sorting.
+
+    The two order statistics come from :func:`_select_bits`; the interpolation repeats
+    ``jnp.quantile``'s arithmetic op for op (same dtype as ``q``), so the value agrees within 1 ulp
+    (XLA may contract the final multiply-add differently, as it does for ``jnp.quantile`` itself
+    between eager and jit). Any NaN gives NaN, as ``jnp.quantile``.
+    """
+    bits = lax.bitcast_convert_type(a.ravel(), jnp.uint32)
+    n = lax.convert_element_type(bits.shape[0], q.dtype)
+    position = q * (n - 1)
+    low, high = jnp.floor(position), jnp.ceil(position)
+    high_weight = position - low
+    low_weight = 1 - high_weight
+    low = jnp.clip(low, 0, n - 1).astype(jnp.int32)
+    high = jnp.clip(high, 0, n - 1).astype(jnp.int32)
+    low_bits = _select_bits(bits, low)
+    # high is low or low + 1: the next order statistic is low_bits again (a tie) or the
+    # smallest larger value.
+    larger = jnp.min(jnp.where(bits > low_bits, bits, jnp.uint32(0xFFFFFFFF)))
+    high_bits = jnp.where(_count_at_most(bits, low_bits) > high, low_bits, larger)
+    any_nan = jnp.max(bits) > _INF_BITS
+    low_bits = jnp.where(any_nan, jnp.uint32(_NAN_BITS), low_bits)
+    high_bits = jnp.where(any_nan, jnp.uint32(_NAN_BITS), high_bits)
+    low_value = lax.bitcast_convert_type(low_bits, jnp.float32).astype(q.dtype)
+    high_value = lax.bitcast_convert_type(high_bits, jnp.float32).astype(q.dtype)
+    return (low_value * low_weight + high_value * high_weight).astype(jnp.float32)
+
+
 def _absmax(w: jax.Array, config: CoDeQConfig) -> jax.Array:
-    a = jnp.quantile(jnp.abs(w).astype(jnp.float32), config.quantile)
-    return lax.stop_gradient(a)
+    """``sg(quantile(|w|, config.quantile))``; selection instead of ``jnp.quantile``'s full sort."""
+    a = jnp.abs(w).astype(jnp.float32)
+    if a.size == 0:
+        return lax.stop_gradient(jnp.quantile(a, config.quantile))
+    return lax.stop_gradient(_abs_quantile(a, jnp.asarray(config.quantile)))
 
 
 def _bits(theta_b: jax.Array, config: CoDeQConfig) -> jax.Array:

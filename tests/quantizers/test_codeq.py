@@ -292,3 +292,17 @@ def test_bad_params():
         codeq(w, {"theta_d": jnp.float32(1.0)}, cfg)
     with pytest.raises(ValueError, match="theta_b"):
         codeq(w, {"theta_d": jnp.float32(1.0), "theta_b": jnp.ones((2,))}, cfg)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 7, 1000])
+def test_selection_quantile_equals_jnp_quantile_under_jit(q, n):
+    """The sort-free order statistic behind the dead-zone's `a` equals jnp.quantile (1 ulp)."""
+    from qflax.quantizers._codeq import _abs_quantile
+
+    key = jax.random.PRNGKey(n)
+    a = jnp.abs(jax.random.normal(key, (n,)))
+    a = a.at[: n // 3].set(0.5)  # ties
+    got = _abs_quantile(a, jnp.asarray(q))
+    want = jax.jit(jnp.quantile)(a, jnp.asarray(q))
+    np.testing.assert_array_max_ulp(np.asarray(got), np.asarray(want), maxulp=1)
