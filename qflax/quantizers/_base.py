@@ -30,6 +30,8 @@ __all__ = [
     "reduce_axes",
     "sum_to_shape",
     "reduce_stat",
+    "view_shape",
+    "param_shape",
 ]
 
 GRANULARITIES = ("tensor", "channel", "group")
@@ -103,6 +105,34 @@ def reduce_stat(fn, x: jax.Array, granularity: str, axis: int, group_size: int |
     """
     view = grouped(x, granularity, axis, group_size)
     return fn(view, axis=reduce_axes(x.ndim, granularity, axis), keepdims=True)
+
+
+def view_shape(
+    shape: tuple[int, ...], granularity: str, axis: int, group_size: int | None
+) -> tuple[int, ...]:
+    """The shape of ``grouped(x, ...)`` for ``x`` of ``shape``; raises ValueError for a bad axis
+    or a group size that does not divide the axis."""
+    axes = reduce_axes(len(shape), granularity, axis)  # validates the axis
+    if granularity != "group":
+        return tuple(shape)
+    a = axes[0] - 1
+    n = shape[a]
+    if n % group_size:
+        raise ValueError(
+            f"group_size={group_size} does not divide axis={axis} of length {n} "
+            f"(tensor shape {tuple(shape)}); allowed: a divisor of {n}"
+        )
+    return tuple(shape[:a]) + (n // group_size, group_size) + tuple(shape[a + 1 :])
+
+
+def param_shape(
+    shape: tuple[int, ...], granularity: str, axis: int, group_size: int | None
+) -> tuple[int, ...]:
+    """The shape of a per-granularity parameter (scale, step) for ``x`` of ``shape``: the view
+    shape with every reduced axis set to 1."""
+    view = view_shape(shape, granularity, axis, group_size)
+    axes = reduce_axes(len(shape), granularity, axis)
+    return tuple(1 if i in axes else d for i, d in enumerate(view))
 
 
 def sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -40,7 +40,15 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits
-from qflax.quantizers._base import check_granularity, grouped, reduce_axes, sum_to_shape, ungrouped
+from qflax.quantizers._base import (
+    check_granularity,
+    grouped,
+    param_shape,
+    reduce_axes,
+    sum_to_shape,
+    ungrouped,
+    view_shape,
+)
 
 __all__ = ["LSQConfig", "lsq", "lsq_init", "lsq_numel"]
 
@@ -92,23 +100,13 @@ class LSQConfig:
 
 
 def _view_shape(shape: tuple[int, ...], config: LSQConfig) -> tuple[int, ...]:
-    axes = reduce_axes(len(shape), config.granularity, config.axis)  # validates the axis
-    if config.granularity != "group":
-        return tuple(shape)
-    a = axes[0] - 1
-    n, size = shape[a], config.group_size
-    if n % size:
-        raise ValueError(
-            f"group_size={size} does not divide axis={config.axis} of length {n} "
-            f"(tensor shape {tuple(shape)}); allowed: a divisor of {n}"
-        )
-    return tuple(shape[:a]) + (n // size, size) + tuple(shape[a + 1 :])
+    """The shape of ``grouped(x, ...)``; raises ValueError for a bad axis or group size."""
+    return view_shape(tuple(shape), config.granularity, config.axis, config.group_size)
 
 
 def _param_shape(shape: tuple[int, ...], config: LSQConfig) -> tuple[int, ...]:
-    view = _view_shape(shape, config)
-    axes = reduce_axes(len(shape), config.granularity, config.axis)
-    return tuple(1 if i in axes else d for i, d in enumerate(view))
+    """The shape of the per-granularity params for a tensor of ``shape``."""
+    return param_shape(tuple(shape), config.granularity, config.axis, config.group_size)
 
 
 def lsq_numel(shape: tuple[int, ...], config: LSQConfig) -> int:
