@@ -13,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qflax.quantizers._lsq import LSQConfig, lsq, lsq_init, lsq_numel
+from tests.quantizers._reference import reduce_axes as _axes
+from tests.quantizers._reference import view as _view
 
 SHAPE = (4, 8)
 GRANULARITIES = [
@@ -38,23 +40,6 @@ def configs(draw):
 
 def _data(seed: int, scale: float = 1.0) -> np.ndarray:
     return (scale * np.random.default_rng(seed).standard_normal(SHAPE)).astype(np.float32)
-
-
-def _view(a: np.ndarray, config: LSQConfig) -> np.ndarray:
-    if config.granularity != "group":
-        return a
-    ax = config.axis % a.ndim
-    n = a.shape[ax]
-    return a.reshape(a.shape[:ax] + (n // config.group_size, config.group_size) + a.shape[ax + 1 :])
-
-
-def _axes(config: LSQConfig, ndim: int) -> tuple[int, ...]:
-    if config.granularity == "tensor":
-        return tuple(range(ndim))
-    ax = config.axis % ndim
-    if config.granularity == "channel":
-        return tuple(i for i in range(ndim) if i != ax)
-    return (ax + 1,)
 
 
 def _bounds(config: LSQConfig) -> tuple[int, int]:

@@ -17,6 +17,8 @@ from qflax.quantizers._pow2 import (
     pow2_init,
     pow2_levels,
 )
+from tests.quantizers._reference import reduce_axes as _reduce_axes
+from tests.quantizers._reference import view as _view
 
 SHAPE = (3, 4)
 # (granularity, axis, group_size) on a (3, 4) tensor.
@@ -53,24 +55,6 @@ def _data(seed: int) -> np.ndarray:
     x = (np.where(rng.random(SHAPE) < 0.5, -mag, mag)).astype(np.float32)
     x.flat[rng.integers(x.size)] = 0.0
     return x
-
-
-def _view(a: np.ndarray, config: PowerOfTwoConfig) -> np.ndarray:
-    """The grouped view, computed here independently of _base."""
-    if config.granularity != "group":
-        return a
-    ax = config.axis % a.ndim
-    n = a.shape[ax]
-    return a.reshape(a.shape[:ax] + (n // config.group_size, config.group_size) + a.shape[ax + 1 :])
-
-
-def _reduce_axes(config: PowerOfTwoConfig, ndim: int) -> tuple[int, ...]:
-    if config.granularity == "tensor":
-        return tuple(range(ndim))
-    ax = config.axis % ndim
-    if config.granularity == "channel":
-        return tuple(i for i in range(ndim) if i != ax)
-    return (ax + 1,)
 
 
 def _scale_view(x: np.ndarray, scale, config: PowerOfTwoConfig) -> np.ndarray:

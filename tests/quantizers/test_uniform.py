@@ -20,6 +20,8 @@ from qflax.quantizers._uniform import (
     uniform_dequantize,
     uniform_init,
 )
+from tests.quantizers._reference import reduce_axes as _reduce_axes
+from tests.quantizers._reference import view as _view
 
 SHAPE = (4, 8)
 TINY = float(np.finfo(np.float32).tiny)  # the floor of an init scale
@@ -57,24 +59,6 @@ def configs(draw, **overrides):
 def _data(seed: int, scale: float = 1.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (scale * rng.standard_normal(SHAPE)).astype(np.float32)
-
-
-def _view(a: np.ndarray, config: UniformConfig) -> np.ndarray:
-    """The grouped view, computed here independently of _base."""
-    if config.granularity != "group":
-        return a
-    ax = config.axis % a.ndim
-    n = a.shape[ax]
-    return a.reshape(a.shape[:ax] + (n // config.group_size, config.group_size) + a.shape[ax + 1 :])
-
-
-def _reduce_axes(config: UniformConfig, ndim: int) -> tuple[int, ...]:
-    if config.granularity == "tensor":
-        return tuple(range(ndim))
-    ax = config.axis % ndim
-    if config.granularity == "channel":
-        return tuple(i for i in range(ndim) if i != ax)
-    return (ax + 1,)
 
 
 def _perturbed_params(config: UniformConfig, x: np.ndarray, seed: int) -> dict[str, jax.Array]:
