@@ -162,13 +162,22 @@ class _QuantLayer(nnx.Module):
                 setattr(self, f"weight_{name}", QuantParam(value))
             names["weight"] = tuple(recipe.weight.param_shapes(self._kernel().shape))
         if recipe.act is not None and recipe.act.learnable:
-            shapes = recipe.act.param_shapes(self._act_example_shape())
-            for name, shape in shapes.items():
-                fill = 1.0 if name == "scale" else 0.0  # placeholders until `calibrate`
-                setattr(self, f"act_{name}", QuantParam(jnp.full(shape, fill, jnp.float32)))
-            names["act"] = tuple(shapes)
+            # Placeholders until `calibrate` sets them from real inputs.
+            values = recipe.act.placeholder(self._act_example_shape())
+            for name, value in values.items():
+                setattr(self, f"act_{name}", QuantParam(jnp.asarray(value, jnp.float32)))
+            names["act"] = tuple(values)
         self.param_names = tuple(sorted(names.items()))  # ((role, (name, ...)), ...), static
         self.macs = QuantStat(jnp.zeros((), jnp.int32))
+        if any(tq is not None and tq.needs_key for tq in (recipe.weight, recipe.act)):
+            # The key of stochastic backward rules, split on every call (so a resumed run
+            # draws the same noise); `quantize_model` seeds it from the layer's path.
+            self.noise_key = QuantStat(jax.random.key_data(jax.random.key(0)))
+
+    def seed_noise(self, seed: int) -> None:
+        """Reseeds the noise key of stochastic quantizers (no-op for deterministic recipes)."""
+        if hasattr(self, "noise_key"):
+            self.noise_key[...] = jax.random.key_data(jax.random.key(seed))
 
     # ------------------------------------------------------------------ hooks for subclasses
 
@@ -188,20 +197,70 @@ class _QuantLayer(nnx.Module):
         for name, value in values.items():
             getattr(self, f"{role}_{name}")[...] = value
 
-    def quantizers(self) -> tuple[Callable | None, Callable | None, Callable | None]:
-        """The ``(weight, act, grad)`` quantizers bound to the current parameter values."""
+    def quantizers(
+        self, key: jax.Array | None = None
+    ) -> tuple[Callable | None, Callable | None, Callable | None]:
+        """The ``(weight, act, grad)`` quantizers bound to the current parameter values.
+
+        ``key``: PRNG key of stochastic backward rules (split between weight and act).
+        """
         recipe = self.recipe
-        weight = None if recipe.weight is None else recipe.weight.quantizer(self._params("weight"))
-        act = None if recipe.act is None else recipe.act.quantizer(self._params("act"))
+        w_key = a_key = None
+        if key is not None:
+            w_key, a_key = jax.random.split(key)
+        weight = (
+            None
+            if recipe.weight is None
+            else recipe.weight.quantizer(self._params("weight"), key=w_key)
+        )
+        act = None if recipe.act is None else recipe.act.quantizer(self._params("act"), key=a_key)
         grad = None if recipe.grad is None else recipe.grad.quantizer()
         return weight, act, grad
+
+    def _next_key(self) -> jax.Array | None:
+        if not hasattr(self, "noise_key"):
+            return None
+        key, carry = jax.random.split(jax.random.wrap_key_data(self.noise_key[...]))
+        self.noise_key[...] = jax.random.key_data(carry)
+        return key
+
+    def bit_widths(self) -> dict[str, tuple[jax.Array, int]]:
+        """The learned (continuous, differentiable) bit-widths and their targets, per role.
+
+        ``{"weight": (b, target), "act": (b, target)}`` for the roles whose quantizer learns its
+        bit-width (GDNSQ): ``b`` per output channel for weights, a scalar for activations.
+        Empty for fixed-bit recipes. Used by the exterior-point penalty in ``qflax.train``.
+        """
+        out = {}
+        for role in ("weight", "act"):
+            tq = getattr(self.recipe, role)
+            if tq is not None and tq.learns_bits:
+                x = self._kernel() if role == "weight" else None
+                out[role] = (tq.bit_width(x, self._params(role)), int(tq.target_bits))
+        return out
+
+    def used_bits(self) -> dict[str, int]:
+        """The integer bit-widths actually used by learned-bit-width quantizers (eager).
+
+        ``{"weight": int, "act": int}`` for GDNSQ roles (see ``TensorQuant.used_bits``).
+        """
+        out = {}
+        for role in ("weight", "act"):
+            tq = getattr(self.recipe, role)
+            if tq is not None and tq.learns_bits:
+                x = self._kernel() if role == "weight" else None
+                out[role] = int(tq.used_bits(x, self._params(role)))
+        return out
 
     def quantized_kernel(self) -> jax.Array:
         """The kernel as the forward pass uses it (quantized unless the weights are float)."""
         kernel = self._kernel()
         if self.recipe.weight is None:
             return kernel
-        return self.recipe.weight.apply(kernel, self._params("weight"))
+        spec = self.recipe.weight
+        # The forward value never depends on the noise of a stochastic backward rule.
+        key = jax.random.key(0) if spec.needs_key else None
+        return spec.apply(kernel, self._params("weight"), key=key)
 
     # ------------------------------------------------------------------ the call
 
@@ -215,7 +274,7 @@ class _QuantLayer(nnx.Module):
     def _call_inner(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         if self.calibrating:
             self._calibrate(jnp.asarray(inputs))
-        weight_q, act_q, grad_q = self.quantizers()
+        weight_q, act_q, grad_q = self.quantizers(self._next_key())
         hook_name, op = self._hook_name, type(self)._op
         seen: list[int] = []
 
@@ -259,12 +318,19 @@ class _QuantLayer(nnx.Module):
         """
         recipe = self.recipe
         info = float_layer_info(self.inner)
-        weight_bits = recipe.weight_bits
+        weight_bits, act_bits = recipe.weight_bits, recipe.act_bits
+        if not _is_abstract(self.inner.kernel):
+            used = self.used_bits()
+            weight_bits = used.get("weight", weight_bits)
+            act_bits = used.get("act", act_bits)
         quant_params = sum(
             math.prod(v.shape) for _, v in nnx.iter_graph(self) if isinstance(v, QuantParam)
         )
         scales = 0
-        if recipe.weight is not None and not recipe.weight.learnable:
+        if recipe.weight is not None and (
+            not recipe.weight.learnable or recipe.weight.kind == "gdnsq"
+        ):
+            # GDNSQ weights also need their zero point min w_c per channel at rest.
             scales = recipe.weight.scale_count(tuple(self.inner.kernel.shape))
         if weight_bits < FLOAT_BITS:
             num_bias = info["params"] - info["weights"]
@@ -278,7 +344,7 @@ class _QuantLayer(nnx.Module):
         macs = self.macs.get_value()
         info.update(
             weight_bits=int(weight_bits),
-            act_bits=int(recipe.act_bits),
+            act_bits=int(act_bits),
             macs=0 if isinstance(macs, jax.ShapeDtypeStruct) else int(macs),
             recipe=str(recipe),
         )

@@ -32,7 +32,18 @@ from qflax.numerics import check_choice
 __all__ = ["KINDS", "RECIPES", "Recipe", "TensorQuant", "recipes"]
 
 # The quantizer families a TensorQuant can name.
-KINDS = ("absmax", "learned_step", "pow2", "binary", "ternary", "pair")
+KINDS = (
+    "absmax",
+    "learned_step",
+    "pow2",
+    "binary",
+    "ternary",
+    "pair",
+    "lsq",
+    "pact",
+    "dorefa",
+    "gdnsq",
+)
 
 _CONFIG_TYPES = {
     "absmax": qz.UniformConfig,
@@ -41,7 +52,14 @@ _CONFIG_TYPES = {
     "binary": qz.BinaryConfig,
     "ternary": qz.TernaryConfig,
     "pair": type(None),
+    "lsq": qz.LSQConfig,
+    "pact": qz.PACTConfig,
+    "dorefa": qz.DoReFaConfig,
+    "gdnsq": (qz.GDNSQWeightConfig, qz.GDNSQActConfig),
 }
+
+# Kinds whose params are learned (QuantParam in the layer).
+_LEARNABLE = ("learned_step", "lsq", "pact", "gdnsq")
 
 # Bits of a float tensor in summaries.
 FLOAT_BITS = 32
@@ -73,6 +91,16 @@ class TensorQuant:
       ``pair_kwargs`` are its factory's arguments), times ``stop_gradient(mean|x|)`` per tensor or
       per channel when ``scaling`` says so (XNOR-style); no learnable params. Pair
       hyperparameters are static here (changing them recompiles).
+    * ``"lsq"``: :func:`~qflax.quantizers.lsq` (LSQConfig): learned step with the paper's
+      gradient scale and ``2·mean|x|/√QP`` initialisation.
+    * ``"pact"``: :func:`~qflax.quantizers.pact` (PACTConfig): learned clip ``α`` (activations).
+    * ``"dorefa"``: :func:`~qflax.quantizers.dorefa` (DoReFaConfig, role weight or act); no
+      params.
+    * ``"gdnsq"``: :func:`~qflax.quantizers.gdnsq_weight` (GDNSQWeightConfig) or
+      :func:`~qflax.quantizers.gdnsq_act` (GDNSQActConfig): learned log-step (and log-range,
+      lower bound) so the bit-width itself is learned; ``target_bits`` is the bit-width the
+      exterior-point penalty drives it to (:mod:`qflax.train`), and :meth:`bits` reports it
+      (a layer's ``quant_info`` reports the integer bit-width actually used).
 
     >>> TensorQuant(kind="absmax", config=qz.UniformConfig(bits=4)).bits
     4
@@ -94,22 +122,41 @@ class TensorQuant:
     scaling: str = "none"
     # kind="pair": the channel axis of scaling="channel".
     axis: int = -1
+    # kind="gdnsq": the target bit-width of the learned bit-width (1..32); None otherwise.
+    target_bits: int | None = None
 
     def __post_init__(self):
         check_choice(self.kind, "kind", KINDS)
         config = self.config
         if config is None and self.kind != "pair":
-            config = (
-                qz.UniformConfig(learn_scale=True)
-                if self.kind == "learned_step"
-                else _CONFIG_TYPES[self.kind]()
-            )
+            if self.kind == "learned_step":
+                config = qz.UniformConfig(learn_scale=True)
+            elif self.kind == "gdnsq":
+                config = qz.GDNSQWeightConfig()
+            else:
+                config = _CONFIG_TYPES[self.kind]()
             object.__setattr__(self, "config", config)
         want = _CONFIG_TYPES[self.kind]
         if not isinstance(config, want):
-            allowed = "None" if self.kind == "pair" else f"a {want.__name__} (or None)"
+            if self.kind == "pair":
+                allowed = "None"
+            elif isinstance(want, tuple):
+                allowed = " or ".join(f"a {w.__name__}" for w in want) + " (or None)"
+            else:
+                allowed = f"a {want.__name__} (or None)"
             raise ValueError(
                 f"config={config!r} does not fit kind={self.kind!r}; allowed: {allowed}"
+            )
+        if self.kind == "gdnsq":
+            t = self.target_bits
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= t <= 32:
+                raise ValueError(
+                    f"target_bits={t!r} is not allowed for kind='gdnsq'; allowed: integers 1..32"
+                )
+        elif self.target_bits is not None:
+            raise ValueError(
+                f"target_bits={self.target_bits!r} is only used with kind='gdnsq'; allowed for "
+                f"kind={self.kind!r}: None"
             )
         if self.kind == "learned_step" and not config.learn_scale:
             raise ValueError(
@@ -156,9 +203,12 @@ class TensorQuant:
 
     @property
     def bits(self) -> int:
-        """Bits per value at rest: the config's bits; binary and pairs 1; ternary 2."""
-        if self.kind in ("absmax", "learned_step", "pow2"):
+        """Bits per value at rest: the config's bits; binary and pairs 1; ternary 2; GDNSQ its
+        target (the layer reports the bit-width actually used)."""
+        if self.kind in ("absmax", "learned_step", "pow2", "lsq", "pact", "dorefa"):
             return int(self.config.bits)
+        if self.kind == "gdnsq":
+            return int(self.target_bits)
         if self.kind == "ternary":
             return 2
         return 1
@@ -166,14 +216,37 @@ class TensorQuant:
     @property
     def granularity(self) -> str:
         """Which elements share a scale: ``"tensor"``, ``"channel"``, ``"group"`` or ``"none"``."""
-        if self.kind in ("absmax", "learned_step", "pow2"):
+        if self.kind in ("absmax", "learned_step", "pow2", "lsq"):
             return self.config.granularity
+        if self.kind == "gdnsq":
+            return getattr(self.config, "granularity", "tensor")
+        if self.kind in ("pact", "dorefa"):
+            return "tensor"
         return self.scaling if self.kind == "pair" else self.config.scaling
 
     @property
     def learnable(self) -> bool:
-        """Whether :meth:`init` returns learnable params (only ``"learned_step"``)."""
-        return self.kind == "learned_step"
+        """Whether :meth:`init` returns learnable params (learned_step, lsq, pact, gdnsq)."""
+        return self.kind in _LEARNABLE
+
+    @property
+    def learns_bits(self) -> bool:
+        """Whether the bit-width itself is learned (``"gdnsq"``): see :meth:`bit_width`."""
+        return self.kind == "gdnsq"
+
+    @property
+    def is_act_only(self) -> bool:
+        """Quantizers defined for activations only (PACT, DoReFa/GDNSQ in their act role)."""
+        return (
+            self.kind == "pact"
+            or (self.kind == "dorefa" and self.config.role == "act")
+            or (self.kind == "gdnsq" and isinstance(self.config, qz.GDNSQActConfig))
+        )
+
+    @property
+    def needs_key(self) -> bool:
+        """Whether :meth:`apply` needs a PRNG key (GDNSQ's noise-scale backward rule)."""
+        return self.kind == "gdnsq" and self.config.backward == "noise"
 
     def __str__(self) -> str:
         name = f"pair:{self.pair}" if self.kind == "pair" else self.kind
@@ -186,15 +259,46 @@ class TensorQuant:
         """Data-dependent learnable params (compact layout, float32); ``{}`` for stateless kinds.
 
         ``"learned_step"``: ``{"scale": s}`` (plus ``"zero_point"`` when asymmetric) from
-        :func:`qflax.quantizers.uniform_init` of ``x`` (absmax-based for symmetric configs).
+        :func:`qflax.quantizers.uniform_init` of ``x`` (absmax-based for symmetric configs);
+        ``"lsq"``: ``{"step"}`` (:func:`~qflax.quantizers.lsq_init`); ``"pact"``: ``{"alpha"}``;
+        ``"gdnsq"``: ``{"log_step"}`` (weights) or ``{"log_step", "log_range", "lower"}``.
         """
-        if self.kind != "learned_step":
+        if not self.learnable:
             return {}
         x = jax.lax.stop_gradient(jnp.asarray(x))
-        params = qz.uniform_init(x, self.config)
-        if self.config.symmetric:
-            params = {"scale": params["scale"]}
+        if self.kind == "learned_step":
+            params = qz.uniform_init(x, self.config)
+            if self.config.symmetric:
+                params = {"scale": params["scale"]}
+        elif self.kind == "lsq":
+            params = qz.lsq_init(x, self.config)
+        elif self.kind == "pact":
+            return qz.pact_init(x, self.config)
+        elif isinstance(self.config, qz.GDNSQActConfig):
+            return qz.gdnsq_act_init(x, self.config)
+        else:
+            params = qz.gdnsq_weight_init(x, self.config)
         return {k: self._compact(v) for k, v in params.items()}
+
+    def placeholder(self, shape: tuple[int, ...]) -> dict[str, jax.Array]:
+        """Params for a tensor of ``shape`` before any data is seen (activations before
+        :func:`~qflax.layers.calibrate`): scale/step/α 1.0 (PACT: its ``init_alpha``), zero
+        point 0, GDNSQ activations their config's data-free init (``init_log_range`` of the
+        code, or ℓ_q = 0 when it takes the range from data)."""
+        if self.kind == "gdnsq" and isinstance(self.config, qz.GDNSQActConfig):
+            cfg = self.config
+            if cfg.init_log_range is None:
+                cfg = dataclasses.replace(cfg, init_log_range=0.0)
+            return qz.gdnsq_act_init(None, cfg)
+        if self.kind == "pact":
+            return qz.pact_init(jnp.ones(()), self.config)
+        out = {}
+        for name, s in self.param_shapes(shape).items():
+            fill = 0.0 if name in ("zero_point", "lower") else 1.0
+            if name == "log_step":
+                fill = float(self.config.init_log_step)
+            out[name] = jnp.full(s, fill, jnp.float32)
+        return out
 
     def param_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Shapes of :meth:`init`'s params for a tensor of ``shape`` (no computation)."""
@@ -210,6 +314,8 @@ class TensorQuant:
         gran = self.granularity
         if gran == "none":
             return 0
+        if self.kind == "dorefa":  # codes of [-1, 1]: no scale, except sign·mean|w| at k = 1
+            return 1 if self.config.bits == 1 and self.config.role == "weight" else 0
         if self.kind in ("absmax", "learned_step"):
             per = 1 if self.config.symmetric else 2
         else:
@@ -222,7 +328,7 @@ class TensorQuant:
         return per * int(shape[axis % len(shape)])
 
     def _compact(self, v: jax.Array) -> jax.Array:
-        gran = self.config.granularity
+        gran = self.granularity
         if gran == "tensor":
             return v.reshape(())
         if gran == "channel":
@@ -230,7 +336,7 @@ class TensorQuant:
         return v
 
     def _expand(self, v: jax.Array, x: jax.Array) -> jax.Array:
-        gran = self.config.granularity
+        gran = self.granularity
         if gran == "tensor":
             return jnp.reshape(v, (1,) * x.ndim)
         if gran == "channel":
@@ -275,6 +381,23 @@ class TensorQuant:
                 )
             full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
             return qz.uniform(x, full, self.config, key=key)
+        if self.kind == "lsq":
+            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            return qz.lsq(x, full, self.config)
+        if self.kind == "pact":
+            return qz.pact(x, params, self.config)
+        if self.kind == "dorefa":
+            return qz.dorefa(x, params, self.config)
+        if self.kind == "gdnsq":
+            if self.needs_key and key is None:
+                raise ValueError(
+                    "key=None is not allowed for a GDNSQ quantizer with backward='noise'; "
+                    "allowed: a PRNG key (the quant layers pass one per call)"
+                )
+            if isinstance(self.config, qz.GDNSQActConfig):
+                return qz.gdnsq_act(x, params, self.config, key=key)
+            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            return qz.gdnsq_weight(x, full, self.config, key=key)
         if params:
             raise ValueError(
                 f"params={sorted(params)!r} is not allowed for kind={self.kind!r}; allowed: {{}}"
@@ -298,20 +421,57 @@ class TensorQuant:
         alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))
         return alpha.astype(x.dtype) * y
 
-    def quantizer(self, params: Mapping[str, ArrayLike] | None = None) -> Callable:
-        """``x -> self.apply(x, params)``: a slot for the ops in :mod:`qflax.ops`."""
-        return _Bound(self, dict(params or {}))
+    def quantizer(
+        self, params: Mapping[str, ArrayLike] | None = None, *, key: jax.Array | None = None
+    ) -> Callable:
+        """``x -> self.apply(x, params, key=key)``: a slot for the ops in :mod:`qflax.ops`."""
+        return _Bound(self, dict(params or {}), key)
+
+    # ---------------------------------------------------------------- learned bit-widths
+
+    def bit_width(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
+        """The continuous, differentiable bit-width (``"gdnsq"``; None for other kinds).
+
+        Weights: one per output channel (compact shape, ``b_c = log2(spread_c + s_c) − ℓ_c``);
+        activations: a scalar ``ℓ_q − ℓ_s``. ``x`` is the tensor (weights) or ignored (acts).
+        """
+        if self.kind != "gdnsq":
+            return None
+        if isinstance(self.config, qz.GDNSQActConfig):
+            return qz.gdnsq_act_bits(params)
+        x = jnp.asarray(x)
+        full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+        return self._compact(qz.gdnsq_weight_bits(x, full, self.config))
+
+    def used_bits(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
+        """The integer bit-width this quantizer actually uses (``"gdnsq"``; None otherwise).
+
+        As the code's convergence test: ``ceil(log2(max code − min code + 1))``, the widest
+        channel for weights; activations ``ceil(log2(round(2^(ℓ_q − ℓ_s))))``, the codes of
+        the whole clip range ``[β, β + 2^ℓ_q − s]`` (not only those a batch happens to reach).
+        """
+        if self.kind != "gdnsq":
+            return None
+        if isinstance(self.config, qz.GDNSQActConfig):
+            levels = jnp.maximum(jnp.round(jnp.exp2(qz.gdnsq_act_bits(params))), 1.0)
+        else:
+            x = jnp.asarray(x)
+            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            codes = qz.gdnsq_weight_codes(x, full, self.config)
+            levels = (jnp.max(codes) - jnp.min(codes) + 1).astype(jnp.float32)
+        return jnp.ceil(jnp.log2(levels) - 1e-6).astype(jnp.int32)
 
 
 class _Bound:
     """A TensorQuant with its params bound: the callable handed to an op's quantizer slot."""
 
-    def __init__(self, spec: TensorQuant, params: dict[str, jax.Array]):
+    def __init__(self, spec: TensorQuant, params: dict[str, jax.Array], key=None):
         self.spec = spec
         self.params = params
+        self.key = key
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.spec.apply(x, self.params)
+        return self.spec.apply(x, self.params, key=self.key)
 
 
 def _check_tensor_quant(value: Any, field: str) -> None:
@@ -346,7 +506,22 @@ class Recipe:
                 f"grad.kind={self.grad.kind!r} is not allowed; allowed: 'absmax', 'pow2' "
                 "(stateless, deterministic gradient quantizers)"
             )
-        if self.act is not None and self.act.kind == "learned_step":
+        for role in ("weight", "act"):
+            tq = getattr(self, role)
+            if tq is None:
+                continue
+            if role == "weight" and tq.is_act_only:
+                raise ValueError(
+                    f"weight={tq} is an activation quantizer; allowed for weights: kinds "
+                    "absmax, learned_step, pow2, binary, ternary, pair, lsq, dorefa "
+                    "(role='weight'), gdnsq (GDNSQWeightConfig)"
+                )
+            if role == "act" and tq.kind in ("dorefa", "gdnsq") and not tq.is_act_only:
+                raise ValueError(
+                    f"act={tq} is a weight quantizer; allowed for activations: "
+                    "DoReFaConfig(role='act') or GDNSQActConfig"
+                )
+        if self.act is not None and self.act.kind in ("learned_step", "lsq"):
             if self.act.config.granularity == "group":
                 raise ValueError(
                     "act.config.granularity='group' is not allowed for a learned activation "
@@ -524,6 +699,117 @@ def ternary(
     return Recipe(weight=weight, act=_uniform("absmax", act_bits, "act_bits"))
 
 
+def _spec(kind: str, config_type: type, bits: Any, field: str, **config: Any):
+    """A TensorQuant of ``kind`` with ``config_type(bits=bits, **config)``; None for float bits."""
+    if _is_float_bits(bits, field):
+        return None
+    try:
+        return TensorQuant(kind=kind, config=config_type(bits=int(bits), **config))
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}") from None
+
+
+def lsq(
+    weight_bits: int | None = 4,
+    act_bits: int | None = 4,
+    *,
+    weight_granularity: str = "tensor",
+    act_signed: bool = False,
+    grad_scale: bool = True,
+) -> Recipe:
+    """LSQ (Esser et al. 2020): learned steps with the paper's gradient scale and init.
+
+    Weights signed, one step per tensor as in the paper (``weight_granularity="channel"``: per
+    output channel); activations unsigned by default (inputs after a ReLU: codes ``0..2^b − 1``),
+    initialised from real inputs by :func:`qflax.layers.calibrate`.
+    """
+    return Recipe(
+        weight=_spec(
+            "lsq",
+            qz.LSQConfig,
+            weight_bits,
+            "weight_bits",
+            granularity=weight_granularity,
+            grad_scale=grad_scale,
+        ),
+        act=_spec(
+            "lsq", qz.LSQConfig, act_bits, "act_bits", signed=act_signed, grad_scale=grad_scale
+        ),
+    )
+
+
+def pact(
+    weight_bits: int | None = 4, act_bits: int | None = 4, *, init_alpha: float | None = 10.0
+) -> Recipe:
+    """PACT (Choi et al. 2018): learned activation clip ``α`` (init ``init_alpha``; None: the
+    calibration batch's maximum) with DoReFa weights, as in the paper. The L2 term on ``α`` is
+    the optimizer's ``quant.clip_decay`` (see :mod:`qflax.train`)."""
+    return Recipe(
+        weight=_spec("dorefa", qz.DoReFaConfig, weight_bits, "weight_bits", role="weight"),
+        act=_spec("pact", qz.PACTConfig, act_bits, "act_bits", init_alpha=init_alpha),
+    )
+
+
+def dorefa(weight_bits: int | None = 4, act_bits: int | None = 4) -> Recipe:
+    """DoReFa-Net (Zhou et al. 2016): weights ``2·q_k(tanh w/(2 max|tanh w|) + ½) − 1``
+    (``k = 1``: ``sign(w)·mean|w|``), activations ``q_k(clip(x, 0, 1))``."""
+    return Recipe(
+        weight=_spec("dorefa", qz.DoReFaConfig, weight_bits, "weight_bits", role="weight"),
+        act=_spec("dorefa", qz.DoReFaConfig, act_bits, "act_bits", role="act"),
+    )
+
+
+def gdnsq(
+    weight_bits: int | None = 4,
+    act_bits: int | None = 4,
+    *,
+    backward: str = "ste",
+    act_signed: bool = False,
+    init_bits: float | None = 8.0,
+    weight_granularity: str = "channel",
+) -> Recipe:
+    """GDNSQ: learned bit-widths driven to targets by the exterior-point penalty.
+
+    ``weight_bits`` / ``act_bits`` are the TARGETS (None or 32: float). Weights get one learned
+    log-step per output channel, activations a learned log-step and log-range (and lower bound
+    when ``act_signed``; after a ReLU it stays 0). The penalty lives in the training loop
+    (:mod:`qflax.train`, config group ``penalty``), which adds it whenever a model has such
+    layers.
+
+    Args:
+      weight_bits: target bit-width of the weights.
+      act_bits: target bit-width of the input activations.
+      backward: the rounding-noise gradient rule: ``"ste"``, ``"noise"`` or ``"lsq"``.
+      act_signed: learn the activations' lower bound (inputs not known to be >= 0).
+      init_bits: the bit-width both start at (weights: per channel from the kernel's spread;
+        activations: from the calibration batch's range); None: the code's fixed
+        initialisation (ℓ = −12 for weights; ℓ_s = −10, ℓ_q = 10 for activations), made for
+        runs of hundreds of epochs.
+      weight_granularity: ``"channel"`` (the method) or ``"tensor"``.
+    """
+    weight = act = None
+    if not _is_float_bits(weight_bits, "weight_bits"):
+        try:
+            cfg = qz.GDNSQWeightConfig(
+                backward=backward, init_bits=init_bits, granularity=weight_granularity
+            )
+        except ValueError as e:
+            raise ValueError(f"weight_bits: {e}") from None
+        weight = TensorQuant(kind="gdnsq", config=cfg, target_bits=int(weight_bits))
+    if not _is_float_bits(act_bits, "act_bits"):
+        try:
+            cfg = qz.GDNSQActConfig(
+                backward=backward,
+                signed=act_signed,
+                init_bits=init_bits,
+                init_log_range=None if init_bits is not None else 10.0,
+            )
+        except ValueError as e:
+            raise ValueError(f"act_bits: {e}") from None
+        act = TensorQuant(kind="gdnsq", config=cfg, target_bits=int(act_bits))
+    return Recipe(weight=weight, act=act)
+
+
 # Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``). Read-only.
 RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(
     {
@@ -533,6 +819,10 @@ RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(
         "pow2": pow2,
         "binary": binary,
         "ternary": ternary,
+        "lsq": lsq,
+        "pact": pact,
+        "dorefa": dorefa,
+        "gdnsq": gdnsq,
     }
 )
 
@@ -558,5 +848,9 @@ recipes = types.SimpleNamespace(
     pow2=pow2,
     binary=binary,
     ternary=ternary,
+    lsq=lsq,
+    pact=pact,
+    dorefa=dorefa,
+    gdnsq=gdnsq,
     build=build,
 )

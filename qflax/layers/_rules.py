@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -223,7 +224,9 @@ def quantize_model(
         if index is not None:
             used.add(index)
         if recipe is not None:
-            _replace(model, path, quant_layer_for(module).from_module(module, recipe))
+            layer = quant_layer_for(module).from_module(module, recipe)
+            layer.seed_noise(zlib.crc32(joined.encode()))
+            _replace(model, path, layer)
         base = next(b for b in _HOOKS if isinstance(module, b))
         lines.append(
             ReportLine(

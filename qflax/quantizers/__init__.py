@@ -56,6 +56,9 @@ from qflax.quantizers._dbssq import (
     dbssq_weight_init,
 )
 from qflax.quantizers._dorefa import (
+    DOREFA_ROLES,
+    DoReFaConfig,
+    dorefa,
     dorefa_activations,
     dorefa_gradients,
     dorefa_quantize_k,
@@ -135,6 +138,9 @@ __all__ = [
     "pact",
     "pact_init",
     "pact_l2",
+    "DOREFA_ROLES",
+    "DoReFaConfig",
+    "dorefa",
     "dorefa_weights",
     "dorefa_activations",
     "dorefa_gradients",

@@ -18,15 +18,20 @@ paper's §2.6 ("maxi over all axes except the mini-batch axis").
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits
+from qflax.numerics import check_bits, check_choice
 
 __all__ = [
+    "DOREFA_ROLES",
+    "DoReFaConfig",
+    "dorefa",
     "dorefa_activations",
     "dorefa_gradients",
     "dorefa_quantize_k",
@@ -187,3 +192,44 @@ def dorefa_gradients(x: ArrayLike, *, bits: int, key: jax.Array) -> jax.Array:
     if key is None:
         raise ValueError("key=None is not allowed for dorefa_gradients; allowed: a PRNG key")
     return _dorefa_gradients(int(bits), x, key)
+
+
+DOREFA_ROLES = ("weight", "act")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DoReFaConfig:
+    """DoReFa as one quantizer with the shared signature (hashable; validated at construction).
+
+    >>> DoReFaConfig(bits=2, role="act").role
+    'act'
+    """
+
+    # k: the bit-width, 1..24.
+    bits: int = 4
+    # "weight": dorefa_weights (values in [-1, 1]); "act": dorefa_activations (clip to [0, 1]).
+    role: str = "weight"
+
+    def __post_init__(self):
+        check_bits(self.bits, "bits", 1, 24)
+        check_choice(self.role, "role", DOREFA_ROLES)
+
+
+def dorefa(
+    x: ArrayLike,
+    params: Mapping[str, ArrayLike] | None,
+    config: DoReFaConfig,
+    *,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """:func:`dorefa_weights` or :func:`dorefa_activations` per ``config.role`` (no params).
+
+    >>> dorefa(jnp.array([-1.0, 0.4, 2.0]), {}, DoReFaConfig(bits=1, role="act")).tolist()
+    [0.0, 0.0, 1.0]
+    """
+    del key
+    if params:
+        raise ValueError(f"params={sorted(params)!r} is not allowed for dorefa; allowed: {{}}")
+    if config.role == "weight":
+        return dorefa_weights(x, bits=config.bits)
+    return dorefa_activations(x, bits=config.bits)

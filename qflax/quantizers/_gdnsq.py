@@ -105,6 +105,9 @@ class GDNSQWeightConfig:
     backward: str = "ste"
     # The log2 step that gdnsq_weight_init returns (the code uses -12).
     init_log_step: float = -12.0
+    # None: start at init_log_step; a number: start each channel at this continuous bit-width
+    # (ℓ_c = log2(spread_c / (2^init_bits − 1)), so b_c = init_bits), e.g. 8 for short runs.
+    init_bits: float | None = None
 
     def __post_init__(self):
         check_choice(self.granularity, "granularity", ("tensor", "channel"))
@@ -112,6 +115,7 @@ class GDNSQWeightConfig:
             raise ValueError(f"axis={self.axis!r} is not an integer; allowed: an int axis")
         check_choice(self.backward, "backward", GDNSQ_BACKWARDS)
         _check_float(self.init_log_step, "init_log_step")
+        _check_init_bits(self.init_bits)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,16 +130,26 @@ class GDNSQActConfig:
     init_log_step: float = -10.0
     # The log2 range ℓ_q that gdnsq_act_init returns (the code uses 10); None: from the data.
     init_log_range: float | None = 10.0
+    # None: start at init_log_step; a number: ℓ_s = ℓ_q − init_bits (b_a = init_bits), with ℓ_q
+    # from init_log_range or the data.
+    init_bits: float | None = None
 
     def __post_init__(self):
         _check_bool(self.signed, "signed")
         check_choice(self.backward, "backward", GDNSQ_BACKWARDS)
         _check_float(self.init_log_step, "init_log_step")
         _check_float(self.init_log_range, "init_log_range", allow_none=True)
+        _check_init_bits(self.init_bits)
 
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces.
+
+
+def _check_init_bits(value) -> None:
+    _check_float(value, "init_bits", allow_none=True)
+    if value is not None and not 1.0 <= float(value) <= 24.0:
+        raise ValueError(f"init_bits={value!r} is out of range; allowed: None or 1..24")
 
 
 def _compute_dtype(dtype) -> np.dtype:
@@ -225,9 +239,21 @@ _gdnsq_weight.defvjp(_gdnsq_weight_fwd, _gdnsq_weight_bwd)
 
 
 def gdnsq_weight_init(w: ArrayLike, config: GDNSQWeightConfig) -> dict[str, jax.Array]:
-    """``{"log_step": ℓ}`` filled with ``config.init_log_step`` (float32, the params shape)."""
+    """``{"log_step": ℓ}`` (float32, the params shape).
+
+    ``ℓ = config.init_log_step`` everywhere, or with ``config.init_bits = B`` set, per channel
+    ``ℓ_c = log2(spread_c / (2^B − 1))`` (``spread_c = max w_c − min w_c``, floored at 2^−24) so
+    that the continuous bit-width starts at ``b_c = B`` exactly.
+    """
     shape = _weight_param_shape(jnp.shape(w), config)
-    return {"log_step": jnp.full(shape, config.init_log_step, jnp.float32)}
+    if config.init_bits is None:
+        return {"log_step": jnp.full(shape, config.init_log_step, jnp.float32)}
+    w = _as_float(w, "w").astype(jnp.float32)
+    axes = _weight_axes(w.ndim, config)
+    spread = jnp.max(w, axis=axes, keepdims=True) - jnp.min(w, axis=axes, keepdims=True)
+    spread = jnp.maximum(spread, 2.0**-24)
+    levels = 2.0 ** float(config.init_bits) - 1.0
+    return {"log_step": jnp.log2(spread / levels).reshape(shape)}
 
 
 def _weight_prepare(w, params, config, where):
@@ -341,7 +367,8 @@ _gdnsq_act.defvjp(_gdnsq_act_fwd, _gdnsq_act_bwd)
 def gdnsq_act_init(x: ArrayLike | None, config: GDNSQActConfig) -> dict[str, jax.Array]:
     """Scalar params ``{"log_step": ℓ_s, "log_range": ℓ_q, "lower": β}`` (float32).
 
-    ``ℓ_s = config.init_log_step``. With ``config.init_log_range`` set (the code's default 10):
+    ``ℓ_s = config.init_log_step`` (or ``ℓ_q − config.init_bits`` when that is set, applied
+    after ``ℓ_q`` is known). With ``config.init_log_range`` set (the code's default 10):
     ``ℓ_q = init_log_range`` and ``β = 0`` (unsigned) or ``β = −2^(ℓ_q − 1)`` (signed, as the code:
     the range is centred on 0). With ``init_log_range=None`` the range is taken from ``x``:
     ``β = 0`` (unsigned) or ``min x`` (signed), and ``ℓ_q = log2(max x − β + s)``, so that
@@ -351,6 +378,8 @@ def gdnsq_act_init(x: ArrayLike | None, config: GDNSQActConfig) -> dict[str, jax
     if config.init_log_range is not None:
         log_range = jnp.asarray(config.init_log_range, jnp.float32)
         lower = -jnp.exp2(log_range - 1.0) if config.signed else jnp.zeros((), jnp.float32)
+        if config.init_bits is not None:
+            log_step = log_range - float(config.init_bits)
         return {"log_step": log_step, "log_range": log_range, "lower": lower}
     if x is None:
         raise ValueError(
@@ -359,8 +388,18 @@ def gdnsq_act_init(x: ArrayLike | None, config: GDNSQActConfig) -> dict[str, jax
         )
     x = _as_float(x, "x").astype(jnp.float32)
     lower = jnp.min(x) if config.signed else jnp.zeros((), jnp.float32)
+    spread = jnp.maximum(jnp.max(x) - lower, 0.0)
+    if config.init_bits is not None:
+        # hi = β + 2^ℓ_q − s = max x with 2^ℓ_q = s·2^B: s = spread / (2^B − 1).
+        levels = 2.0 ** float(config.init_bits)
+        log_step = jnp.log2(jnp.maximum(spread, 2.0**-24) / (levels - 1.0))
+        return {
+            "log_step": log_step,
+            "log_range": log_step + float(config.init_bits),
+            "lower": lower,
+        }
     s = jnp.exp2(log_step)
-    log_range = jnp.log2(jnp.maximum(jnp.max(x) - lower, 0.0) + s)
+    log_range = jnp.log2(spread + s)
     return {"log_step": log_step, "log_range": log_range, "lower": lower}
 
 

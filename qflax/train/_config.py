@@ -26,6 +26,7 @@ __all__ = [
     "parse_value",
     "DIVERGENCES",
     "OPEN_KEYS",
+    "SHORTHAND_KEYS",
     "OPTIMIZERS",
     "RESUMABLE_KEYS",
     "SCHEDULES",
@@ -44,8 +45,13 @@ TEACHER_MODES = ("none", "train", "checkpoint")
 DIVERGENCES = ("kl", "jeffreys")
 FLOAT_RECIPE = "none"
 
-# Keyword-argument dicts whose keys are free (they are passed on to the model or the loader).
-OPEN_KEYS = ("dataset_kwargs", "model_kwargs")
+# Keyword-argument dicts whose keys are free (passed on to the loader, the model, the recipe).
+OPEN_KEYS = ("dataset_kwargs", "model_kwargs", "recipe_kwargs")
+
+# Optional top-level keys a config file may add as ``ml_collections.FieldReference`` s that
+# other keys point to: ``target_bits`` sets ``quant.weight_bits`` and ``quant.act_bits`` at once
+# (``--config.target_bits=2``). Each is checked as an integer bit-width 1..32.
+SHORTHAND_KEYS = ("target_bits",)
 
 # Keys that may differ when a run is resumed in the same workdir: they change how long it runs
 # and how often it logs or saves, never what one step computes. (With a cosine schedule a new
@@ -57,6 +63,7 @@ RESUMABLE_KEYS = (
     "progress_bar",
     "checkpoint.every_epochs",
     "checkpoint.max_to_keep",
+    "penalty.patience",
 )
 
 
@@ -80,16 +87,29 @@ def default_config() -> ml_collections.ConfigDict:
       ``name`` in adam, adamw, sgd; ``momentum`` is SGD's (0 = none); ``weight_decay`` is L2
       for adam/sgd and decoupled for adamw; ``schedule`` constant or cosine (to 0 at the end),
       both after ``warmup_epochs`` of linear warm-up.
-    - ``quant.{recipe, weight_bits, act_bits, first_last_float, learning_rate, rules}``:
-      ``recipe`` "none" trains in float, else a name of ``qflax.layers.RECIPES`` built with
-      ``weight_bits``/``act_bits``; ``first_last_float`` keeps ``stem`` and ``head`` in float;
-      ``learning_rate`` is the peak rate of quantizer parameters (``QuantParam``: no weight
-      decay); ``rules`` are ``(pattern, recipe_name)`` pairs tried before the default ones
-      (recipe "none" keeps matching layers float).
+    - ``quant.{recipe, weight_bits, act_bits, first_last_float, learning_rate, clip_decay,
+      rules}``: ``recipe`` "none" trains in float, else a name of ``qflax.layers.RECIPES`` built
+      with ``weight_bits``/``act_bits`` (the targets for ``gdnsq``) and ``recipe_kwargs``;
+      ``first_last_float`` keeps ``stem`` and ``head`` in float; ``learning_rate`` is the peak
+      rate of quantizer parameters (``QuantParam``: no weight decay); ``clip_decay`` is the L2
+      coefficient on learned clipping levels (PACT's ``α``: ``λ·α`` added to its gradient);
+      ``rules`` are ``(pattern, recipe_name)`` pairs tried before the default ones (recipe
+      "none" keeps matching layers float).
+    - ``recipe_kwargs``: further arguments of the recipe factory (e.g. ``backward`` of
+      ``gdnsq``, ``weight_granularity``); open.
+    - ``penalty.{warmup_epochs, power, lr_decay, patience}``: the exterior-point bit-width
+      penalty, added to the loss whenever the model has learned bit-widths (GDNSQ): weight 0
+      for ``warmup_epochs``, then growing by ``2·lr`` per step (``lr`` the quantizer
+      parameters' rate), exponent ``power``. Once every layer's integer bit-width is within its
+      target at an evaluation, both learning rates are multiplied by ``lr_decay`` every step,
+      and with ``patience > 0`` training stops after that many epochs without a lower
+      training loss.
     - ``teacher.{mode, path, divergence, weight, temperature}``: ``mode`` none, train (train the
       float model first in ``workdir/teacher``) or checkpoint (the workdir ``path`` of a finished
       float run); the loss is ``(1 - weight) * CE + weight * T^2 * D(student/T, teacher/T)`` with
-      ``divergence`` kl (``KL(p_t || p_s)``) or jeffreys (``KL(p_s || p_t) + KL(p_t || p_s)``).
+      ``divergence`` kl (``KL(p_t || p_s)``) or jeffreys (``KL(p_s || p_t) + KL(p_t || p_s)``);
+      ``init_student`` starts the student from the teacher's weights (fine-tuning, as GDNSQ
+      and PTQ-then-QAT do) instead of a fresh initialisation.
     - ``checkpoint.{every_epochs, max_to_keep}``: save every so many epochs (and at the end),
       keep the newest so many.
     - ``log_every_steps``, ``eval_every_epochs``, ``progress_bar``: logging.
@@ -102,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.dataset_kwargs = ml_collections.ConfigDict()
     config.model = "cnn"
     config.model_kwargs = ml_collections.ConfigDict()
+    config.recipe_kwargs = ml_collections.ConfigDict()
     config.epochs = 10
     config.batch_size = 128
     config.eval_batch_size = 500
@@ -124,11 +145,22 @@ def default_config() -> ml_collections.ConfigDict:
             act_bits=4,
             first_last_float=True,
             learning_rate=1e-3,
+            clip_decay=0.0,
             rules=(),
         )
     )
+    config.penalty = ml_collections.ConfigDict(
+        dict(warmup_epochs=1.0, power=1.0, lr_decay=0.9985, patience=0)
+    )
     config.teacher = ml_collections.ConfigDict(
-        dict(mode="none", path="", divergence="kl", weight=1.0, temperature=1.0)
+        dict(
+            mode="none",
+            path="",
+            divergence="kl",
+            weight=1.0,
+            temperature=1.0,
+            init_student=False,
+        )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(every_epochs=1, max_to_keep=3))
     config.log_every_steps = 50
@@ -283,16 +315,20 @@ def _check_recipe(name: Any, field: str, config: ml_collections.ConfigDict) -> N
         )
     _check_choice(name, field, (FLOAT_RECIPE, *names))
     try:
-        build_recipe(name, config.quant.weight_bits, config.quant.act_bits)
+        kwargs = dict(config.recipe_kwargs) if name == config.quant.recipe else {}
+        build_recipe(name, config.quant.weight_bits, config.quant.act_bits, kwargs)
     except ValueError as error:
         raise ValueError(f"{field}={name!r}: {error}") from error
 
 
-def build_recipe(name: str, weight_bits: int, act_bits: int):
+def build_recipe(
+    name: str, weight_bits: int, act_bits: int, recipe_kwargs: Mapping[str, Any] | None = None
+):
     """``qflax.layers.recipes.build(name, ...)`` with the bit-widths the recipe takes.
 
     Recipes with fixed levels ignore what they do not take (``binary`` both bit-widths,
-    ``ternary`` the weight bits).
+    ``ternary`` the weight bits). ``recipe_kwargs`` go to the factory; a keyword it does not
+    take is a ValueError naming the ones it does.
     """
     import inspect
 
@@ -300,7 +336,15 @@ def build_recipe(name: str, weight_bits: int, act_bits: int):
 
     accepted = inspect.signature(ql.RECIPES[name]).parameters
     bits = {"weight_bits": weight_bits, "act_bits": act_bits}
-    return ql.recipes.build(name, **{k: v for k, v in bits.items() if k in accepted})
+    kwargs = {k: v for k, v in bits.items() if k in accepted}
+    extra = dict(recipe_kwargs or {})
+    unknown = sorted(set(extra) - set(accepted) - set(bits))
+    if unknown:
+        allowed = ", ".join(k for k in accepted if k not in bits) or "none"
+        raise ValueError(
+            f"recipe_kwargs {unknown} are not arguments of recipe {name!r}; allowed: {allowed}"
+        )
+    return ql.recipes.build(name, **kwargs, **{k: v for k, v in extra.items() if k not in bits})
 
 
 def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -327,7 +371,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
     schema = _schema_keys()
     present = _config_keys(config)
-    unknown = [k for k in present if k not in schema]
+    unknown = [k for k in present if k not in schema and k not in SHORTHAND_KEYS]
     if unknown:
         hints = "; ".join(
             f"{k!r} (did you mean {', '.join(map(repr, near_matches(k, schema))) or 'nothing'}?)"
@@ -379,6 +423,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             "allowed: True, False"
         )
     _check_number(quant.learning_rate, "quant.learning_rate", 0.0, open_lo=True)
+    _check_number(quant.clip_decay, "quant.clip_decay", 0.0)
     _check_recipe(quant.recipe, "quant.recipe", config)
     rules = quant.rules
     if not isinstance(rules, (list, tuple)):
@@ -401,6 +446,10 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     _check_choice(teacher.divergence, "teacher.divergence", DIVERGENCES)
     _check_number(teacher.weight, "teacher.weight", 0.0, 1.0)
     _check_number(teacher.temperature, "teacher.temperature", 0.0, open_lo=True)
+    if not isinstance(teacher.init_student, bool):
+        raise ValueError(
+            f"teacher.init_student={teacher.init_student!r} is not allowed; allowed: True, False"
+        )
     if teacher.mode == "checkpoint":
         import pathlib
 
@@ -410,6 +459,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                 f"teacher.path={teacher.path!r} is not a workdir of a finished run; allowed: a "
                 "directory holding config.json and checkpoints/ (from `qflax train`)"
             )
+
+    for key in SHORTHAND_KEYS:
+        if key in config:
+            value = config[key]
+            if not _is_int(value) or not MIN_BITS <= value <= MAX_BITS:
+                raise ValueError(
+                    f"{key}={value!r} is out of range; allowed: integers {MIN_BITS}..{MAX_BITS}"
+                )
+    pen = config.penalty
+    _check_number(pen.warmup_epochs, "penalty.warmup_epochs", 0.0)
+    _check_number(pen.power, "penalty.power", 0.0, open_lo=True)
+    _check_number(pen.lr_decay, "penalty.lr_decay", 0.0, 1.0, open_lo=True)
+    _check_int(pen.patience, "penalty.patience", 0)
 
     _check_int(config.checkpoint.every_epochs, "checkpoint.every_epochs", 1)
     _check_int(config.checkpoint.max_to_keep, "checkpoint.max_to_keep", 1)

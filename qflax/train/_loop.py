@@ -24,6 +24,7 @@ from flax import nnx
 from qflax.train import _checkpoint, _config, _summary
 from qflax.train._optimizer import learning_rate_schedules, make_optimizer
 from qflax.train._steps import (
+    PenaltySettings,
     TrainState,
     create_train_state,
     make_eval_step,
@@ -109,7 +110,8 @@ def _first_batch(config: ml_collections.ConfigDict, dataset) -> np.ndarray:
 
 def quantization_rules(config: ml_collections.ConfigDict) -> list:
     """The ``qflax.layers.Rule`` list of ``config.quant``: its ``rules`` first, then the default
-    recipe (with ``stem``/``head`` kept float when ``first_last_float``)."""
+    recipe (with ``stem``/``head`` kept float when ``first_last_float``). ``recipe_kwargs`` go
+    to every recipe named ``quant.recipe``."""
     from qflax import layers as ql
 
     quant = config.quant
@@ -117,7 +119,8 @@ def quantization_rules(config: ml_collections.ConfigDict) -> list:
     def recipe(name: str):
         if name == _config.FLOAT_RECIPE:
             return None
-        return _config.build_recipe(name, quant.weight_bits, quant.act_bits)
+        kwargs = dict(config.recipe_kwargs) if name == quant.recipe else {}
+        return _config.build_recipe(name, quant.weight_bits, quant.act_bits, kwargs)
 
     rules = [ql.Rule(pattern, recipe(name)) for pattern, name in quant.rules]
     main = recipe(quant.recipe)
@@ -155,11 +158,20 @@ def build_model(
         raise ValueError(
             f"model_kwargs={kwargs!r} are not accepted by model {config.model!r}: {error}"
         ) from error
+    return quantize_for_config(config, model, dataset, calibrate=calibrate)
+
+
+def quantize_for_config(
+    config: ml_collections.ConfigDict, model: nnx.Module, dataset, *, calibrate: bool = True
+) -> tuple[nnx.Module, str | None]:
+    """Applies the quantization rules of ``config`` to a float ``model`` (in place) and
+    calibrates learned quantizer params on the first training batch; ``(model, None)`` for
+    float configs."""
     if config.quant.recipe == _config.FLOAT_RECIPE and not config.quant.rules:
         return model, None
     from qflax import layers as ql
 
-    model, report = ql.quantize_model(model, quantization_rules(config))
+    model, report = ql.quantize_model(model, quantization_rules(config), copy=False)
     if getattr(report, "unmatched_rules", None):
         logger.warning("quantization rules that matched no layer: %s", report.unmatched_rules)
     if calibrate:
@@ -186,6 +198,7 @@ def _teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     teacher.quant.rules = ()
     teacher.teacher.mode = "none"
     teacher.teacher.path = ""
+    teacher.teacher.init_student = False
     return teacher
 
 
@@ -439,6 +452,40 @@ def _layer_bits(model: nnx.Module) -> dict[str, list[float]] | None:
     }
 
 
+def _learned_bits(model: nnx.Module) -> dict[str, dict[str, Any]]:
+    """Per layer with learned bit-widths: the integer bits used and the targets (eager)."""
+    from qflax.layers._layers import is_quant_layer
+
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if is_quant_layer(node) and node.bit_widths():
+            targets = {role: t for role, (_, t) in node.bit_widths().items()}
+            out[".".join(map(str, path))] = {"used": node.used_bits(), "target": targets}
+    return out
+
+
+def _within_target(learned: dict[str, dict[str, Any]]) -> bool:
+    """Whether every learned integer bit-width is at or below its target."""
+    return bool(learned) and all(
+        used <= row["target"][role]
+        for row in learned.values()
+        for role, used in row["used"].items()
+    )
+
+
+def _penalty_settings(config, model: nnx.Module, steps_per_epoch: int):
+    """The train step's penalty settings when ``model`` learns bit-widths, else None."""
+    if not _learned_bits(model):
+        return None
+    _, quant_schedule = learning_rate_schedules(config, steps_per_epoch)
+    return PenaltySettings(
+        lr_schedule=quant_schedule,
+        warmup_steps=int(round(float(config.penalty.warmup_epochs) * steps_per_epoch)),
+        power=float(config.penalty.power),
+        lr_decay=float(config.penalty.lr_decay),
+    )
+
+
 def _progress_bar(config, total: int, initial: int, name: str):
     from tqdm.auto import tqdm
 
@@ -468,6 +515,13 @@ def train_and_evaluate(
     ``summary.json`` (see :func:`_summary.summarize_model` for the size fields, plus
     ``test_accuracy``, ``test_loss``, ``fp_test_accuracy`` with a teacher, ``wall_seconds``),
     ``curves.png``, and ``quantization.txt`` (which rule matched which layer).
+
+    Models with learned bit-widths (recipe ``gdnsq``) train with the exterior-point penalty
+    (config group ``penalty``). After each evaluation the integer bit-width each layer actually
+    uses is compared with its target; once all are within target the run is *converged*: the
+    learning rates decay by ``penalty.lr_decay`` per step and, with ``penalty.patience > 0``,
+    training stops after that many epochs without a lower training loss. ``summary.json`` then
+    also holds ``converged``, ``converged_epoch``, ``stopped_epoch`` and ``learned_bits``.
 
     Args:
       config: a training config (see :func:`default_config`); validated first.
@@ -499,9 +553,12 @@ def train_and_evaluate(
             f"{config.dataset!r} ({len(dataset.train_x)} examples); "
             f"allowed: 1..{len(dataset.train_x)}"
         )
+    if config.teacher.init_student and config.teacher.mode == "none":
+        raise ValueError(
+            "teacher.init_student=True needs a teacher; allowed: teacher.mode 'train' or "
+            "'checkpoint', or init_student=False"
+        )
     model, report = build_model(config, dataset)
-    if report is not None:
-        (workdir / QUANTIZATION_FILE).write_text(report + "\n")
 
     teacher_model, fp_test_accuracy, teacher_wall = None, None, 0.0
     if config.teacher.mode == "train":
@@ -514,12 +571,18 @@ def train_and_evaluate(
         teacher_summary_path = pathlib.Path(config.teacher.path) / SUMMARY_FILE
         if teacher_summary_path.is_file():
             fp_test_accuracy = json.loads(teacher_summary_path.read_text())["test_accuracy"]
+    if config.teacher.init_student:
+        # Fine-tuning: the student starts from the teacher's weights (then is quantized).
+        model, report = quantize_for_config(config, nnx.clone(teacher_model), dataset)
+    if report is not None:
+        (workdir / QUANTIZATION_FILE).write_text(report + "\n")
 
     params = nnx.state(model, nnx.Param)
     tx = make_optimizer(config, params, steps_per_epoch=steps_per_epoch)
     graphdef, state, teacher_graphdef = create_train_state(
         model, tx, seed=config.seed, teacher=teacher_model
     )
+    penalty = _penalty_settings(config, model, steps_per_epoch)
     train_step = make_train_step(
         graphdef,
         tx,
@@ -527,6 +590,7 @@ def train_and_evaluate(
         divergence=config.teacher.divergence,
         distill_weight=float(config.teacher.weight),
         temperature=float(config.teacher.temperature),
+        penalty=penalty,
     )
     eval_step = make_eval_step(graphdef)
     if teacher_model is not None and fp_test_accuracy is None:
@@ -579,6 +643,11 @@ def train_and_evaluate(
 
     bar = _progress_bar(config, total_steps, min(step, total_steps), workdir.name or "train")
     test = None
+    converged_epoch = next(
+        (r["epoch"] for r in records if r.get("kind") == "epoch" and r.get("converged")), None
+    )
+    stopped_epoch = None
+    best_loss, stale = math.inf, 0  # early stopping (restarts counting when a run is resumed)
     try:
         for epoch in range(start_epoch, config.epochs):
             bar.set_description(f"{workdir.name} epoch {epoch + 1}/{config.epochs}")
@@ -618,22 +687,43 @@ def train_and_evaluate(
                     config.eval_batch_size,
                 )
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            stop = False
             if report is not None:
-                bits = _layer_bits(nnx.merge(graphdef, state.params, state.rest))
+                current = nnx.merge(graphdef, state.params, state.rest)
+                bits = _layer_bits(current)
                 if bits:
                     record["layer_bits"] = bits
+                if penalty is not None:
+                    within = _within_target(_learned_bits(current))
+                    record["within_target"] = within
+                    if within and converged_epoch is None:
+                        converged_epoch = epoch + 1
+                        state = state.replace(converged=jax.numpy.ones((), bool))
+                        logger.info("bit-widths within target at epoch %d", epoch + 1)
+                    record["converged"] = converged_epoch is not None
+                    if converged_epoch is not None and config.penalty.patience:
+                        loss = record["train_loss"]
+                        if loss < best_loss:
+                            best_loss, stale = loss, 0
+                        else:
+                            stale += 1
+                        stop = stale >= config.penalty.patience and not last_epoch
             with metrics_path.open("a") as f:
                 f.write(json.dumps(_json_ready(record)) + "\n")
             records.append(record)
             bar.set_postfix(_postfix(log.latest, test))
-            if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch:
+            if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch or stop:
                 save(epoch + 1)
+            if stop:
+                stopped_epoch = epoch + 1
+                logger.info("early stop at epoch %d", stopped_epoch)
+                break
     finally:
         bar.close()
         manager.close()
 
     final_model = nnx.merge(graphdef, state.params, state.rest)
-    if test is None:  # resumed a finished run
+    if test is None or stopped_epoch is not None:  # resumed a finished run, or stopped early
         test = _evaluate_arrays(
             eval_step,
             state.params,
@@ -652,6 +742,7 @@ def train_and_evaluate(
         "epochs": config.epochs,
         "steps": step,
         **_summary.summarize_model(final_model, dataset.test_x[:1]),
+        **(_bits_summary(final_model, converged_epoch, stopped_epoch) if penalty else {}),
         "teacher_wall_seconds": teacher_wall,
         "wall_seconds": elapsed(),  # includes training the teacher in this job
     }
@@ -659,6 +750,17 @@ def train_and_evaluate(
     (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}")
     return state, summary
+
+
+def _bits_summary(model: nnx.Module, converged_epoch, stopped_epoch) -> dict[str, Any]:
+    learned = _learned_bits(model)
+    return {
+        "converged": converged_epoch is not None,
+        "converged_epoch": converged_epoch,
+        "stopped_epoch": stopped_epoch,
+        "within_target": _within_target(learned),
+        "learned_bits": learned,
+    }
 
 
 def _postfix(latest: dict[str, float], test: dict[str, float] | None) -> dict[str, str]:

@@ -16,7 +16,18 @@ from flax import nnx
 
 from qflax.layers._variables import QuantParam
 
-__all__ = ["QUANT", "WEIGHTS", "learning_rate_schedules", "make_optimizer", "param_labels"]
+__all__ = [
+    "CLIP_PARAM_NAMES",
+    "QUANT",
+    "WEIGHTS",
+    "clip_mask",
+    "learning_rate_schedules",
+    "make_optimizer",
+    "param_labels",
+]
+
+# QuantParam attribute names of learned clipping levels (PACT's α): `quant.clip_decay` applies.
+CLIP_PARAM_NAMES = ("act_alpha", "weight_alpha")
 
 WEIGHTS = "weights"
 QUANT = "quant"
@@ -44,6 +55,19 @@ def param_labels(model_state: Any) -> Any:
         return QUANT if isinstance(x, QuantParam) else WEIGHTS
 
     return jax.tree.map(label, model_state, is_leaf=_is_variable)
+
+
+def clip_mask(model_state: Any) -> Any:
+    """A tree of bools, True for the ``QuantParam`` s that are learned clipping levels (named
+    in :data:`CLIP_PARAM_NAMES`), False elsewhere (same structure as :func:`param_labels`)."""
+    if isinstance(model_state, nnx.Module):
+        model_state = nnx.state(model_state, nnx.Param)
+
+    def is_clip(path, x: Any) -> bool:
+        name = str(getattr(path[-1], "key", path[-1])) if path else ""
+        return isinstance(x, QuantParam) and name in CLIP_PARAM_NAMES
+
+    return jax.tree_util.tree_map_with_path(is_clip, model_state, is_leaf=_is_variable)
 
 
 def learning_rate_schedules(
@@ -82,7 +106,8 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """Builds the optimizer of ``config`` as one ``optax.chain``.
 
-    The chain is: [L2 weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's,
+    The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to PACT's ``α``] ->
+    [L2 weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's,
     or SGD momentum) -> [decoupled weight decay, masked to weights (adamw)] ->
     ``optax.partition`` scaling weights by ``-schedule(step)`` and quantizer parameters by
     ``-quant_schedule(step)``. Quantizer parameters (``QuantParam``) never get weight decay.
@@ -116,6 +141,9 @@ def make_optimizer(
     weight_decay = optax.masked(optax.add_decayed_weights(decay), is_weight)
 
     parts: list[optax.GradientTransformation] = []
+    clip_decay = float(config.quant.clip_decay)
+    if clip_decay:
+        parts.append(optax.masked(optax.add_decayed_weights(clip_decay), clip_mask(model_state)))
     if opt.name == "sgd":
         if decay:
             parts.append(weight_decay)

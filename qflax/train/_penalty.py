@@ -56,12 +56,32 @@ def penalty_init() -> PenaltyState:
     )
 
 
-def _flat(bits) -> jax.Array:
-    """All bit-widths of a pytree (an array, a list of per-layer arrays, ...) as one vector."""
+def _flat(bits, target=None, *, allow_empty: bool = False) -> tuple[jax.Array, jax.Array]:
+    """All bit-widths of a pytree (an array, a list of per-layer arrays, ...) as one vector,
+    and their targets as a vector of the same length.
+
+    ``target`` is one number for every bit-width, or a list/tuple with one target per leaf of
+    ``bits`` (per-layer targets).
+    """
     leaves = [jnp.ravel(jnp.asarray(leaf, jnp.float32)) for leaf in jax.tree.leaves(bits)]
     if not leaves:
-        raise ValueError("bits=[] is not allowed; allowed: at least one bit-width")
-    return jnp.concatenate(leaves)
+        if not allow_empty:
+            raise ValueError("bits=[] is not allowed; allowed: at least one bit-width")
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.float32)
+    if isinstance(target, (list, tuple)):
+        if len(target) != len(leaves):
+            raise ValueError(
+                f"target has {len(target)} entries for {len(leaves)} bit-width arrays; allowed: "
+                "one number, or one target per array"
+            )
+        targets = [
+            jnp.broadcast_to(jnp.asarray(t, jnp.float32), leaf.shape)
+            for t, leaf in zip(target, leaves, strict=True)
+        ]
+    else:
+        t = jnp.asarray(0.0 if target is None else target, jnp.float32)
+        targets = [jnp.broadcast_to(t, leaf.shape) for leaf in leaves]
+    return jnp.concatenate(leaves), jnp.concatenate(targets)
 
 
 def _check_p(p) -> None:
@@ -69,26 +89,34 @@ def _check_p(p) -> None:
         raise ValueError(f"p={p!r} is not allowed; allowed: a number > 0")
 
 
-def bit_penalty(bits, target: ArrayLike, p: float = 1) -> jax.Array:
-    """``mean_i max(0, b_i − (target − 1e−3))^p`` over every bit-width in ``bits`` (a pytree).
+def bit_penalty(bits, target, p: float = 1, *, allow_empty: bool = False) -> jax.Array:
+    """``mean_i max(0, b_i − (target_i − 1e−3))^p`` over every bit-width in ``bits`` (a pytree).
+
+    ``target``: one number, or one per leaf of ``bits``. ``allow_empty``: an empty ``bits``
+    gives 0 (a group with nothing to constrain) instead of a ValueError.
 
     >>> float(bit_penalty(jnp.array([2.0, 5.0, 4.5]), 4.0))
     0.500666618347168
+    >>> float(bit_penalty([jnp.array([5.0]), jnp.array([3.0])], [4, 2]))
+    1.000999927520752
     """
     _check_p(p)
-    excess = jnp.maximum(_flat(bits) - (jnp.asarray(target, jnp.float32) - PENALTY_MARGIN), 0.0)
-    return jnp.mean(excess**p)
+    b, t = _flat(bits, target, allow_empty=allow_empty)
+    excess = jnp.maximum(b - (t - PENALTY_MARGIN), 0.0)
+    return jnp.sum(excess**p) / max(b.size, 1)
 
 
-def violated_count(bits, target: ArrayLike) -> jax.Array:
+def violated_count(bits, target, *, allow_empty: bool = False) -> jax.Array:
     """The number (float32) of bit-widths with ``b > target − 1e−3``; no gradient."""
-    b = jax.lax.stop_gradient(_flat(bits))
-    return jnp.sum((b > jnp.asarray(target, jnp.float32) - PENALTY_MARGIN).astype(jnp.float32))
+    b, t = _flat(bits, target, allow_empty=allow_empty)
+    b = jax.lax.stop_gradient(b)
+    return jnp.sum((b > t - PENALTY_MARGIN).astype(jnp.float32))
 
 
-def violated_share(bits, target: ArrayLike) -> jax.Array:
-    """The fraction of bit-widths with ``b > target − 1e−3`` (0..1); no gradient."""
-    return violated_count(bits, target) / _flat(bits).size
+def violated_share(bits, target, *, allow_empty: bool = False) -> jax.Array:
+    """The fraction of bit-widths with ``b > target − 1e−3`` (0..1; 0 when empty); no gradient."""
+    size = _flat(bits, target, allow_empty=allow_empty)[0].size
+    return violated_count(bits, target, allow_empty=allow_empty) / max(size, 1)
 
 
 def penalty_loss(
@@ -107,11 +135,13 @@ def penalty_loss(
 
     Args:
       task_loss: the scalar task loss of this step (its gradient passes through unchanged).
-      w_bits: the weights' continuous bit-widths (a pytree of arrays, e.g. one per layer).
-      a_bits: the activations' bit-widths (a pytree of arrays).
+      w_bits: the weights' continuous bit-widths (a pytree of arrays, e.g. one per layer);
+        may be empty (no learned weight bit-widths: that group adds nothing).
+      a_bits: the activations' bit-widths (a pytree of arrays); may be empty.
       state: the state after the previous step (:func:`penalty_init` at the start).
-      target_w: the weights' target bit-width.
-      target_a: the activations' target bit-width.
+      target_w: the weights' target bit-width: one number, or a list with one per leaf of
+        ``w_bits`` (per-layer targets).
+      target_a: the activations' target bit-width(s), likewise.
       lr: this step's learning rate (``t`` grows by ``2·lr`` per step after warm-up).
       warmup_steps: steps at the start during which ``t = 0``.
       p: the penalty's exponent (the code uses 1).
@@ -133,12 +163,14 @@ def penalty_loss(
         state.t + 2.0 * jnp.asarray(lr, jnp.float32),
         jnp.zeros((), jnp.float32),
     )
-    n_w = violated_count(w_bits, target_w)
-    n_a = violated_count(a_bits, target_a)
+    if not jax.tree.leaves(w_bits) and not jax.tree.leaves(a_bits):
+        raise ValueError("w_bits and a_bits are both empty; allowed: at least one bit-width")
+    n_w = violated_count(w_bits, target_w, allow_empty=True)
+    n_a = violated_count(a_bits, target_a, allow_empty=True)
     omega_w = (n_w + _EPS) / (n_w + n_a + _EPS)
     omega_a = (n_a + _EPS) / (n_w + n_a + _EPS)
-    penalty = omega_w * bit_penalty(w_bits, target_w, p) + omega_a * bit_penalty(
-        a_bits, target_a, p
+    penalty = omega_w * bit_penalty(w_bits, target_w, p, allow_empty=True) + omega_a * (
+        bit_penalty(a_bits, target_a, p, allow_empty=True)
     )
     loss = task_loss + (loss_mean * t * penalty).astype(task_loss.dtype)
     return loss, PenaltyState(step=state.step + 1, loss_mean=loss_mean, t=t)

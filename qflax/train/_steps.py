@@ -9,6 +9,7 @@ Jeffreys variant ``KL(p_s || p_t) + KL(p_t || p_s)`` is the GDNSQ task loss (MET
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qflax.train._penalty import PenaltyState, penalty_init, penalty_loss, violated_share
+
 __all__ = [
     "Batch",
+    "PenaltySettings",
+    "learned_bit_widths",
     "TrainState",
     "create_train_state",
     "cross_entropy",
@@ -46,6 +51,10 @@ class TrainState:
       rng: uint32 ``(2,)`` key data, split once per step (``jax.random.wrap_key_data``).
       teacher: the frozen teacher's whole ``nnx.State`` (None without distillation); it is
         donated and returned unchanged by every step.
+      penalty: the bit-width penalty's :class:`~qflax.train.PenaltyState`.
+      lr_scale: float32 scalar multiplying every update (1 until the bit-widths converge, then
+        decaying by ``PenaltySettings.lr_decay`` per step).
+      converged: bool scalar, set by the loop once every learned bit-width is within target.
     """
 
     step: jax.Array
@@ -54,6 +63,46 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     teacher: Any = None
+    penalty: PenaltyState | None = None
+    lr_scale: jax.Array | None = None
+    converged: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PenaltySettings:
+    """How the train step adds the exterior-point bit-width penalty (METHODS.md 3).
+
+    Attributes:
+      lr_schedule: the quantizer parameters' learning-rate schedule (the penalty weight grows by
+        ``2·lr`` per step, ``lr`` this schedule times the state's ``lr_scale``).
+      warmup_steps: steps with penalty weight 0.
+      power: the penalty's exponent ``p``.
+      lr_decay: the per-step factor of ``lr_scale`` once ``converged`` is set.
+    """
+
+    lr_schedule: Callable[[jax.Array], jax.Array]
+    warmup_steps: int = 0
+    power: float = 1.0
+    lr_decay: float = 0.9985
+
+
+def learned_bit_widths(model: nnx.Module) -> tuple[list, list, list, list]:
+    """``(weight_bits, weight_targets, act_bits, act_targets)`` of every quant layer that learns
+    its bit-width (lists with one entry per layer, bits differentiable); empty lists if none."""
+    from qflax.layers._layers import is_quant_layer
+
+    w_bits, w_targets, a_bits, a_targets = [], [], [], []
+    for _, node in nnx.iter_graph(model):
+        if not is_quant_layer(node):
+            continue
+        widths = node.bit_widths()
+        if "weight" in widths:
+            w_bits.append(widths["weight"][0])
+            w_targets.append(widths["weight"][1])
+        if "act" in widths:
+            a_bits.append(widths["act"][0])
+            a_targets.append(widths["act"][1])
+    return w_bits, w_targets, a_bits, a_targets
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -84,6 +133,9 @@ def create_train_state(
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
         teacher=teacher_state,
+        penalty=penalty_init(),
+        lr_scale=jnp.ones((), jnp.float32),
+        converged=jnp.zeros((), jnp.bool_),
     )
     return graphdef, state, teacher_graphdef
 
@@ -138,6 +190,7 @@ def make_train_step(
     divergence: str = "kl",
     distill_weight: float = 1.0,
     temperature: float = 1.0,
+    penalty: PenaltySettings | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Makes ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
@@ -147,6 +200,13 @@ def make_train_step(
     (and any other non-``Param`` variable the forward pass updates) are carried in
     ``state.rest``. For sequence models every position is one example.
 
+    With ``penalty`` set and a model with learned bit-widths, the loss becomes
+    ``penalty_loss(task loss, ...)`` (:func:`qflax.train.penalty_loss`, per-layer targets) and
+    the metrics gain ``task_loss``, ``penalty``, ``penalty_weight`` (``t``), ``weight_bits`` /
+    ``act_bits`` (means of the continuous bit-widths) and ``violated`` (share of constraints
+    over target). Every update is multiplied by ``state.lr_scale``, which decays by
+    ``penalty.lr_decay`` per step once ``state.converged`` is set.
+
     Args:
       graphdef: the student's graph from :func:`split_model`.
       tx: the optimizer (initialised in ``state.opt_state``).
@@ -154,6 +214,7 @@ def make_train_step(
       divergence: ``"kl"`` or ``"jeffreys"``.
       distill_weight: weight of the divergence in [0, 1].
       temperature: softening temperature ``T > 0``.
+      penalty: the bit-width penalty's settings, or None (no penalty, no learning-rate decay).
 
     Returns:
       The jitted step. ``metrics`` holds float32 scalars ``loss`` and ``accuracy`` and, with
@@ -187,11 +248,49 @@ def make_train_step(
                 )
                 metrics["divergence"] = div
                 loss = (1.0 - distill_weight) * ce + distill_weight * div
+            pstate = state.penalty
+            if penalty is not None:
+                w_bits, w_targets, a_bits, a_targets = learned_bit_widths(model)
+                if w_bits or a_bits:
+                    lr = penalty.lr_schedule(state.step) * state.lr_scale
+                    task = loss
+                    loss, pstate = penalty_loss(
+                        task,
+                        w_bits,
+                        a_bits,
+                        state.penalty,
+                        target_w=w_targets,
+                        target_a=a_targets,
+                        lr=lr,
+                        warmup_steps=penalty.warmup_steps,
+                        p=penalty.power,
+                    )
+                    b = jax.lax.stop_gradient((w_bits, a_bits))
+                    metrics.update(
+                        task_loss=task,
+                        penalty=loss - task,
+                        penalty_weight=pstate.t,
+                        violated=violated_share(
+                            [*b[0], *b[1]], [*w_targets, *a_targets], allow_empty=True
+                        ),
+                    )
+                    if w_bits:
+                        metrics["weight_bits"] = jnp.mean(
+                            jnp.concatenate([x.ravel() for x in b[0]])
+                        )
+                    if a_bits:
+                        metrics["act_bits"] = jnp.mean(jnp.stack([x.ravel()[0] for x in b[1]]))
             _, _, rest = split_model(model)
-            return loss, (metrics, rest)
+            return loss, (metrics, rest, pstate)
 
-        (loss, (metrics, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (metrics, rest, pstate)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        lr_scale = state.lr_scale
+        if penalty is not None and lr_scale is not None:
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+            lr_scale = jnp.where(state.converged, lr_scale * penalty.lr_decay, lr_scale)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
             step=state.step + 1,
@@ -199,6 +298,8 @@ def make_train_step(
             rest=rest,
             opt_state=opt_state,
             rng=jax.random.key_data(rng),
+            penalty=pstate,
+            lr_scale=lr_scale,
         )
         return new_state, {"loss": loss, **metrics}
 

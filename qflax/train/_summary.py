@@ -37,8 +37,11 @@ def summarize_model(model: nnx.Module, example: jax.Array) -> dict[str, Any]:
       packed, every other parameter — norms, embeddings, positions — as float32),
       ``float32_bytes`` (4 per parameter), ``compression`` (float32 / packed), ``macs`` and
       ``bops`` of one example (``bops = sum macs * weight_bits * act_bits``),
-      ``avg_weight_bits`` (parameter-weighted),
-      ``avg_act_bits`` (MAC-weighted) and ``sparsity`` (zero weights / weights of the layers).
+      ``avg_weight_bits`` (parameter-weighted over the layers whose weights are quantized, as
+      papers count: float first/last layers are left out; 32 when none is),
+      ``avg_act_bits`` (MAC-weighted over the layers whose inputs are quantized),
+      ``avg_weight_bits_all`` / ``avg_act_bits_all`` (the same over every layer, float ones
+      at 32) and ``sparsity`` (zero weights / weights of the layers).
     """
     from qflax import layers as ql
 
@@ -61,11 +64,25 @@ def summarize_model(model: nnx.Module, example: jax.Array) -> dict[str, Any]:
         "compression": 4 * total_params / model_bytes if model_bytes else 1.0,
         "macs": int(totals["macs"]),
         "bops": int(totals["bops"]),
-        "avg_weight_bits": float(totals["avg_weight_bits"]),
-        "avg_act_bits": float(totals["avg_act_bits"]),
+        "avg_weight_bits": _quantized_mean(rows, "weight_bits", "params"),
+        "avg_act_bits": _quantized_mean(rows, "act_bits", "macs"),
+        "avg_weight_bits_all": float(totals["avg_weight_bits"]),
+        "avg_act_bits_all": float(totals["avg_act_bits"]),
         "sparsity": float(totals["sparsity"]),
         "layers": rows,
     }
+
+
+def _quantized_mean(rows: list[dict[str, Any]], field: str, weight: str) -> float:
+    """Mean of ``field`` over the rows below 32 bits, weighted by ``weight`` (plain mean when
+    those weights are all 0); 32.0 when no row is quantized."""
+    quantized = [r for r in rows if r[field] < FLOAT_BITS]
+    if not quantized:
+        return float(FLOAT_BITS)
+    total = sum(r[weight] for r in quantized)
+    if not total:
+        return float(np.mean([r[field] for r in quantized]))
+    return float(sum(r[field] * r[weight] for r in quantized) / total)
 
 
 def _bits_text(bits: float) -> str:
@@ -88,14 +105,21 @@ def format_table(summary: dict[str, Any]) -> str:
         )
     lines.append("-" * len(header))
     lines.append(
-        f"{'total (all parameters)':<28} {summary['avg_weight_bits']:>6.2f} "
-        f"{summary['avg_act_bits']:>6.2f} {summary['params']:>11,} "
+        f"{'total (all parameters)':<28} "
+        f"{summary.get('avg_weight_bits_all', summary['avg_weight_bits']):>6.2f} "
+        f"{summary.get('avg_act_bits_all', summary['avg_act_bits']):>6.2f} "
+        f"{summary['params']:>11,} "
         f"{summary['model_bytes'] / 1024:>11.2f} {summary['bops'] / 1e6:>10.2f} "
         f"{summary['sparsity']:>8.3f}"
     )
     compression = summary.get("compression") or (
         summary.get("float32_bytes", 4 * summary["params"]) / max(summary["model_bytes"], 1)
     )
+    if summary["avg_weight_bits"] < FLOAT_BITS or summary["avg_act_bits"] < FLOAT_BITS:
+        lines.append(
+            f"quantized layers: {summary['avg_weight_bits']:.2f} weight bits "
+            f"(parameter-weighted), {summary['avg_act_bits']:.2f} activation bits (MAC-weighted)"
+        )
     lines.append(
         f"model size {summary['model_bytes'] / 1024:.2f} KiB packed vs "
         f"{summary.get('float32_bytes', 4 * summary['params']) / 1024:.2f} KiB float32: "

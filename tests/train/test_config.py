@@ -63,7 +63,7 @@ def test_config_is_locked_but_kwargs_are_open():
         ("model", "resnet21", r"model='resnet21' is not allowed; allowed: 'mlp'"),
         ("quant.weight_bits", 0, r"quant.weight_bits=0 is out of range; allowed: integers 1..32"),
         ("quant.act_bits", 33, r"quant.act_bits=33 is out of range"),
-        ("quant.recipe", "lsq", r"quant.recipe='lsq' is not allowed; allowed: 'none'"),
+        ("quant.recipe", "hadamard", r"quant.recipe='hadamard' is not allowed; allowed: 'none'"),
         ("optimizer.name", "lamb", r"optimizer.name='lamb' is not allowed; allowed: 'adam'"),
         ("optimizer.schedule", "step", r"optimizer.schedule='step'"),
         ("optimizer.learning_rate", 0.0, r"optimizer.learning_rate=0.0"),
@@ -75,7 +75,7 @@ def test_config_is_locked_but_kwargs_are_open():
         ("teacher.weight", 1.5, r"teacher.weight=1.5"),
         ("teacher.mode", "checkpoint", r"teacher.path='' is not a workdir"),
         ("quant.rules", (("[", "absmax"),), r"pattern '\[' is not a regular expression"),
-        ("quant.rules", (("^conv2", "lsq"),), r"quant.rules\[0\] recipe='lsq'"),
+        ("quant.rules", (("^conv2", "hadamard"),), r"quant.rules\[0\] recipe='hadamard'"),
     ],
 )
 def test_bad_values_raise_naming_key_value_and_allowed(key, value, message):

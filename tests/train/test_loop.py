@@ -100,7 +100,8 @@ def test_quantized_training_reports_bits_and_size(recipe, tmp_path):
     _, summary = train_and_evaluate(config, tmp_path)
     bits = {row["name"]: (row["weight_bits"], row["act_bits"]) for row in summary["layers"]}
     assert bits == {"stem": (32, 32), "blocks.0": (4, 4), "head": (32, 32)}
-    assert 4 < summary["avg_weight_bits"] < 32  # stem and head stay float
+    assert summary["avg_weight_bits"] == 4.0  # over the quantized layers
+    assert 4 < summary["avg_weight_bits_all"] < 32  # stem and head stay float
     assert summary["model_bytes"] < 4 * summary["params"]
     rows = {row["name"]: row for row in summary["layers"]}
     quantized = rows["blocks.0"]
