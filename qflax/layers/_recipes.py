@@ -739,7 +739,7 @@ def lsq(
 
 
 def pact(
-    weight_bits: int | None = 4, act_bits: int | None = 4, *, init_alpha: float | None = 10.0
+    weight_bits: int | None = 4, act_bits: int | None = 4, *, init_alpha: float | None = None
 ) -> Recipe:
     """PACT (Choi et al. 2018): learned activation clip ``α`` (init ``init_alpha``; None: the
     calibration batch's maximum) with DoReFa weights, as in the paper. The L2 term on ``α`` is

@@ -452,6 +452,30 @@ def _layer_bits(model: nnx.Module) -> dict[str, list[float]] | None:
     }
 
 
+class EarlyStopping:
+    """Stop after ``patience`` updates in a row without a value below the best so far.
+
+    ``patience=0`` never stops.
+
+    >>> stopper = EarlyStopping(2)
+    >>> [stopper.update(v) for v in (3.0, 2.0, 2.5, 2.0, 1.0, 1.5, 1.2)]
+    [False, False, False, True, False, False, True]
+    """
+
+    def __init__(self, patience: int):
+        self.patience = int(patience)
+        self.best = math.inf
+        self.stale = 0
+
+    def update(self, value: float) -> bool:
+        """Records ``value``; True when training should stop."""
+        if value < self.best:
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
+
+
 def _learned_bits(model: nnx.Module) -> dict[str, dict[str, Any]]:
     """Per layer with learned bit-widths: the integer bits used and the targets (eager)."""
     from qflax.layers._layers import is_quant_layer
@@ -647,7 +671,8 @@ def train_and_evaluate(
         (r["epoch"] for r in records if r.get("kind") == "epoch" and r.get("converged")), None
     )
     stopped_epoch = None
-    best_loss, stale = math.inf, 0  # early stopping (restarts counting when a run is resumed)
+    # Early stopping restarts counting when a run is resumed.
+    early_stop = EarlyStopping(config.penalty.patience)
     try:
         for epoch in range(start_epoch, config.epochs):
             bar.set_description(f"{workdir.name} epoch {epoch + 1}/{config.epochs}")
@@ -701,13 +726,8 @@ def train_and_evaluate(
                         state = state.replace(converged=jax.numpy.ones((), bool))
                         logger.info("bit-widths within target at epoch %d", epoch + 1)
                     record["converged"] = converged_epoch is not None
-                    if converged_epoch is not None and config.penalty.patience:
-                        loss = record["train_loss"]
-                        if loss < best_loss:
-                            best_loss, stale = loss, 0
-                        else:
-                            stale += 1
-                        stop = stale >= config.penalty.patience and not last_epoch
+                    if converged_epoch is not None:
+                        stop = early_stop.update(record["train_loss"]) and not last_epoch
             with metrics_path.open("a") as f:
                 f.write(json.dumps(_json_ready(record)) + "\n")
             records.append(record)
