@@ -2,6 +2,8 @@
 
     qflax train --config experiments/mnist5k/fp.py [--config.KEY=VALUE ...] --workdir DIR
     qflax eval --workdir DIR [--integer]
+    qflax ptq --workdir FLOAT_RUN --out DIR [--config.weight_bits=8 --config.act_bits=8
+              --config.calibration=absmax|minmax|percentile|mse --config.num_batches=8]
     qflax summary --workdir DIR [--workdir DIR2 ...]
     qflax report [--seed N]
 
@@ -18,10 +20,6 @@ import sys
 import time
 
 CONFIG_PREFIX = "--config."
-INTEGER_NOT_IMPLEMENTED = (
-    "--integer: evaluation through integer-only inference is not yet implemented "
-    "(issue: integer inference); run `qflax eval` without --integer"
-)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -76,15 +74,51 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bytes_text(result: dict) -> str:
+    return (
+        f"model_bytes: {result['model_bytes']:,} packed vs {result['float32_bytes']:,} float32 "
+        f"({result['compression']:.2f}x smaller)"
+    )
+
+
 def _eval(args: argparse.Namespace) -> int:
     if args.integer:
-        raise NotImplementedError(INTEGER_NOT_IMPLEMENTED)
-    from qflax.train import evaluate
+        from qflax.export import evaluate_integer
 
-    result = evaluate(args.workdir)
+        result = evaluate_integer(args.workdir)
+    else:
+        from qflax.train import evaluate
+
+        result = evaluate(args.workdir)
     path = pathlib.Path(args.workdir) / "eval.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"test_accuracy: {result['test_accuracy']:.4f}")
+    if args.integer:
+        print(
+            f"fake_quant_test_accuracy: {result['fake_quant_test_accuracy']:.4f}  "
+            f"differing_predictions: {result['differing_predictions']} of "
+            f"{result['test_examples']}"
+        )
+        print(_bytes_text(result))
+    return 0
+
+
+def _ptq(args: argparse.Namespace) -> int:
+    from qflax.export import ptq, ptq_config
+    from qflax.train import _config
+
+    options = _config.apply_overrides(ptq_config(), args.overrides)
+    result = ptq(args.workdir, args.out, **options.to_dict())
+    print(f"test_accuracy: {result['test_accuracy']:.4f}")
+    print(
+        f"integer_test_accuracy: {result['integer_test_accuracy']:.4f}  "
+        f"fp_test_accuracy: {result['fp_test_accuracy']:.4f}  "
+        f"differing_predictions: {result['differing_predictions']} of {result['test_examples']}"
+    )
+    print(
+        f"{_bytes_text(result)}  W{result['weight_bits']}A{result['act_bits']} "
+        f"calibration: {result['calibration']}  out: {args.out}"
+    )
     return 0
 
 
@@ -162,9 +196,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--workdir", required=True, help="directory of the run")
     evaluate.add_argument(
-        "--integer", action="store_true", help="through integer-only inference (not yet)"
+        "--integer",
+        action="store_true",
+        help="through integer inference (quantized layers on int8 codes, int32 accumulation; "
+        "float layers in float32); also prints the fake-quant accuracy, the number of "
+        "differing predictions and the packed vs float32 bytes",
     )
     evaluate.set_defaults(func=_eval)
+
+    post = sub.add_parser(
+        "ptq",
+        help="post-training quantization of a float run: fold BN, calibrate static scales, "
+        "evaluate fake-quant and integer inference, save a packed checkpoint",
+        description="Quantize a finished float run (MLP or CNN) without training. Options as "
+        "--config.KEY=VALUE: weight_bits (2..8, default 8), act_bits (2..8, default 8), "
+        "calibration (absmax, minmax, percentile, mse; default absmax), num_batches (training "
+        "batches to calibrate on, default 8), first_last_float (default false). Writes "
+        "OUT/packed/ (orbax) and OUT/summary.json.",
+        allow_abbrev=False,
+    )
+    post.add_argument("--workdir", required=True, help="directory of a finished float run")
+    post.add_argument("--out", required=True, help="directory to write the quantized model to")
+    post.set_defaults(func=_ptq)
 
     summary = sub.add_parser(
         "summary",
@@ -194,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command == "train":
+        if args.command in ("train", "ptq"):
             args.overrides = split_config_overrides(extra)
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
-    except (ValueError, FloatingPointError, NotImplementedError) as error:
+    except (ValueError, FloatingPointError) as error:
         print(f"qflax {args.command}: error: {error}", file=sys.stderr)
         return 1
 

@@ -11,6 +11,7 @@ from qflax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FP = str(REPO / "experiments" / "mnist5k" / "fp.py")
+W4A4 = str(REPO / "experiments" / "mnist5k" / "w4a4.py")
 
 
 def test_importing_the_cli_is_cheap():
@@ -34,6 +35,15 @@ def test_parser_knows_every_subcommand():
         ["--config.epochs=2"],
     )
     assert parser.parse_args(["eval", "--workdir", "w", "--integer"]).integer
+    args, extra = parser.parse_known_args(
+        ["ptq", "--workdir", "w", "--out", "o", "--config.calibration=mse"]
+    )
+    assert (args.command, args.workdir, args.out, extra) == (
+        "ptq",
+        "w",
+        "o",
+        ["--config.calibration=mse"],
+    )
     assert parser.parse_args(["summary", "--workdir", "a", "--workdir", "b"]).workdir == ["a", "b"]
     assert parser.parse_args(["report"]).command == "report"
 
@@ -91,7 +101,59 @@ def test_train_eval_summary_end_to_end(tmp_path, capsys):
 
     assert cli.main(["eval", "--workdir", workdir, "--integer"]) == 1
     err = capsys.readouterr().err
-    assert "not yet implemented (issue: integer inference)" in err
+    assert "is a float run (quant.recipe='none')" in err and "qflax ptq --workdir" in err
+
+    out_dir = tmp_path / "ptq"
+    argv = ["ptq", "--workdir", workdir, "--out", str(out_dir), "--config.num_batches=2"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((out_dir / "summary.json").read_text())
+    assert out.startswith(f"test_accuracy: {result['test_accuracy']:.4f}\n")
+    assert f"integer_test_accuracy: {result['integer_test_accuracy']:.4f}" in out
+    assert "W8A8 calibration: absmax" in out and "float32 (" in out
+    assert result["differing_predictions"] == 0 and (out_dir / "packed").is_dir()
+
+
+def test_eval_integer_of_a_w4a4_run(tmp_path, capsys):
+    """The main job's recipe (learned_step W4A4, stem and head float) on digits, one epoch."""
+    workdir = str(tmp_path / "w4a4")
+    argv = ["train", "--config", f"{W4A4}:smoke", "--config.progress_bar=false"]
+    assert cli.main([*argv, "--workdir", workdir]) == 0
+    summary = json.loads((tmp_path / "w4a4" / "summary.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", workdir, "--integer"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads((tmp_path / "w4a4" / "eval.json").read_text())
+    assert result["integer"] and result["test_examples"] == 359
+    assert lines[0] == f"test_accuracy: {result['test_accuracy']:.4f}"
+    assert lines[1] == (
+        f"fake_quant_test_accuracy: {result['fake_quant_test_accuracy']:.4f}  "
+        f"differing_predictions: {result['differing_predictions']} of 359"
+    )
+    assert lines[2].startswith(f"model_bytes: {result['model_bytes']:,} packed vs ")
+    # learned_step: the reference is the model itself, i.e. what `qflax eval` reports
+    assert result["fake_quant_test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert result["differing_predictions"] == 0
+    assert result["test_accuracy"] == result["fake_quant_test_accuracy"]
+    assert result["float32_bytes"] > 2 * result["model_bytes"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.weight_bit=4", "unknown config key 'weight_bit'; did you mean 'weight_bits'"),
+        ("--config.weight_bits=eight", "cannot be read as int"),
+        ("--config.act_bits=16", "act_bits=16 is out of range; allowed: integers 2..8"),
+        ("--config.calibration=kl", "calibration='kl' is not allowed; allowed: 'absmax'"),
+    ],
+)
+def test_bad_ptq_input_is_one_clear_line(override, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = cli.main(["ptq", "--workdir", str(tmp_path), "--out", str(out), override])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("qflax ptq: error: ") and message in err
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(

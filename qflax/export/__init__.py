@@ -5,10 +5,14 @@
 * :func:`export_model` / :func:`import_model`, :func:`save_packed` / :func:`load_packed` (orbax),
   :func:`packed_model_bytes`;
 * BatchNorm folding: :func:`fold_batchnorm`, :func:`fold_model_batchnorm`;
-* integer-only inference of MLP / CNN models with absmax recipes: :func:`static_act_scales`,
-  :func:`fake_quant_forward`, :func:`export_integer`, :func:`integer_forward`.
+* integer inference of MLP / CNN models, quantized layers (absmax / learned_step) on int8
+  codes with int32 accumulation and float layers (a float first/last layer) in float32:
+  :func:`static_act_scales`, :func:`fake_quant_forward`, :func:`export_integer`,
+  :func:`integer_forward`; :func:`evaluate_integer` (``qflax eval --integer``);
+* post-training quantization of a float run: :func:`ptq` (``qflax ptq``), :func:`load_ptq`.
 """
 
+from qflax.export._evaluate import evaluate_integer
 from qflax.export._export import (
     export_model,
     import_model,
@@ -20,8 +24,11 @@ from qflax.export._export import (
 )
 from qflax.export._fold import Identity, fold_batchnorm, fold_model_batchnorm, identity_variance
 from qflax.export._integer import (
+    CALIBRATIONS,
+    FloatLayer,
     IntegerLayer,
     IntegerProgram,
+    estimate_scale,
     export_integer,
     fake_quant_forward,
     integer_forward,
@@ -30,6 +37,7 @@ from qflax.export._integer import (
     requantize,
     static_act_scales,
 )
+from qflax.export._ptq import PTQ_KEYS, load_ptq, ptq, ptq_config
 from qflax.export._qarray import (
     QARRAY_KINDS,
     QArray,
@@ -46,13 +54,18 @@ from qflax.export._qarray import (
 )
 
 __all__ = [
+    "CALIBRATIONS",
+    "PTQ_KEYS",
     "QARRAY_KINDS",
+    "FloatLayer",
     "Identity",
     "IntegerLayer",
     "IntegerProgram",
     "QArray",
     "container_bits",
     "dequantize",
+    "estimate_scale",
+    "evaluate_integer",
     "export_integer",
     "export_model",
     "fake_quant_forward",
@@ -62,9 +75,12 @@ __all__ = [
     "import_model",
     "integer_forward",
     "load_packed",
+    "load_ptq",
     "nbytes",
     "pack",
     "packed_model_bytes",
+    "ptq",
+    "ptq_config",
     "quant_layers",
     "quantize_binary",
     "quantize_codeq",
