@@ -10,12 +10,15 @@ the code starts near 20 bits and trains hundreds of epochs), and 15 epochs.
 
     qflax train --config experiments/mnist5k/fp.py --workdir runs/mnist5k-fp     # the teacher
     qflax train --config experiments/mnist5k/gdnsq.py --config.target_bits=2 \\
-        --config.teacher.path=runs/mnist5k-fp --workdir runs/mnist5k-gdnsq-w2a2
-    qflax train --config experiments/mnist5k/gdnsq.py:w1a32 --config.teacher.path=... --workdir ...
+        --config.teacher.mode=checkpoint --config.teacher.path=runs/mnist5k-fp \\
+        --workdir runs/mnist5k-gdnsq-w2a2
+    qflax train --config experiments/mnist5k/gdnsq.py:w1a32 --config.teacher.mode=checkpoint \\
+        --config.teacher.path=runs/mnist5k-fp --workdir runs/mnist5k-gdnsq-w1a32
     qflax train --config experiments/mnist5k/gdnsq.py --config.target_bits=2 \\
         --config.dataset=digits --config.epochs=5 --workdir /tmp/gdnsq   # ~1 min, trains a teacher
 
-Without ``teacher.path`` the float teacher is trained first in ``WORKDIR/teacher`` (same data,
+Without ``teacher.mode=checkpoint`` the float teacher is trained first in ``WORKDIR/teacher``
+(same data,
 same model). Variants: ``w1a32`` (1-bit weights, float activations).
 
 Expected (mnist5k, float CNN 0.982; mean of three seeds, see experiments/mnist5k/README.md for

@@ -88,13 +88,15 @@ def default_config() -> ml_collections.ConfigDict:
       for adam/sgd and decoupled for adamw; ``schedule`` constant or cosine (to 0 at the end),
       both after ``warmup_epochs`` of linear warm-up.
     - ``quant.{recipe, weight_bits, act_bits, first_last_float, learning_rate, clip_decay,
-      rules}``: ``recipe`` "none" trains in float, else a name of ``qflax.layers.RECIPES`` built
-      with ``weight_bits``/``act_bits`` (the targets for ``gdnsq``) and ``recipe_kwargs``;
-      ``first_last_float`` keeps ``stem`` and ``head`` in float; ``learning_rate`` is the peak
-      rate of quantizer parameters (``QuantParam``: no weight decay); ``clip_decay`` is the L2
-      coefficient on learned clipping levels (PACT's ``α``: ``λ·α`` added to its gradient);
-      ``rules`` are ``(pattern, recipe_name)`` pairs tried before the default ones (recipe
-      "none" keeps matching layers float).
+      max_update, rules}``: ``recipe`` "none" trains in float, else a name of
+      ``qflax.layers.RECIPES`` built with ``weight_bits``/``act_bits`` (the targets for
+      ``gdnsq``) and ``recipe_kwargs``; ``first_last_float`` keeps ``stem`` and ``head`` in
+      float; ``learning_rate`` is the peak rate of quantizer parameters (``QuantParam``: no
+      weight decay); ``clip_decay`` is the L2 coefficient on learned clipping levels (PACT's
+      ``α``: ``λ·α`` added to its gradient); ``max_update`` bounds every quantizer parameter's
+      step to ``max_update·lr`` (0: no bound; Adam's steps after a sudden large gradient reach
+      ~31·lr); ``rules`` are ``(pattern, recipe_name)`` pairs tried before the default ones
+      (recipe "none" keeps matching layers float).
     - ``recipe_kwargs``: further arguments of the recipe factory (e.g. ``backward`` of
       ``gdnsq``, ``weight_granularity``); open.
     - ``penalty.{warmup_epochs, power, lr_decay, patience}``: the exterior-point bit-width
@@ -146,6 +148,7 @@ def default_config() -> ml_collections.ConfigDict:
             first_last_float=True,
             learning_rate=1e-3,
             clip_decay=0.0,
+            max_update=1.0,
             rules=(),
         )
     )
@@ -424,6 +427,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
         )
     _check_number(quant.learning_rate, "quant.learning_rate", 0.0, open_lo=True)
     _check_number(quant.clip_decay, "quant.clip_decay", 0.0)
+    _check_number(quant.max_update, "quant.max_update", 0.0)
     _check_recipe(quant.recipe, "quant.recipe", config)
     rules = quant.rules
     if not isinstance(rules, (list, tuple)):

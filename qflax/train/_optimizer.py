@@ -108,7 +108,8 @@ def make_optimizer(
 
     The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to PACT's ``α``] ->
     [L2 weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's,
-    or SGD momentum) -> [decoupled weight decay, masked to weights (adamw)] ->
+    or SGD momentum) -> [decoupled weight decay, masked to weights (adamw)] -> [each quantizer
+    parameter's step clipped to ``±quant.max_update`` (in units of its learning rate)] ->
     ``optax.partition`` scaling weights by ``-schedule(step)`` and quantizer parameters by
     ``-quant_schedule(step)``. Quantizer parameters (``QuantParam``) never get weight decay.
     (The chain's update runs under standard dtype promotion, see ``_standard_promotion``.)
@@ -159,6 +160,13 @@ def make_optimizer(
             parts.append(weight_decay)
     else:
         raise ValueError(f"optimizer.name={opt.name!r} is not allowed; allowed: adam, adamw, sgd")
+    max_update = float(config.quant.max_update)
+    if max_update:
+        # Bounded quantizer steps: Adam's first update after a calm stretch can reach
+        # ~lr/sqrt(1 - b2) = 31·lr, which throws learned log-steps several bits past a target
+        # when the bit-width penalty switches on (seen on mnist5k: activations fell to 0 bits).
+        is_quant = jax.tree.map(lambda label: label == QUANT, labels)
+        parts.append(optax.masked(optax.clip(max_update), is_quant))
     parts.append(
         optax.partition(
             {
