@@ -44,7 +44,7 @@ def get_config(variant: str | None = None):
     config.optimizer.schedule = "constant"
     config.quant.recipe = "gdnsq"
     config.quant.first_last_float = True
-    config.quant.learning_rate = 0.1
+    config.quant.learning_rate = 0.05
     config.recipe_kwargs.backward = "ste"
     config.recipe_kwargs.init_bits = 8.0
     if variant == "w1a32":
