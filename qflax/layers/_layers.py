@@ -168,6 +168,17 @@ class _QuantLayer(nnx.Module):
                 setattr(self, f"act_{name}", QuantParam(jnp.asarray(value, jnp.float32)))
             names["act"] = tuple(values)
         self.param_names = tuple(sorted(names.items()))  # ((role, (name, ...)), ...), static
+        stat_names = {}
+        for role, tq in (("weight", recipe.weight), ("act", recipe.act)):
+            if tq is None:
+                continue
+            values = tq.stats_init(self._kernel() if role == "weight" else None)
+            for name, value in values.items():
+                setattr(self, f"{role}_{name}", QuantStat(jnp.asarray(value, jnp.float32)))
+            if values:
+                stat_names[role] = tuple(values)
+        # Non-learned quantizer state (DBSSQ's ε and σ, a pair's μ): ((role, names), ...).
+        self.stat_names = tuple(sorted(stat_names.items()))
         self.macs = QuantStat(jnp.zeros((), jnp.int32))
         if any(tq is not None and tq.needs_key for tq in (recipe.weight, recipe.act)):
             # The key of stochastic backward rules, split on every call (so a resumed run
@@ -193,6 +204,23 @@ class _QuantLayer(nnx.Module):
         names = dict(self.param_names).get(role, ())
         return {name: getattr(self, f"{role}_{name}")[...] for name in names}
 
+    def _stats(self, role: str) -> dict[str, jax.Array]:
+        names = dict(self.stat_names).get(role, ())
+        return {name: getattr(self, f"{role}_{name}")[...] for name in names}
+
+    def set_stat(self, name: str, value: Any) -> list[str]:
+        """Sets the quantizer state ``name`` (``"epsilon"``, ``"mu"``) of every role that has
+        it; returns the roles set. ``value``: a number, or a callable of the role's
+        TensorQuant returning one (e.g. an annealing schedule from the recipe's start value)."""
+        done = []
+        for role, names in self.stat_names:
+            if name in names:
+                v = value(getattr(self.recipe, role)) if callable(value) else value
+                var = getattr(self, f"{role}_{name}")
+                var[...] = jnp.asarray(v, jnp.float32).reshape(jnp.shape(var[...]))
+                done.append(role)
+        return done
+
     def _set_params(self, role: str, values: dict[str, jax.Array]) -> None:
         for name, value in values.items():
             getattr(self, f"{role}_{name}")[...] = value
@@ -211,9 +239,15 @@ class _QuantLayer(nnx.Module):
         weight = (
             None
             if recipe.weight is None
-            else recipe.weight.quantizer(self._params("weight"), key=w_key)
+            else recipe.weight.quantizer(
+                self._params("weight"), key=w_key, stats=self._stats("weight")
+            )
         )
-        act = None if recipe.act is None else recipe.act.quantizer(self._params("act"), key=a_key)
+        act = (
+            None
+            if recipe.act is None
+            else recipe.act.quantizer(self._params("act"), key=a_key, stats=self._stats("act"))
+        )
         grad = None if recipe.grad is None else recipe.grad.quantizer()
         return weight, act, grad
 
@@ -247,7 +281,7 @@ class _QuantLayer(nnx.Module):
         out = {}
         for role in ("weight", "act"):
             tq = getattr(self.recipe, role)
-            if tq is not None and tq.learns_bits:
+            if tq is not None and tq.reads_bits:
                 x = self._kernel() if role == "weight" else None
                 out[role] = int(tq.used_bits(x, self._params(role)))
         return out
@@ -260,7 +294,7 @@ class _QuantLayer(nnx.Module):
         spec = self.recipe.weight
         # The forward value never depends on the noise of a stochastic backward rule.
         key = jax.random.key(0) if spec.needs_key else None
-        return spec.apply(kernel, self._params("weight"), key=key)
+        return spec.apply(kernel, self._params("weight"), key=key, stats=self._stats("weight"))
 
     # ------------------------------------------------------------------ the call
 
@@ -328,9 +362,10 @@ class _QuantLayer(nnx.Module):
         )
         scales = 0
         if recipe.weight is not None and (
-            not recipe.weight.learnable or recipe.weight.kind == "gdnsq"
+            not recipe.weight.learnable or recipe.weight.kind in ("gdnsq", "codeq")
         ):
-            # GDNSQ weights also need their zero point min w_c per channel at rest.
+            # GDNSQ weights also need their zero point min w_c per channel at rest, CoDeQ its
+            # step and first-level shift.
             scales = recipe.weight.scale_count(tuple(self.inner.kernel.shape))
         if weight_bits < FLOAT_BITS:
             num_bias = info["params"] - info["weights"]

@@ -43,6 +43,8 @@ KINDS = (
     "pact",
     "dorefa",
     "gdnsq",
+    "dbssq",
+    "codeq",
 )
 
 _CONFIG_TYPES = {
@@ -56,10 +58,15 @@ _CONFIG_TYPES = {
     "pact": qz.PACTConfig,
     "dorefa": qz.DoReFaConfig,
     "gdnsq": (qz.GDNSQWeightConfig, qz.GDNSQActConfig),
+    "dbssq": qz.DBSSQConfig,
+    "codeq": qz.CoDeQConfig,
 }
 
 # Kinds whose params are learned (QuantParam in the layer).
-_LEARNABLE = ("learned_step", "lsq", "pact", "gdnsq")
+_LEARNABLE = ("learned_step", "lsq", "pact", "gdnsq", "codeq")
+# Kinds whose integer bit-width is learned and read from the params (`used_bits`).
+_LEARNED_BITS = ("gdnsq", "codeq")
+ROLES = ("weight", "act")
 
 # Bits of a float tensor in summaries.
 FLOAT_BITS = 32
@@ -101,6 +108,17 @@ class TensorQuant:
       lower bound) so the bit-width itself is learned; ``target_bits`` is the bit-width the
       exterior-point penalty drives it to (:mod:`qflax.train`), and :meth:`bits` reports it
       (a layer's ``quant_info`` reports the integer bit-width actually used).
+    * ``"dbssq"``: :func:`~qflax.quantizers.dbssq_weight` (``role="weight"``: per-channel
+      normalisation, rescaled by the fixed pretrained spread ``sigma``, a ``QuantStat`` set from
+      the kernel when the layer is built) or :func:`~qflax.quantizers.dbssq_act`
+      (``role="act"``); the blend ``ε`` is a ``QuantStat`` the training loop anneals
+      (:func:`~qflax.quantizers.dbssq_epsilon_schedule`, 0 at the end: the exact quantizer).
+    * ``"codeq"``: :func:`~qflax.quantizers.codeq` (weights): learned dead-zone ``θ_d`` and
+      bit-width ``θ_b`` (``QuantParam`` s; their decoupled decay is the optimizer's
+      ``quant.deadzone_decay`` / ``quant.bits_decay``).
+
+    Pairs whose factory takes ``mu`` (``pc``, ``proxquant``, ``bnn++``) keep ``μ`` as a
+    ``QuantStat`` too, so the loop can anneal it (``anneal.mu_end``) without recompiling.
 
     >>> TensorQuant(kind="absmax", config=qz.UniformConfig(bits=4)).bits
     4
@@ -124,6 +142,8 @@ class TensorQuant:
     axis: int = -1
     # kind="gdnsq": the target bit-width of the learned bit-width (1..32); None otherwise.
     target_bits: int | None = None
+    # kind="dbssq": "weight" or "act" (which normalisation); None otherwise.
+    role: str | None = None
 
     def __post_init__(self):
         check_choice(self.kind, "kind", KINDS)
@@ -158,6 +178,13 @@ class TensorQuant:
                 f"target_bits={self.target_bits!r} is only used with kind='gdnsq'; allowed for "
                 f"kind={self.kind!r}: None"
             )
+        if self.kind == "dbssq":
+            check_choice(self.role, "role", ROLES)
+        elif self.role is not None:
+            raise ValueError(
+                f"role={self.role!r} is only used with kind='dbssq'; allowed for "
+                f"kind={self.kind!r}: None"
+            )
         if self.kind == "learned_step" and not config.learn_scale:
             raise ValueError(
                 "config.learn_scale=False is not allowed for kind='learned_step'; allowed: True"
@@ -184,7 +211,14 @@ class TensorQuant:
                         f"pair_kwargs[{item[0]!r}]={item[1]!r} is not allowed; allowed: a number"
                     )
             object.__setattr__(self, "pair_kwargs", kwargs)
-            qz.PAIRS[self.pair](**dict(kwargs))  # validates the arguments now
+            try:
+                qz.PAIRS[self.pair](**dict(kwargs))  # validates the arguments now
+            except TypeError:
+                allowed = ", ".join(self.pair_defaults()) or "none"
+                raise ValueError(
+                    f"pair_kwargs={dict(kwargs)!r} are not arguments of pair {self.pair!r}; "
+                    f"allowed: {allowed}"
+                ) from None
             check_choice(self.scaling, "scaling", qz.SCALINGS)
             _check_int(self.axis, "axis")
         else:
@@ -209,6 +243,10 @@ class TensorQuant:
             return int(self.config.bits)
         if self.kind == "gdnsq":
             return int(self.target_bits)
+        if self.kind == "dbssq":  # shift: 2^b magnitudes and a sign; uniform: b-bit codes
+            return int(self.config.bits) + (1 if self.config.levels == "shift" else 0)
+        if self.kind == "codeq":
+            return 8 if self.config.fixed_bits is None else int(self.config.fixed_bits)
         if self.kind == "ternary":
             return 2
         return 1
@@ -220,14 +258,21 @@ class TensorQuant:
             return self.config.granularity
         if self.kind == "gdnsq":
             return getattr(self.config, "granularity", "tensor")
-        if self.kind in ("pact", "dorefa"):
+        if self.kind in ("pact", "dorefa", "codeq"):
             return "tensor"
+        if self.kind == "dbssq":
+            return "channel" if self.role == "weight" else "none"
         return self.scaling if self.kind == "pair" else self.config.scaling
 
     @property
     def learnable(self) -> bool:
         """Whether :meth:`init` returns learnable params (learned_step, lsq, pact, gdnsq)."""
         return self.kind in _LEARNABLE
+
+    @property
+    def reads_bits(self) -> bool:
+        """Whether the integer bit-width is read from learned params (GDNSQ, CoDeQ)."""
+        return self.kind in _LEARNED_BITS
 
     @property
     def learns_bits(self) -> bool:
@@ -241,7 +286,13 @@ class TensorQuant:
             self.kind == "pact"
             or (self.kind == "dorefa" and self.config.role == "act")
             or (self.kind == "gdnsq" and isinstance(self.config, qz.GDNSQActConfig))
+            or (self.kind == "dbssq" and self.role == "act")
         )
+
+    @property
+    def is_weight_only(self) -> bool:
+        """Quantizers defined for weights only (CoDeQ, DBSSQ's weight role)."""
+        return self.kind == "codeq" or (self.kind == "dbssq" and self.role == "weight")
 
     @property
     def needs_key(self) -> bool:
@@ -274,11 +325,37 @@ class TensorQuant:
             params = qz.lsq_init(x, self.config)
         elif self.kind == "pact":
             return qz.pact_init(x, self.config)
+        elif self.kind == "codeq":
+            return qz.codeq_init(x, self.config)
         elif isinstance(self.config, qz.GDNSQActConfig):
             return qz.gdnsq_act_init(x, self.config)
         else:
             params = qz.gdnsq_weight_init(x, self.config)
         return {k: self._compact(v) for k, v in params.items()}
+
+    def stats_init(self, x: ArrayLike | None) -> dict[str, jax.Array]:
+        """Non-learned state of the quantizer (float32, compact): DBSSQ's ``epsilon`` (1.0 at
+        the start) and, for weights, ``sigma`` (the per-channel std of ``x``, the pretrained
+        spread); a pair's ``mu`` when its factory takes one. ``{}`` otherwise."""
+        if self.kind == "dbssq":
+            out = {"epsilon": jnp.ones((), jnp.float32)}
+            if self.role == "weight":
+                sigma = qz.dbssq_weight_init(jax.lax.stop_gradient(jnp.asarray(x)), axis=-1)
+                out["sigma"] = jnp.asarray(sigma, jnp.float32).reshape(-1)
+            return out
+        if self.kind == "pair" and "mu" in self.pair_defaults():
+            mu = dict(self.pair_kwargs).get("mu", self.pair_defaults()["mu"])
+            return {"mu": jnp.asarray(mu, jnp.float32)}
+        return {}
+
+    def pair_defaults(self) -> dict[str, Any]:
+        """The keyword defaults of the pair's factory (``{}`` for other kinds)."""
+        if self.kind != "pair":
+            return {}
+        import inspect
+
+        sig = inspect.signature(qz.PAIRS[self.pair])
+        return {k: v.default for k, v in sig.parameters.items()}
 
     def placeholder(self, shape: tuple[int, ...]) -> dict[str, jax.Array]:
         """Params for a tensor of ``shape`` before any data is seen (activations before
@@ -318,14 +395,24 @@ class TensorQuant:
             return 1 if self.config.bits == 1 and self.config.role == "weight" else 0
         if self.kind in ("absmax", "learned_step"):
             per = 1 if self.config.symmetric else 2
+        elif self.kind == "codeq":
+            per = 2  # the step s and the shift of the first level
         else:
             per = 1
         if gran == "tensor":
             return per
         if gran == "group":
             return per * int(np.prod(shape)) // self.config.group_size
-        axis = self.config.axis if self.kind != "pair" else self.axis
-        return per * int(shape[axis % len(shape)])
+        return per * int(shape[self.channel_axis % len(shape)])
+
+    @property
+    def channel_axis(self) -> int:
+        """The axis of per-channel scales (the pair's ``axis``; -1 for DBSSQ weights)."""
+        if self.kind == "pair":
+            return self.axis
+        if self.kind == "dbssq":
+            return -1
+        return getattr(self.config, "axis", -1)
 
     def _compact(self, v: jax.Array) -> jax.Array:
         gran = self.granularity
@@ -340,7 +427,7 @@ class TensorQuant:
         if gran == "tensor":
             return jnp.reshape(v, (1,) * x.ndim)
         if gran == "channel":
-            axis = self.config.axis
+            axis = self.channel_axis
             if not -x.ndim <= axis < x.ndim:
                 raise ValueError(
                     f"axis={axis} is out of range for a tensor of rank {x.ndim}; allowed: "
@@ -364,14 +451,24 @@ class TensorQuant:
         params: Mapping[str, ArrayLike] | None = None,
         *,
         key: jax.Array | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
     ) -> jax.Array:
-        """Quantizes ``x`` (shape and dtype kept); ``params`` as returned by :meth:`init`.
+        """Quantizes ``x`` (shape and dtype kept); ``params`` as returned by :meth:`init`,
+        ``stats`` as by :meth:`stats_init` (None: computed from ``x`` now).
 
         Gradients are the quantizer's own (see ``qflax.quantizers``); scales recomputed from
         ``x`` (absmax, pow2, binary, ternary, pair scaling) are under ``stop_gradient``.
         """
         x = jnp.asarray(x)
         params = {} if params is None else dict(params)
+        stats = self.stats_init(x) if stats is None else dict(stats)
+        if self.kind == "codeq":
+            return qz.codeq(x, params, self.config)
+        if self.kind == "dbssq":
+            if self.role == "act":
+                return qz.dbssq_act(x, stats["epsilon"], self.config)
+            sigma = self._expand(jnp.asarray(stats["sigma"]), x)
+            return qz.dbssq_weight(x, stats["epsilon"], sigma, self.config, axis=-1)
         if self.kind == "learned_step":
             missing = {"scale"} - set(params)
             if missing:
@@ -415,17 +512,24 @@ class TensorQuant:
         if self.kind == "ternary":
             return qz.ternary(x, {}, self.config)
         # pair
-        y = qz.PAIRS[self.pair](**dict(self.pair_kwargs))(x).astype(x.dtype)
+        kwargs = dict(self.pair_kwargs)
+        if "mu" in stats:
+            kwargs["mu"] = stats["mu"]
+        y = qz.PAIRS[self.pair](**kwargs)(x).astype(x.dtype)
         if self.scaling == "none":
             return y
         alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))
         return alpha.astype(x.dtype) * y
 
     def quantizer(
-        self, params: Mapping[str, ArrayLike] | None = None, *, key: jax.Array | None = None
+        self,
+        params: Mapping[str, ArrayLike] | None = None,
+        *,
+        key: jax.Array | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
     ) -> Callable:
-        """``x -> self.apply(x, params, key=key)``: a slot for the ops in :mod:`qflax.ops`."""
-        return _Bound(self, dict(params or {}), key)
+        """``x -> self.apply(x, params, key=key, stats=stats)``: a slot for :mod:`qflax.ops`."""
+        return _Bound(self, dict(params or {}), key, stats)
 
     # ---------------------------------------------------------------- learned bit-widths
 
@@ -450,6 +554,8 @@ class TensorQuant:
         channel for weights; activations ``ceil(log2(round(2^(ℓ_q − ℓ_s))))``, the codes of
         the whole clip range ``[β, β + 2^ℓ_q − s]`` (not only those a batch happens to reach).
         """
+        if self.kind == "codeq":
+            return qz.codeq_bits(params, self.config).astype(jnp.int32)
         if self.kind != "gdnsq":
             return None
         if isinstance(self.config, qz.GDNSQActConfig):
@@ -465,13 +571,14 @@ class TensorQuant:
 class _Bound:
     """A TensorQuant with its params bound: the callable handed to an op's quantizer slot."""
 
-    def __init__(self, spec: TensorQuant, params: dict[str, jax.Array], key=None):
+    def __init__(self, spec: TensorQuant, params: dict[str, jax.Array], key=None, stats=None):
         self.spec = spec
         self.params = params
         self.key = key
+        self.stats = stats
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.spec.apply(x, self.params, key=self.key)
+        return self.spec.apply(x, self.params, key=self.key, stats=self.stats)
 
 
 def _check_tensor_quant(value: Any, field: str) -> None:
@@ -516,10 +623,13 @@ class Recipe:
                     "absmax, learned_step, pow2, binary, ternary, pair, lsq, dorefa "
                     "(role='weight'), gdnsq (GDNSQWeightConfig)"
                 )
-            if role == "act" and tq.kind in ("dorefa", "gdnsq") and not tq.is_act_only:
+            if role == "act" and (
+                tq.is_weight_only or (tq.kind in ("dorefa", "gdnsq") and not tq.is_act_only)
+            ):
                 raise ValueError(
                     f"act={tq} is a weight quantizer; allowed for activations: "
-                    "DoReFaConfig(role='act') or GDNSQActConfig"
+                    "DoReFaConfig(role='act'), GDNSQActConfig, dbssq with role='act', or the "
+                    "kinds absmax, learned_step, pow2, binary, ternary, pair, lsq, pact"
                 )
         if self.act is not None and self.act.kind in ("learned_step", "lsq"):
             if self.act.config.granularity == "group":
@@ -669,8 +779,10 @@ def binary(
       scaling: weight scale ``"none"``, ``"tensor"`` or ``"channel"`` (``sg(mean|w|)``); the
         activations are never scaled (±1).
       act: binarize the input activations too.
-      **pair_kwargs: arguments of the pair's factory (``mu=``, ``beta=``).
+      **pair_kwargs: arguments of the pair's factory (``mu=``, ``beta=``); None values are
+        dropped (the pair's default), so one config can name any pair.
     """
+    pair_kwargs = {k: v for k, v in pair_kwargs.items() if v is not None}
     if pair is None:
         if pair_kwargs:
             raise ValueError(
@@ -810,6 +922,61 @@ def gdnsq(
     return Recipe(weight=weight, act=act)
 
 
+def dbssq(
+    weight_bits: int | None = 2,
+    act_bits: int | None = None,
+    *,
+    levels: str = "shift",
+    rescale_grad: bool = True,
+) -> Recipe:
+    """DBSSQ (differentiable bit-shifting): the blend ``ε·x + (1 − ε)·Q(x)`` annealed to ``Q``.
+
+    ``levels="shift"``: ``weight_bits`` shift bits (``2^b`` power-of-two magnitudes and a sign,
+    so ``b + 1`` bits stored); ``"uniform"``: ``b``-bit codes without zero (``b = 1``: ±1).
+    Weights are normalised per output channel and rescaled by the fixed pretrained spread;
+    activations (when ``act_bits`` is given, with the same ``levels``) are batch-normalised
+    without affine parameters. The training loop sets ``ε`` per epoch
+    (:func:`~qflax.quantizers.dbssq_epsilon_schedule`) and to 0 after the last epoch.
+    """
+
+    def spec(bits, field, role):
+        if _is_float_bits(bits, field):
+            return None
+        try:
+            cfg = qz.DBSSQConfig(levels=levels, bits=int(bits), rescale_grad=rescale_grad)
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+        return TensorQuant(kind="dbssq", config=cfg, role=role)
+
+    return Recipe(
+        weight=spec(weight_bits, "weight_bits", "weight"),
+        act=spec(act_bits, "act_bits", "act"),
+    )
+
+
+def codeq(
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    *,
+    quantile: float = 0.99,
+    gradient: str = "ste",
+) -> Recipe:
+    """CoDeQ: weights on a dead-zone grid with a learned dead-zone width and bit-width (2..8).
+
+    ``weight_bits=None`` learns the bit-width (``θ_b``); an int fixes it. Activations are
+    absmax-uniform with ``act_bits`` (per tensor), or float when None. Sparsity and bits are
+    driven by the decoupled decay of ``θ_d`` / ``θ_b`` (``quant.deadzone_decay`` /
+    ``quant.bits_decay`` in the training config).
+    """
+    fixed = None if weight_bits is None or int(weight_bits) == FLOAT_BITS else int(weight_bits)
+    try:
+        cfg = qz.CoDeQConfig(fixed_bits=fixed, quantile=quantile, gradient=gradient)
+    except ValueError as e:
+        raise ValueError(f"weight_bits: {e}") from None
+    weight = TensorQuant(kind="codeq", config=cfg)
+    return Recipe(weight=weight, act=_uniform("absmax", act_bits, "act_bits"))
+
+
 # Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``). Read-only.
 RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(
     {
@@ -823,6 +990,8 @@ RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(
         "pact": pact,
         "dorefa": dorefa,
         "gdnsq": gdnsq,
+        "dbssq": dbssq,
+        "codeq": codeq,
     }
 )
 
@@ -852,5 +1021,7 @@ recipes = types.SimpleNamespace(
     pact=pact,
     dorefa=dorefa,
     gdnsq=gdnsq,
+    dbssq=dbssq,
+    codeq=codeq,
     build=build,
 )

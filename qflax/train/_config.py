@@ -50,8 +50,9 @@ OPEN_KEYS = ("dataset_kwargs", "model_kwargs", "recipe_kwargs")
 
 # Optional top-level keys a config file may add as ``ml_collections.FieldReference`` s that
 # other keys point to: ``target_bits`` sets ``quant.weight_bits`` and ``quant.act_bits`` at once
-# (``--config.target_bits=2``). Each is checked as an integer bit-width 1..32.
-SHORTHAND_KEYS = ("target_bits",)
+# (``--config.target_bits=2``; an integer 1..32); ``pair`` names the ProxConnect++ pair of a
+# binary recipe (``--config.pair=bnn++``; a name in ``qflax.quantizers.PAIRS``).
+SHORTHAND_KEYS = ("target_bits", "pair")
 
 # Keys that may differ when a run is resumed in the same workdir: they change how long it runs
 # and how often it logs or saves, never what one step computes. (With a cosine schedule a new
@@ -97,6 +98,14 @@ def default_config() -> ml_collections.ConfigDict:
       step to ``max_update·lr`` (0: no bound; Adam's steps after a sudden large gradient reach
       ~31·lr); ``rules`` are ``(pattern, recipe_name)`` pairs tried before the default ones
       (recipe "none" keeps matching layers float).
+    - ``quant.{deadzone_decay, bits_decay, latent_clip}``: decoupled decay of CoDeQ's
+      dead-zone and bit-width parameters (larger: sparser, fewer bits); ``latent_clip > 0``
+      keeps the latent weights of 1-bit layers in ``[−latent_clip, latent_clip]``
+      (BinaryConnect: 1).
+    - ``anneal.mu_end``: pairs with a ``μ`` (``pc``, ``proxquant``, ``bnn++``) go geometrically
+      from the recipe's ``μ`` at the first epoch to ``mu_end`` at the last (0: no annealing).
+      DBSSQ's ``ε`` always follows ``dbssq_epsilon_schedule`` over ``epochs`` and is 0 (the
+      exact quantizer) for the final evaluation and checkpoint.
     - ``recipe_kwargs``: further arguments of the recipe factory (e.g. ``backward`` of
       ``gdnsq``, ``weight_granularity``); open.
     - ``penalty.{warmup_epochs, power, lr_decay, patience}``: the exterior-point bit-width
@@ -148,6 +157,9 @@ def default_config() -> ml_collections.ConfigDict:
             first_last_float=True,
             learning_rate=1e-3,
             clip_decay=0.0,
+            deadzone_decay=0.0,
+            bits_decay=0.0,
+            latent_clip=0.0,
             max_update=1.0,
             rules=(),
         )
@@ -155,6 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.penalty = ml_collections.ConfigDict(
         dict(warmup_epochs=1.0, power=1.0, lr_decay=0.9985, patience=0)
     )
+    config.anneal = ml_collections.ConfigDict(dict(mu_end=0.0))
     config.teacher = ml_collections.ConfigDict(
         dict(
             mode="none",
@@ -426,8 +439,6 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
             "allowed: True, False"
         )
     _check_number(quant.learning_rate, "quant.learning_rate", 0.0, open_lo=True)
-    _check_number(quant.clip_decay, "quant.clip_decay", 0.0)
-    _check_number(quant.max_update, "quant.max_update", 0.0)
     _check_recipe(quant.recipe, "quant.recipe", config)
     rules = quant.rules
     if not isinstance(rules, (list, tuple)):
@@ -464,13 +475,19 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
                 "directory holding config.json and checkpoints/ (from `qflax train`)"
             )
 
-    for key in SHORTHAND_KEYS:
-        if key in config:
-            value = config[key]
-            if not _is_int(value) or not MIN_BITS <= value <= MAX_BITS:
-                raise ValueError(
-                    f"{key}={value!r} is out of range; allowed: integers {MIN_BITS}..{MAX_BITS}"
-                )
+    if "target_bits" in config:
+        value = config.target_bits
+        if not _is_int(value) or not MIN_BITS <= value <= MAX_BITS:
+            raise ValueError(
+                f"target_bits={value!r} is out of range; allowed: integers {MIN_BITS}..{MAX_BITS}"
+            )
+    if "pair" in config:
+        from qflax.quantizers import PAIRS
+
+        _check_choice(config.pair, "pair", tuple(PAIRS))
+    for key in ("clip_decay", "deadzone_decay", "bits_decay", "latent_clip", "max_update"):
+        _check_number(quant[key], f"quant.{key}", 0.0)
+    _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
     pen = config.penalty
     _check_number(pen.warmup_epochs, "penalty.warmup_epochs", 0.0)
     _check_number(pen.power, "penalty.power", 0.0, open_lo=True)

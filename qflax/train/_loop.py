@@ -452,6 +452,74 @@ def _layer_bits(model: nnx.Module) -> dict[str, list[float]] | None:
     }
 
 
+def _quant_layers(model: nnx.Module) -> list:
+    from qflax.layers._layers import is_quant_layer
+
+    return [node for _, node in nnx.iter_graph(model) if is_quant_layer(node)]
+
+
+def _has_stat(model: nnx.Module, name: str) -> bool:
+    return any(
+        name in dict(layer.stat_names).get(role, ())
+        for layer in _quant_layers(model)
+        for role in ("weight", "act")
+    )
+
+
+def _mu_schedule(config, epoch: int):
+    """``tq -> μ`` at ``epoch``: geometric from the recipe's μ to ``anneal.mu_end``."""
+    end = float(config.anneal.mu_end)
+    frac = epoch / max(config.epochs - 1, 1)
+
+    def value(tq) -> float:
+        start = float(dict(tq.pair_kwargs).get("mu", tq.pair_defaults()["mu"]))
+        return start * (end / start) ** frac if end else start
+
+    return value
+
+
+def _set_stats(graphdef, state: TrainState, values: dict[str, Any]) -> TrainState:
+    """``state`` with the quantizer state ``name -> value`` set in every quant layer."""
+    model = nnx.merge(graphdef, state.params, state.rest)
+    for layer in _quant_layers(model):
+        for name, value in values.items():
+            layer.set_stat(name, value)
+    _, _, rest = split_model(model)
+    return state.replace(rest=rest)
+
+
+def _schedules(config, model: nnx.Module, epoch: int) -> dict[str, Any]:
+    """The scheduled quantizer state for ``epoch`` (0-based): DBSSQ's ε, annealed pair μ."""
+    values: dict[str, Any] = {}
+    if _has_stat(model, "epsilon"):
+        from qflax.quantizers import dbssq_epsilon_schedule
+
+        values["epsilon"] = float(dbssq_epsilon_schedule(epoch, config.epochs))
+    if config.anneal.mu_end and _has_stat(model, "mu"):
+        values["mu"] = _mu_schedule(config, epoch)
+    return values
+
+
+def _latent_clip_mask(model: nnx.Module) -> Any:
+    """True for the kernels (``inner.kernel``) of quant layers with 1-bit weights."""
+    from qflax.layers._layers import is_quant_layer
+
+    binary = {
+        path
+        for path, node in nnx.iter_graph(model)
+        if is_quant_layer(node) and node.recipe.weight is not None and node.recipe.weight.bits == 1
+    }
+
+    def is_latent(path, x) -> bool:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        return len(keys) > 2 and keys[-2:] == ("inner", "kernel") and keys[:-2] in binary
+
+    params = nnx.state(model, nnx.Param)
+    return jax.tree_util.tree_map_with_path(
+        is_latent, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
 class EarlyStopping:
     """Stop after ``patience`` updates in a row without a value below the best so far.
 
@@ -602,7 +670,12 @@ def train_and_evaluate(
         (workdir / QUANTIZATION_FILE).write_text(report + "\n")
 
     params = nnx.state(model, nnx.Param)
-    tx = make_optimizer(config, params, steps_per_epoch=steps_per_epoch)
+    tx = make_optimizer(
+        config,
+        params,
+        steps_per_epoch=steps_per_epoch,
+        latent_clip_mask=_latent_clip_mask(model) if config.quant.latent_clip else None,
+    )
     graphdef, state, teacher_graphdef = create_train_state(
         model, tx, seed=config.seed, teacher=teacher_model
     )
@@ -671,11 +744,15 @@ def train_and_evaluate(
         (r["epoch"] for r in records if r.get("kind") == "epoch" and r.get("converged")), None
     )
     stopped_epoch = None
+    blended_accuracy = None
     # Early stopping restarts counting when a run is resumed.
     early_stop = EarlyStopping(config.penalty.patience)
     try:
         for epoch in range(start_epoch, config.epochs):
             bar.set_description(f"{workdir.name} epoch {epoch + 1}/{config.epochs}")
+            scheduled = _schedules(config, model, epoch)
+            if scheduled:
+                state = _set_stats(graphdef, state, scheduled)
             shift_rng = np.random.default_rng((config.seed, epoch, 1))
             for x, y in data.batches(
                 dataset.train_x, dataset.train_y, config.batch_size, seed=config.seed, epoch=epoch
@@ -703,6 +780,20 @@ def train_and_evaluate(
             }
             last_epoch = epoch + 1 == config.epochs
             if (epoch + 1) % config.eval_every_epochs == 0 or last_epoch:
+                test = _evaluate_arrays(
+                    eval_step,
+                    state.params,
+                    state.rest,
+                    dataset.test_x,
+                    dataset.test_y,
+                    config.eval_batch_size,
+                )
+                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+            if last_epoch and _has_stat(model, "epsilon"):
+                # DBSSQ: report the blended model, then keep and evaluate the exact one (ε = 0).
+                record.update(blended_test_accuracy=test["accuracy"])
+                blended_accuracy = test["accuracy"]
+                state = _set_stats(graphdef, state, _schedules(config, model, config.epochs))
                 test = _evaluate_arrays(
                     eval_step,
                     state.params,
@@ -756,6 +847,7 @@ def train_and_evaluate(
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         **({"fp_test_accuracy": fp_test_accuracy} if fp_test_accuracy is not None else {}),
+        **({"blended_test_accuracy": blended_accuracy} if blended_accuracy is not None else {}),
         "dataset": config.dataset,
         "model": config.model,
         "recipe": config.quant.recipe,

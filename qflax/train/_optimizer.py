@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx
@@ -20,7 +21,11 @@ __all__ = [
     "CLIP_PARAM_NAMES",
     "QUANT",
     "WEIGHTS",
+    "BITS_PARAM_NAMES",
+    "DEADZONE_PARAM_NAMES",
     "clip_mask",
+    "name_mask",
+    "project_to_box",
     "learning_rate_schedules",
     "make_optimizer",
     "param_labels",
@@ -28,6 +33,9 @@ __all__ = [
 
 # QuantParam attribute names of learned clipping levels (PACT's α): `quant.clip_decay` applies.
 CLIP_PARAM_NAMES = ("act_alpha", "weight_alpha")
+# CoDeQ's dead-zone and bit-width parameters: `quant.deadzone_decay` / `quant.bits_decay`.
+DEADZONE_PARAM_NAMES = ("weight_theta_d",)
+BITS_PARAM_NAMES = ("weight_theta_b",)
 
 WEIGHTS = "weights"
 QUANT = "quant"
@@ -57,17 +65,44 @@ def param_labels(model_state: Any) -> Any:
     return jax.tree.map(label, model_state, is_leaf=_is_variable)
 
 
-def clip_mask(model_state: Any) -> Any:
-    """A tree of bools, True for the ``QuantParam`` s that are learned clipping levels (named
-    in :data:`CLIP_PARAM_NAMES`), False elsewhere (same structure as :func:`param_labels`)."""
+def name_mask(model_state: Any, names: tuple[str, ...]) -> Any:
+    """A tree of bools, True for the ``QuantParam`` s whose attribute name is in ``names``,
+    False elsewhere (same structure as :func:`param_labels`)."""
     if isinstance(model_state, nnx.Module):
         model_state = nnx.state(model_state, nnx.Param)
 
-    def is_clip(path, x: Any) -> bool:
+    def match(path, x: Any) -> bool:
         name = str(getattr(path[-1], "key", path[-1])) if path else ""
-        return isinstance(x, QuantParam) and name in CLIP_PARAM_NAMES
+        return isinstance(x, QuantParam) and name in names
 
-    return jax.tree_util.tree_map_with_path(is_clip, model_state, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(match, model_state, is_leaf=_is_variable)
+
+
+def clip_mask(model_state: Any) -> Any:
+    """:func:`name_mask` of the learned clipping levels (:data:`CLIP_PARAM_NAMES`)."""
+    return name_mask(model_state, CLIP_PARAM_NAMES)
+
+
+def project_to_box(bound: float, mask: Any) -> optax.GradientTransformation:
+    """Makes the final updates keep the masked parameters in ``[−bound, bound]``:
+    ``u ← clip(p + u, −bound, bound) − p`` (BinaryConnect's clipped latent weights)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("project_to_box needs params; allowed: tx.update(g, s, params)")
+
+        def project(m, u, p):  # `mask` is a prefix of the trees (a bool per variable)
+            if not m:
+                return u
+            return jax.tree.map(lambda a, b: jnp.clip(b + a, -bound, bound) - b, u, p)
+
+        return jax.tree.map(project, mask, updates, params), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def learning_rate_schedules(
@@ -102,23 +137,32 @@ def learning_rate_schedules(
 
 
 def make_optimizer(
-    config: ml_collections.ConfigDict, model_state: Any, *, steps_per_epoch: int
+    config: ml_collections.ConfigDict,
+    model_state: Any,
+    *,
+    steps_per_epoch: int,
+    latent_clip_mask: Any = None,
 ) -> optax.GradientTransformation:
     """Builds the optimizer of ``config`` as one ``optax.chain``.
 
-    The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to PACT's ``α``] ->
-    [L2 weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's,
-    or SGD momentum) -> [decoupled weight decay, masked to weights (adamw)] -> [each quantizer
-    parameter's step clipped to ``±quant.max_update`` (in units of its learning rate)] ->
-    ``optax.partition`` scaling weights by ``-schedule(step)`` and quantizer parameters by
-    ``-quant_schedule(step)``. Quantizer parameters (``QuantParam``) never get weight decay.
-    (The chain's update runs under standard dtype promotion, see ``_standard_promotion``.)
+    The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to PACT's ``α``] -> [L2
+    weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's, or SGD momentum)
+    -> [decoupled weight decay, masked to weights (adamw)] -> [each quantizer parameter's step
+    clipped to ``±quant.max_update`` (in units of its learning rate)] -> ``optax.partition``
+    scaling weights by ``-schedule(step)`` and quantizer parameters by ``-quant_schedule(step)``
+    -> [projection of 1-bit layers' latent weights onto ``[−quant.latent_clip,
+    quant.latent_clip]``]. CoDeQ's ``θ_d`` / ``θ_b`` get decoupled decay
+    ``quant.deadzone_decay`` / ``quant.bits_decay`` right after the moment estimator. Quantizer
+    parameters (``QuantParam``) never get weight decay. (The chain's update runs under standard
+    dtype promotion, see ``_standard_promotion``.)
 
     Args:
       config: a validated training config (``optimizer.*``, ``quant.learning_rate``, ``epochs``).
       model_state: the ``nnx.State`` of the parameters to train (or the module); only its
         structure and variable types are used.
       steps_per_epoch: optimizer steps per epoch (for the warm-up and the cosine length).
+      latent_clip_mask: a bool tree over ``model_state`` (True: a latent weight of a 1-bit
+        layer) for ``quant.latent_clip``; None: no projection.
 
     Returns:
       The gradient transformation; ``init`` it with the parameter state.
@@ -160,6 +204,17 @@ def make_optimizer(
             parts.append(weight_decay)
     else:
         raise ValueError(f"optimizer.name={opt.name!r} is not allowed; allowed: adam, adamw, sgd")
+    decoupled = []
+    for coefficient, names in (
+        (float(config.quant.deadzone_decay), DEADZONE_PARAM_NAMES),
+        (float(config.quant.bits_decay), BITS_PARAM_NAMES),
+    ):
+        if coefficient:
+            # Decoupled (after the moment estimator, scaled by the quantizer learning rate).
+            decoupled.append(
+                optax.masked(optax.add_decayed_weights(coefficient), name_mask(model_state, names))
+            )
+    parts += decoupled
     max_update = float(config.quant.max_update)
     if max_update:
         # Bounded quantizer steps: Adam's first update after a calm stretch can reach
@@ -176,6 +231,8 @@ def make_optimizer(
             labels,
         )
     )
+    if latent_clip_mask is not None and float(config.quant.latent_clip):
+        parts.append(project_to_box(float(config.quant.latent_clip), latent_clip_mask))
     return _standard_promotion(optax.chain(*parts))
 
 

@@ -36,7 +36,8 @@ def summarize_model(model: nnx.Module, example: jax.Array) -> dict[str, Any]:
       ``params`` (every parameter but quantizer parameters), ``model_bytes`` (the layers
       packed, every other parameter — norms, embeddings, positions — as float32),
       ``float32_bytes`` (4 per parameter), ``compression`` (float32 / packed), ``macs`` and
-      ``bops`` of one example (``bops = sum macs * weight_bits * act_bits``),
+      ``bops`` of one example (``bops = sum macs * weight_bits * act_bits``), ``bops_sparse``
+      (the same with each layer's zero weights skipped: ``bops·(1 − sparsity)``),
       ``avg_weight_bits`` (parameter-weighted over the layers whose weights are quantized, as
       papers count: float first/last layers are left out; 32 when none is),
       ``avg_act_bits`` (MAC-weighted over the layers whose inputs are quantized),
@@ -51,6 +52,8 @@ def summarize_model(model: nnx.Module, example: jax.Array) -> dict[str, Any]:
         row = dict(row)
         row["name"] = row.pop("path")
         row["bops"] = int(row["macs"] * row["weight_bits"] * row["act_bits"])
+        # Multiplications by an exactly-zero weight can be skipped (pruned weights).
+        row["bops_sparse"] = int(row["bops"] * (1.0 - _finite(row["sparsity"])))
         rows.append(row)
     totals = ql.totals(rows)
     # Quantizer parameters (step sizes, ...) are part of the layers' packed bytes.
@@ -64,6 +67,7 @@ def summarize_model(model: nnx.Module, example: jax.Array) -> dict[str, Any]:
         "compression": 4 * total_params / model_bytes if model_bytes else 1.0,
         "macs": int(totals["macs"]),
         "bops": int(totals["bops"]),
+        "bops_sparse": int(sum(r["bops_sparse"] for r in rows)),
         "avg_weight_bits": _quantized_mean(rows, "weight_bits", "params"),
         "avg_act_bits": _quantized_mean(rows, "act_bits", "macs"),
         "avg_weight_bits_all": float(totals["avg_weight_bits"]),
@@ -71,6 +75,10 @@ def summarize_model(model: nnx.Module, example: jax.Array) -> dict[str, Any]:
         "sparsity": float(totals["sparsity"]),
         "layers": rows,
     }
+
+
+def _finite(value: float) -> float:
+    return 0.0 if not np.isfinite(value) else float(value)
 
 
 def _quantized_mean(rows: list[dict[str, Any]], field: str, weight: str) -> float:

@@ -1,0 +1,123 @@
+"""DBSSQ, CoDeQ and annealed pairs in the layers: each layer computes exactly its quantizer,
+the scheduled state (ε, μ, σ) lives in QuantStats that can be set without retracing, and the
+learned CoDeQ bit-width and sparsity reach the summaries."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qflax import quantizers as qz
+from qflax.layers import QuantLinear, Recipe, TensorQuant, recipes
+
+
+def _x(seed=1, shape=(8, 6)):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _layer(recipe):
+    return QuantLinear(6, 5, recipe=recipe, rngs=nnx.Rngs(0))
+
+
+def test_dbssq_layer_blends_and_is_exact_at_epsilon_zero():
+    layer = _layer(recipes.dbssq(2, 2))
+    kernel = layer.inner.kernel[...]
+    sigma = qz.dbssq_weight_init(kernel, axis=-1)
+    np.testing.assert_allclose(layer.weight_sigma[...], np.ravel(sigma), rtol=1e-6)
+    assert float(layer.weight_epsilon[...]) == float(layer.act_epsilon[...]) == 1.0
+    x = _x()
+    cfg = qz.DBSSQConfig(levels="shift", bits=2)
+    for eps in (1.0, 0.25, 0.0):
+        assert layer.set_stat("epsilon", eps) == ["act", "weight"]
+        expected = (
+            qz.dbssq_act(x, eps, cfg) @ qz.dbssq_weight(kernel, eps, sigma, cfg)
+            + layer.inner.bias[...]
+        )
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # at ε = 0 every weight is ±3σ_c·2^−k: shift levels only
+    w = np.asarray(layer.quantized_kernel()) / (3 * np.asarray(sigma))
+    levels = {1.0, 0.5, 0.25, 0.125}
+    assert set(np.round(np.abs(w), 6).ravel()) <= levels
+    info = layer.quant_info()
+    assert (info["weight_bits"], info["act_bits"]) == (3, 3)  # 4 magnitudes and a sign
+
+
+def test_setting_a_stat_does_not_retrace():
+    layer = _layer(recipes.dbssq(2, None))
+    traces = []
+
+    @nnx.jit
+    def forward(m, x):
+        traces.append(1)
+        return m(x)
+
+    x = _x()
+    a = forward(layer, x)
+    layer.set_stat("epsilon", 0.0)
+    b = forward(layer, x)
+    assert len(traces) == 1
+    assert not np.allclose(a, b)
+
+
+def test_codeq_layer_prunes_and_reports_learned_bits_and_sparsity():
+    layer = _layer(recipes.codeq(None, None))
+    assert (float(layer.weight_theta_d[...]), float(layer.weight_theta_b[...])) == (3.0, 3.0)
+    x = _x()
+    cfg = qz.CoDeQConfig()
+    params = {"theta_d": layer.weight_theta_d[...], "theta_b": layer.weight_theta_b[...]}
+    expected = x @ qz.codeq(layer.inner.kernel[...], params, cfg) + layer.inner.bias[...]
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
+    assert layer.quant_info()["weight_bits"] == 8
+    # a smaller θ_d widens the dead zone, a smaller θ_b lowers the bits
+    layer.weight_theta_d[...] = jnp.asarray(0.3)
+    layer.weight_theta_b[...] = jnp.asarray(0.2)
+    info = layer.quant_info()
+    bits = int(qz.codeq_bits({"theta_d": 0.3, "theta_b": jnp.asarray(0.2)}, cfg))
+    assert info["weight_bits"] == bits == 3
+    assert info["sparsity"] > 0.3
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    assert float(grads.weight_theta_d[...]) != 0.0
+
+
+def test_pair_mu_is_state_and_matches_the_factory():
+    layer = _layer(recipes.binary("bnn++", scaling="none", mu=2.0))
+    x = _x()
+    assert float(layer.weight_mu[...]) == float(layer.act_mu[...]) == 2.0
+    for mu in (2.0, 40.0):
+        layer.set_stat("mu", mu)
+        pair = qz.PAIRS["bnn++"](mu=mu)
+        expected = pair(x) @ pair(layer.inner.kernel[...]) + layer.inner.bias[...]
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    # a callable gets the role's TensorQuant (to read the recipe's start value)
+    layer.set_stat("mu", lambda tq: 3 * dict(tq.pair_kwargs)["mu"])
+    assert float(layer.weight_mu[...]) == 6.0
+    # pairs without μ keep no state
+    assert _layer(recipes.binary("bnn")).stat_names == ()
+
+
+def test_binary_recipe_drops_unset_pair_arguments():
+    assert recipes.binary("bnn", mu=None).weight.pair_kwargs == ()
+    with pytest.raises(ValueError, match="not arguments of pair 'bnn'; allowed: none"):
+        recipes.binary("bnn", mu=3.0)  # bnn takes no μ
+    with pytest.raises(ValueError, match="allowed: beta"):
+        recipes.binary("bnn+", mu=3.0)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: TensorQuant(kind="dbssq"), "role=None"),
+        (lambda: TensorQuant(kind="codeq", role="weight"), "role='weight' is only used"),
+        (lambda: Recipe(act=TensorQuant(kind="codeq")), "is a weight quantizer"),
+        (
+            lambda: Recipe(weight=TensorQuant(kind="dbssq", role="act")),
+            "activation quantizer",
+        ),
+        (lambda: recipes.dbssq(2, levels="log"), "levels='log'"),
+        (lambda: recipes.codeq(9), "weight_bits: fixed_bits=9"),
+    ],
+)
+def test_misuse_is_refused(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()

@@ -1,0 +1,119 @@
+"""Pairs, DBSSQ and CoDeQ in the training loop: the done-when commands of the pair/DBSSQ/CoDeQ
+issue (shortened), the ε schedule ending at the exact quantizer, μ annealing, BinaryConnect's
+latent clip and CoDeQ's decoupled decay groups."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qflax import layers as ql
+from qflax import models
+from qflax.quantizers import dbssq_epsilon_schedule
+from qflax.train import _config, default_config, load_model, make_optimizer, train_and_evaluate
+from qflax.train._loop import _latent_clip_mask, _mu_schedule
+from qflax.train._optimizer import project_to_box
+from tests.train.test_loop import read_metrics
+
+
+def _experiment(name, *overrides):
+    config = _config.load_config_file(f"experiments/mnist5k/{name}.py")
+    base = [("dataset", "digits"), ("epochs", "2"), ("progress_bar", "false")]
+    return _config.apply_overrides(config, base + list(overrides))
+
+
+def test_pairs_bnnpp_runs_anneals_mu_and_clips_latent_weights(tmp_path):
+    config = _experiment("pairs", ("pair", "bnn++"), ("epochs", "3"))
+    state, summary = train_and_evaluate(config, tmp_path)
+    assert summary["avg_weight_bits"] == summary["avg_act_bits"] == 1.0
+    assert summary["test_accuracy"] > 0.2
+    model, _, _ = load_model(tmp_path)
+    # μ went 5 → 50 geometrically: the last epoch (index 2) used 50
+    assert float(model.conv2.weight_mu[...]) == pytest.approx(50.0, rel=1e-5)
+    assert float(model.dense.act_mu[...]) == pytest.approx(50.0, rel=1e-5)
+    # latent weights of the binary layers stay in [-1, 1]
+    for layer in (model.conv2, model.dense):
+        assert float(jnp.max(jnp.abs(layer.inner.kernel[...]))) <= 1.0
+
+
+def test_mu_schedule_is_geometric_and_off_by_default():
+    config = default_config()
+    config.epochs = 5
+    config.anneal.mu_end = 80.0
+    tq = ql.recipes.binary("bnn++", mu=5.0).weight
+    values = [_mu_schedule(config, e)(tq) for e in range(5)]
+    np.testing.assert_allclose(values, [5, 10, 20, 40, 80], rtol=1e-6)
+    config.anneal.mu_end = 0.0
+    assert _mu_schedule(config, 3)(tq) == 5.0
+
+
+def test_dbssq_follows_the_schedule_and_ends_exact(tmp_path):
+    config = _experiment("dbssq", ("epochs", "3"))
+    _, summary = train_and_evaluate(config, tmp_path)
+    assert "blended_test_accuracy" in summary
+    model, _, _ = load_model(tmp_path)
+    assert float(model.conv2.weight_epsilon[...]) == 0.0  # the saved model is the exact one
+    epochs = [r for r in read_metrics(tmp_path) if r["kind"] == "epoch"]
+    assert epochs[-1]["test_accuracy"] == summary["test_accuracy"]
+    # the schedule the loop used: 1 at the start, stretched over 3 epochs
+    assert float(dbssq_epsilon_schedule(0, 3)) == 1.0
+    assert summary["avg_weight_bits"] == 3.0  # shift-2: four magnitudes and a sign
+    assert summary["test_accuracy"] > 0.8
+
+
+def test_codeq_runs_and_reports_sparsity_bits_and_sparse_bops(tmp_path):
+    config = _experiment("codeq", ("quant.deadzone_decay", "2.0"), ("quant.bits_decay", "0.5"))
+    _, summary = train_and_evaluate(config, tmp_path)
+    assert summary["sparsity"] > 0.0
+    assert summary["bops_sparse"] < summary["bops"]
+    assert all(2 <= row["weight_bits"] <= 8 for row in summary["layers"])
+    assert summary["avg_weight_bits"] < 8  # the bits decay lowered them
+
+
+def test_codeq_decay_groups_decay_only_their_thetas():
+    model = models.build_model("mlp", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    model, _ = ql.quantize_model(model, [ql.Rule(".*", ql.recipes.codeq())])
+    params = nnx.state(model, nnx.Param)
+    config = default_config()
+    config.quant.deadzone_decay = 0.3
+    tx = make_optimizer(config, params, steps_per_epoch=10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    for path, value in jax.tree_util.tree_leaves_with_path(updates):
+        name = jax.tree_util.keystr(path)
+        if "['weight_theta_d']" in name:
+            assert float(value) < 0, name  # θ_d = 3 decays (the dead zone widens)
+        else:
+            assert not np.any(np.asarray(value)), name
+
+
+def test_project_to_box_keeps_masked_params_inside():
+    params = {"a": jnp.array([0.9, -0.5]), "b": jnp.array([0.9])}
+    updates = {"a": jnp.array([0.5, -0.7]), "b": jnp.array([0.5])}
+    tx = project_to_box(1.0, {"a": True, "b": False})
+    out, _ = tx.update(updates, tx.init(params), params)
+    np.testing.assert_allclose(params["a"] + out["a"], [1.0, -1.0])
+    np.testing.assert_allclose(out["b"], [0.5])
+
+
+def test_latent_clip_mask_marks_only_one_bit_kernels():
+    model = models.build_model("cnn", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0))
+    rules = [ql.Rule("^conv2$", ql.recipes.binary("bnn")), ql.Rule("^dense$", ql.recipes.absmax())]
+    model, _ = ql.quantize_model(model, rules)
+    marked = [
+        jax.tree_util.keystr(p)
+        for p, v in jax.tree_util.tree_leaves_with_path(_latent_clip_mask(model))
+        if v
+    ]
+    assert marked == ["['conv2']['inner']['kernel']"]
+
+
+def test_pair_shorthand_is_checked():
+    config = _config.load_config_file("experiments/mnist5k/pairs.py")
+    _config.apply_overrides(config, [("pair", "bc")])
+    assert config.recipe_kwargs.pair == "bc"
+    _config.validate_config(config)
+    config.pair = "xnor"
+    with pytest.raises(ValueError, match="pair='xnor' is not allowed; allowed: 'bc'"):
+        _config.validate_config(config)
