@@ -559,7 +559,10 @@ class TensorQuant:
         if self.kind != "gdnsq":
             return None
         if isinstance(self.config, qz.GDNSQActConfig):
-            levels = jnp.maximum(jnp.round(jnp.exp2(qz.gdnsq_act_bits(params))), 1.0)
+            bits = qz.gdnsq_act_bits(params)
+            if self.config.min_bits is not None:  # the forward pass's floor
+                bits = jnp.maximum(bits, float(self.config.min_bits))
+            levels = jnp.maximum(jnp.round(jnp.exp2(bits)), 1.0)
         else:
             x = jnp.asarray(x)
             full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
@@ -879,6 +882,7 @@ def gdnsq(
     act_signed: bool = False,
     init_bits: float | None = 8.0,
     weight_granularity: str = "channel",
+    min_bits: float | None = 1.0,
 ) -> Recipe:
     """GDNSQ: learned bit-widths driven to targets by the exterior-point penalty.
 
@@ -898,12 +902,19 @@ def gdnsq(
         initialisation (ℓ = −12 for weights; ℓ_s = −10, ℓ_q = 10 for activations), made for
         runs of hundreds of epochs.
       weight_granularity: ``"channel"`` (the method) or ``"tensor"``.
+      min_bits: the forward pass keeps at least ``2^min_bits`` levels per channel / input
+        (1: never a constant channel or a one-level activation; the penalty still sees the
+        unfloored bit-width). None: no floor, as the code — at 1-bit targets on mnist5k the
+        activations then fell to one level and the accuracy to chance.
     """
     weight = act = None
     if not _is_float_bits(weight_bits, "weight_bits"):
         try:
             cfg = qz.GDNSQWeightConfig(
-                backward=backward, init_bits=init_bits, granularity=weight_granularity
+                backward=backward,
+                init_bits=init_bits,
+                granularity=weight_granularity,
+                min_bits=min_bits,
             )
         except ValueError as e:
             raise ValueError(f"weight_bits: {e}") from None
@@ -915,6 +926,7 @@ def gdnsq(
                 signed=act_signed,
                 init_bits=init_bits,
                 init_log_range=None if init_bits is not None else 10.0,
+                min_bits=min_bits,
             )
         except ValueError as e:
             raise ValueError(f"act_bits: {e}") from None

@@ -108,6 +108,10 @@ class GDNSQWeightConfig:
     # None: start at init_log_step; a number: start each channel at this continuous bit-width
     # (ℓ_c = log2(spread_c / (2^init_bits − 1)), so b_c = init_bits), e.g. 8 for short runs.
     init_bits: float | None = None
+    # None: no floor (the code); a number: the step is capped at spread_c / (2^min_bits − 1) in
+    # the forward pass, so a channel keeps at least 2^min_bits levels (1: never a constant
+    # channel); the continuous bit-width the penalty sees is not floored.
+    min_bits: float | None = None
 
     def __post_init__(self):
         check_choice(self.granularity, "granularity", ("tensor", "channel"))
@@ -116,6 +120,7 @@ class GDNSQWeightConfig:
         check_choice(self.backward, "backward", GDNSQ_BACKWARDS)
         _check_float(self.init_log_step, "init_log_step")
         _check_init_bits(self.init_bits)
+        _check_min_bits(self.min_bits)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,6 +138,10 @@ class GDNSQActConfig:
     # None: start at init_log_step; a number: ℓ_s = ℓ_q − init_bits (b_a = init_bits), with ℓ_q
     # from init_log_range or the data.
     init_bits: float | None = None
+    # None: no floor (the code); a number: ℓ_q is raised to at least ℓ_s + min_bits in the
+    # forward pass (at least 2^min_bits levels: 1 keeps activations from collapsing to one
+    # level); the continuous bit-width the penalty sees is not floored.
+    min_bits: float | None = None
 
     def __post_init__(self):
         _check_bool(self.signed, "signed")
@@ -140,10 +149,17 @@ class GDNSQActConfig:
         _check_float(self.init_log_step, "init_log_step")
         _check_float(self.init_log_range, "init_log_range", allow_none=True)
         _check_init_bits(self.init_bits)
+        _check_min_bits(self.min_bits)
 
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces.
+
+
+def _check_min_bits(value) -> None:
+    _check_float(value, "min_bits", allow_none=True)
+    if value is not None and not 0.0 < float(value) <= 8.0:
+        raise ValueError(f"min_bits={value!r} is out of range; allowed: None or (0, 8]")
 
 
 def _check_init_bits(value) -> None:
@@ -264,6 +280,24 @@ def _weight_prepare(w, params, config, where):
     return w, w.astype(dtype), jnp.asarray(params["log_step"]).astype(dtype)
 
 
+def _floor_weight_step(wc, log_step, config) -> jax.Array:
+    """``ℓ`` capped so that every channel keeps ``2^min_bits`` levels (no-op without a floor)."""
+    if config.min_bits is None:
+        return log_step
+    axes = _weight_axes(wc.ndim, config)
+    spread = jax.lax.stop_gradient(
+        jnp.max(wc, axis=axes, keepdims=True) - jnp.min(wc, axis=axes, keepdims=True)
+    )
+    cap = jnp.log2(jnp.maximum(spread, 2.0**-24) / (2.0 ** float(config.min_bits) - 1.0))
+    return jnp.minimum(log_step, cap)
+
+
+def _floor_act_range(log_step, log_range, config) -> jax.Array:
+    if config is None or config.min_bits is None:
+        return log_range
+    return jnp.maximum(log_range, log_step + float(config.min_bits))
+
+
 def gdnsq_weight(
     w: ArrayLike,
     params: Mapping[str, ArrayLike],
@@ -288,6 +322,7 @@ def gdnsq_weight(
     [0.10000000149011612, 1.100000023841858, 1.100000023841858]
     """
     w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight")
+    log_step = _floor_weight_step(wc, log_step, config)
     r = _noise_signs(config, key, w.shape, wc.dtype, "gdnsq_weight")
     return _gdnsq_weight(config, wc, log_step, r).astype(w.dtype)
 
@@ -298,6 +333,7 @@ def gdnsq_weight_codes(
     """The int32 codes ``round((w − min w_c)/2^ℓ_c)`` (no gradient), each ≥ 0."""
     w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight_codes")
     wc, log_step = jax.lax.stop_gradient((wc, log_step))
+    log_step = _floor_weight_step(wc, log_step, config)
     z = jnp.min(wc, axis=_weight_axes(w.ndim, config), keepdims=True)
     return jnp.round((wc - z) / jnp.exp2(log_step)).astype(jnp.int32)
 
@@ -435,14 +471,19 @@ def gdnsq_act(
     [0.0, 0.5, 1.0, 1.5]
     """
     x, xc, (log_step, log_range, lower) = _act_prepare(x, params, "gdnsq_act")
+    log_range = _floor_act_range(log_step, log_range, config)
     r = _noise_signs(config, key, x.shape, xc.dtype, "gdnsq_act")
     return _gdnsq_act(config, xc, log_step, log_range, lower, r).astype(x.dtype)
 
 
-def gdnsq_act_codes(x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array:
-    """The int32 codes ``round((clip(x, β, hi) − β)/s)`` in ``[0, 2^ℓ_q/s − 1]`` (no gradient)."""
+def gdnsq_act_codes(
+    x: ArrayLike, params: Mapping[str, ArrayLike], config: GDNSQActConfig | None = None
+) -> jax.Array:
+    """The int32 codes ``round((clip(x, β, hi) − β)/s)`` in ``[0, 2^ℓ_q/s − 1]`` (no gradient);
+    ``config``: applies its ``min_bits`` floor as :func:`gdnsq_act` does."""
     _, xc, parts = _act_prepare(x, params, "gdnsq_act_codes")
     xc, (log_step, log_range, lower) = jax.lax.stop_gradient((xc, parts))
+    log_range = _floor_act_range(log_step, log_range, config)
     s, _, _, c = _act_parts(xc, log_step, log_range, lower)
     return jnp.round((c - lower) / s).astype(jnp.int32)
 

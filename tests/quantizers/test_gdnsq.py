@@ -393,3 +393,32 @@ def test_bad_params_raise():
         gdnsq_act(w, {"log_step": 0.0, "log_range": 1.0}, GDNSQActConfig())
     with pytest.raises(ValueError, match=r"axis=2"):
         gdnsq_weight(w, {"log_step": jnp.zeros((1, 4))}, GDNSQWeightConfig(axis=2))
+
+
+def test_min_bits_floor_keeps_two_levels_and_leaves_the_penalty_unfloored():
+    w = jax.random.normal(jax.random.key(3), (16, 4))
+    cfg = GDNSQWeightConfig(min_bits=1.0)
+    huge = {"log_step": jnp.full((1, 4), 10.0)}  # a step far wider than any channel
+    out = np.asarray(gdnsq_weight(w, huge, cfg))
+    for c in range(4):
+        assert len(np.unique(out[:, c])) == 2  # min and max of the channel, not one constant
+    assert len(np.unique(np.asarray(gdnsq_weight(w, huge, GDNSQWeightConfig()))[:, 0])) == 1
+    codes = np.asarray(gdnsq_weight_codes(w, huge, cfg))
+    assert codes.min() == 0 and codes.max() == 1
+    # floored: the task gradient does not reach ℓ; the bit-width (the penalty's) is unfloored
+    g = jax.grad(lambda p: jnp.sum(gdnsq_weight(w, p, cfg) ** 2))(huge)
+    assert not np.any(np.asarray(g["log_step"]))
+    assert np.all(np.asarray(gdnsq_weight_bits(w, huge, cfg)) < 1.0)
+
+    acfg = GDNSQActConfig(min_bits=1.0)
+    p = {"log_step": jnp.asarray(0.0), "log_range": jnp.asarray(-3.0), "lower": jnp.asarray(0.0)}
+    x = jnp.linspace(0.0, 3.0, 31)
+    assert set(np.asarray(gdnsq_act(x, p, acfg)).tolist()) == {0.0, 1.0}  # 2 levels, step 1
+    assert set(np.asarray(gdnsq_act_codes(x, p, acfg)).tolist()) == {0, 1}
+    assert float(gdnsq_act_bits(p)) == -3.0  # what the penalty sees
+
+
+@pytest.mark.parametrize("value", [0.0, 9.0, "1"])
+def test_min_bits_is_checked(value):
+    with pytest.raises(ValueError, match="min_bits="):
+        GDNSQWeightConfig(min_bits=value)
