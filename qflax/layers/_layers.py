@@ -276,7 +276,7 @@ class _QuantLayer(nnx.Module):
     def used_bits(self) -> dict[str, int]:
         """The integer bit-widths actually used by learned-bit-width quantizers (eager).
 
-        ``{"weight": int, "act": int}`` for GDNSQ roles (see ``TensorQuant.used_bits``).
+        ``{"weight": int, "act": int}`` for GDNSQ and CoDeQ roles (``TensorQuant.used_bits``).
         """
         out = {}
         for role in ("weight", "act"):

@@ -879,6 +879,11 @@ def _postfix(latest: dict[str, float], test: dict[str, float] | None) -> dict[st
     postfix = {}
     if latest:
         postfix = {"loss": f"{latest['loss']:.3f}", "acc": f"{latest['accuracy']:.3f}"}
+        bits = [
+            f"{k[0]} {latest[f'{k}_bits']:.2f}" for k in ("weight", "act") if f"{k}_bits" in latest
+        ]
+        if bits:  # learned bit-widths (means of the continuous widths)
+            postfix["bits"] = " ".join(bits)
     if test is not None:
         postfix["test_acc"] = f"{test['accuracy']:.3f}"
     return postfix
