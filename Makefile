@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# pytest-xdist workers for `make test` (the CI machine has 2 cores).
+PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.qflax-installed
 
 .PHONY: run test lint bench clean
@@ -27,11 +29,26 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Benchmarks (tables in benchmarks/RESULTS.md; ~4 + ~5 + ~5 min on 2 cores). The anchors (qwix,
+# AQT: the `bench` extra) get their own virtualenv, .venv-bench, so .venv stays as pinned.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.qflax-bench-installed
+
+$(BENCH_STAMP): pyproject.toml
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e ".[bench]"
+	@touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
+	$(BIN)/python benchmarks/quantizers.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BENCH_VENV)/bin/python benchmarks/anchors.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

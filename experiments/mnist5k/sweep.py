@@ -39,6 +39,11 @@ ROWS: dict[str, tuple[str, tuple[tuple[str, str], ...], str]] = {
         for m, label in (("lsq", "LSQ"), ("pact", "PACT"), ("dorefa", "DoReFa"))
         for b in (4, 2)
     },
+    "lsq-w2a2-channel": (
+        "lsq.py",
+        (("target_bits", "2"), ("recipe_kwargs.weight_granularity", "channel")),
+        "LSQ W2A2, weight steps per channel (as GDNSQ's)",
+    ),
 }
 
 

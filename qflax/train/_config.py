@@ -354,7 +354,9 @@ def build_recipe(
     bits = {"weight_bits": weight_bits, "act_bits": act_bits}
     kwargs = {k: v for k, v in bits.items() if k in accepted}
     extra = dict(recipe_kwargs or {})
-    unknown = sorted(set(extra) - set(accepted) - set(bits))
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    # (`binary` passes its extra keywords to the pair's factory, which checks them.)
+    unknown = [] if takes_any else sorted(set(extra) - set(accepted) - set(bits))
     if unknown:
         allowed = ", ".join(k for k in accepted if k not in bits) or "none"
         raise ValueError(

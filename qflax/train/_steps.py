@@ -252,7 +252,8 @@ def make_train_step(
             if penalty is not None:
                 w_bits, w_targets, a_bits, a_targets = learned_bit_widths(model)
                 if w_bits or a_bits:
-                    lr = penalty.lr_schedule(state.step) * state.lr_scale
+                    with jax.numpy_dtype_promotion("standard"):  # optax schedules mix int/float
+                        lr = penalty.lr_schedule(state.step) * state.lr_scale
                     task = loss
                     loss, pstate = penalty_loss(
                         task,

@@ -161,3 +161,22 @@ def test_recipe_kwargs_reach_the_recipe_and_unknown_ones_are_named():
     config.recipe_kwargs.bogus = 1
     with pytest.raises(ValueError, match=r"recipe_kwargs \['bogus'\].*allowed: .*backward"):
         _config.validate_config(config)
+
+
+def test_penalty_with_a_cosine_warmup_schedule_under_strict_promotion(tmp_path):
+    # optax's schedules mix the int32 step with floats; the conftest's strict promotion caught it
+    config = tiny_config(
+        "mlp", quant__recipe="gdnsq", optimizer__warmup_epochs=0.5, penalty__warmup_epochs=0.0
+    )
+    assert config.optimizer.schedule == "cosine"
+    _, summary = train_and_evaluate(config, tmp_path)
+    assert "learned_bits" in summary
+    steps = [r for r in read_metrics(tmp_path) if r["kind"] == "step"]
+    assert steps[-1]["train_penalty_weight"] > 0
+
+
+def test_recipe_kwargs_reach_a_pair_factory():
+    recipe = _config.build_recipe("binary", 1, 1, {"pair": "bnn++", "mu": 3.0})
+    assert dict(recipe.weight.pair_kwargs) == {"mu": 3.0}
+    with pytest.raises(ValueError, match="not arguments of pair 'bnn'"):
+        _config.build_recipe("binary", 1, 1, {"pair": "bnn", "mu": 3.0})
