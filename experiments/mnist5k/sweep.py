@@ -96,7 +96,7 @@ def table(root: pathlib.Path, names: list[str], seeds: list[int]) -> str:
     fp_mean = statistics.fmean(fp) if fp else float("nan")
     lines = [
         "| row | test accuracy % (mean ± std) | Δ vs float (points) | seeds | final bits "
-        "(w/a, per layer for GDNSQ, seed 0) | all layers within target | wall s (mean) | "
+        "(w/a; per layer for GDNSQ; lowest seed run) | all layers within target | wall s (mean) | "
         "command (seed 0) |",
         "|---|---|---|---|---|---|---|---|",
     ]
