@@ -21,8 +21,11 @@ Without ``teacher.mode=checkpoint`` the float teacher is trained first in ``WORK
 (same data,
 same model). Variants: ``w1a32`` (1-bit weights, float activations).
 
-Expected (mnist5k, float CNN 0.982; mean of three seeds, see experiments/mnist5k/README.md for
-the measured table): every layer ends at or below its target; see the README for accuracies.
+Expected (mnist5k, quantizer learning rate 0.05 as the sweep passes it; mean ± std of seeds 0-2,
+float CNN 97.63 ± 0.60): W8A8 97.80 ± 0.17, W4A4 97.83 ± 0.47, W3A3 98.07 ± 0.32, W2A2
+97.97 ± 0.21, W1A1 97.23 ± 0.32, W1A32 97.27 ± 0.29; every layer of every run ends at or below
+its target (experiments/mnist5k/README.md). Digits, target 2, 5 epochs (default rate 0.1):
+within target from epoch 3, test accuracy ~0.96-0.98.
 """
 
 import ml_collections
@@ -44,7 +47,9 @@ def get_config(variant: str | None = None):
     config.optimizer.schedule = "constant"
     config.quant.recipe = "gdnsq"
     config.quant.first_last_float = True
-    config.quant.learning_rate = 0.05
+    # 0.1 moves the log-steps fast enough for 5 digits epochs (the done-when run); the mnist5k
+    # table was made with 0.05 (experiments/mnist5k/sweep.py passes it).
+    config.quant.learning_rate = 0.1
     config.recipe_kwargs.backward = "ste"
     config.recipe_kwargs.init_bits = 8.0
     if variant == "w1a32":

@@ -30,10 +30,14 @@ BEGIN, END = "<!-- sweep table begin -->", "<!-- sweep table end -->"
 ROWS: dict[str, tuple[str, tuple[tuple[str, str], ...], str]] = {
     "fp": ("fp.py", (), "float CNN (teacher)"),
     **{
-        f"gdnsq-w{b}a{b}": ("gdnsq.py", (("target_bits", str(b)),), f"GDNSQ target W{b}A{b}")
+        f"gdnsq-w{b}a{b}": (
+            "gdnsq.py",
+            (("target_bits", str(b)), ("quant.learning_rate", "0.05")),
+            f"GDNSQ target W{b}A{b}",
+        )
         for b in (8, 4, 3, 2, 1)
     },
-    "gdnsq-w1a32": ("gdnsq.py:w1a32", (), "GDNSQ target W1A32"),
+    "gdnsq-w1a32": ("gdnsq.py:w1a32", (("quant.learning_rate", "0.05"),), "GDNSQ target W1A32"),
     **{
         f"{m}-w{b}a{b}": (f"{m}.py", (("target_bits", str(b)),), f"{label} W{b}A{b}")
         for m, label in (("lsq", "LSQ"), ("pact", "PACT"), ("dorefa", "DoReFa"))

@@ -36,6 +36,7 @@ HELPER_SUFFIXES = (
 )
 HELPERS = {
     "dbssq_quantize",  # the hard level function Q of dbssq (no custom gradient)
+    "dorefa",  # dispatches on its config's role to dorefa_weights / dorefa_activations (rows)
     "pair",
     *(f.__name__ for f in quantizers.PAIRS.values()),
     *quantizers.FORWARDS,

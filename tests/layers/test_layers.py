@@ -92,6 +92,8 @@ def test_recipes_are_hashable_values_and_describe_themselves():
         "pact",
         "dorefa",
         "gdnsq",
+        "dbssq",
+        "codeq",
     }
 
 
