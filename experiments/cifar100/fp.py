@@ -13,28 +13,12 @@ Not run
 here (no accelerator for this project's CI machine).
 """
 
-from qflax.train import default_config
+from experiments.cifar10 import fp as cifar10_fp
 
 
 def get_config(variant: str | None = None):
-    """The float ResNet-20; ``variant="smoke"``: 8x8 digits, 1 epoch, to check the wiring."""
-    config = default_config()
-    config.dataset = "tfds:cifar100"
-    config.model = "resnet20"
-    config.epochs = 200
-    config.batch_size = 128
-    config.augment_shift = 4
-    config.optimizer.name = "sgd"
-    config.optimizer.learning_rate = 0.1
-    config.optimizer.momentum = 0.9
-    config.optimizer.weight_decay = 1e-4
-    config.optimizer.schedule = "cosine"
-    config.log_every_steps = 100
-    config.checkpoint.every_epochs = 10
-    if variant == "smoke":
-        config.dataset = "digits"
-        config.epochs = 1
-        config.augment_shift = 1
-    elif variant is not None:
-        raise ValueError(f"variant={variant!r} is not known; allowed: 'smoke' or none")
+    """experiments/cifar10/fp.py on ``tfds:cifar100``; ``"smoke"``: digits."""
+    config = cifar10_fp.get_config(variant)
+    if variant != "smoke":
+        config.dataset = "tfds:cifar100"
     return config

@@ -16,29 +16,12 @@ Expected (the code's README, ResNet-20): W1A1 58.38, W2A2 66.41, W4A4 70.24 agai
 float 70.26. Not run here (needs an accelerator: ~0.8 s per step on 2 CPU cores).
 """
 
-import ml_collections
-
-from experiments.cifar100 import fp
+from experiments.cifar10 import gdnsq as cifar10_gdnsq
 
 
 def get_config(variant: str | None = None):
-    """GDNSQ at ``target_bits`` (default 4); ``"smoke"``: digits, 1 epoch, teacher trained."""
-    config = fp.get_config(variant)
-    config.epochs = 100 if variant != "smoke" else 1
-    config.optimizer.name = "adam"
-    config.optimizer.learning_rate = 1e-4
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.schedule = "constant"
-    config.quant.recipe = "gdnsq"
-    config.quant.learning_rate = 1e-2
-    config.quant.first_last_float = True
-    config.recipe_kwargs.init_bits = 8.0
-    with config.unlocked():
-        config.target_bits = ml_collections.FieldReference(4)
-    config.quant.weight_bits = config.get_ref("target_bits")
-    config.quant.act_bits = config.get_ref("target_bits")
-    config.penalty.warmup_epochs = 1.0
-    config.teacher.mode = "train"  # or: --config.teacher.mode=checkpoint --config.teacher.path=
-    config.teacher.divergence = "jeffreys"
-    config.teacher.init_student = True
+    """experiments/cifar10/gdnsq.py on ``tfds:cifar100``; ``"smoke"``: digits."""
+    config = cifar10_gdnsq.get_config(variant)
+    if variant != "smoke":
+        config.dataset = "tfds:cifar100"
     return config

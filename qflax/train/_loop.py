@@ -722,6 +722,16 @@ def train_and_evaluate(
     step = int(jax.device_get(state.step))
     last_saved = latest
 
+    def test_metrics(state: TrainState) -> dict[str, float]:
+        return _evaluate_arrays(
+            eval_step,
+            state.params,
+            state.rest,
+            dataset.test_x,
+            dataset.test_y,
+            config.eval_batch_size,
+        )
+
     def elapsed() -> float:
         return previous_wall + time.perf_counter() - start_time
 
@@ -780,28 +790,14 @@ def train_and_evaluate(
             }
             last_epoch = epoch + 1 == config.epochs
             if (epoch + 1) % config.eval_every_epochs == 0 or last_epoch:
-                test = _evaluate_arrays(
-                    eval_step,
-                    state.params,
-                    state.rest,
-                    dataset.test_x,
-                    dataset.test_y,
-                    config.eval_batch_size,
-                )
+                test = test_metrics(state)
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
             if last_epoch and _has_stat(model, "epsilon"):
                 # DBSSQ: report the blended model, then keep and evaluate the exact one (ε = 0).
                 record.update(blended_test_accuracy=test["accuracy"])
                 blended_accuracy = test["accuracy"]
                 state = _set_stats(graphdef, state, _schedules(config, model, config.epochs))
-                test = _evaluate_arrays(
-                    eval_step,
-                    state.params,
-                    state.rest,
-                    dataset.test_x,
-                    dataset.test_y,
-                    config.eval_batch_size,
-                )
+                test = test_metrics(state)
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
             stop = False
             if report is not None:
@@ -835,14 +831,7 @@ def train_and_evaluate(
 
     final_model = nnx.merge(graphdef, state.params, state.rest)
     if test is None or stopped_epoch is not None:  # resumed a finished run, or stopped early
-        test = _evaluate_arrays(
-            eval_step,
-            state.params,
-            state.rest,
-            dataset.test_x,
-            dataset.test_y,
-            config.eval_batch_size,
-        )
+        test = test_metrics(state)
     summary = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
