@@ -422,6 +422,10 @@ class TensorQuant:
             return v.reshape(-1)
         return v
 
+    def _expand_all(self, params: Mapping[str, ArrayLike], x: jax.Array) -> dict[str, jax.Array]:
+        """Every compact param of ``params`` in the full layout the quantizer takes for ``x``."""
+        return {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+
     def _expand(self, v: jax.Array, x: jax.Array) -> jax.Array:
         gran = self.granularity
         if gran == "tensor":
@@ -476,10 +480,10 @@ class TensorQuant:
                     "params is missing 'scale' for kind='learned_step'; allowed: the dict "
                     "returned by TensorQuant.init"
                 )
-            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            full = self._expand_all(params, x)
             return qz.uniform(x, full, self.config, key=key)
         if self.kind == "lsq":
-            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            full = self._expand_all(params, x)
             return qz.lsq(x, full, self.config)
         if self.kind == "pact":
             return qz.pact(x, params, self.config)
@@ -493,7 +497,7 @@ class TensorQuant:
                 )
             if isinstance(self.config, qz.GDNSQActConfig):
                 return qz.gdnsq_act(x, params, self.config, key=key)
-            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            full = self._expand_all(params, x)
             return qz.gdnsq_weight(x, full, self.config, key=key)
         if params:
             raise ValueError(
@@ -544,7 +548,7 @@ class TensorQuant:
         if isinstance(self.config, qz.GDNSQActConfig):
             return qz.gdnsq_act_bits(params)
         x = jnp.asarray(x)
-        full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+        full = self._expand_all(params, x)
         return self._compact(qz.gdnsq_weight_bits(x, full, self.config))
 
     def used_bits(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
@@ -565,7 +569,7 @@ class TensorQuant:
             levels = jnp.maximum(jnp.round(jnp.exp2(bits)), 1.0)
         else:
             x = jnp.asarray(x)
-            full = {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
+            full = self._expand_all(params, x)
             codes = qz.gdnsq_weight_codes(x, full, self.config)
             levels = (jnp.max(codes) - jnp.min(codes) + 1).astype(jnp.float32)
         return jnp.ceil(jnp.log2(levels) - 1e-6).astype(jnp.int32)
