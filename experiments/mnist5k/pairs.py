@@ -3,13 +3,15 @@
 Weights and activations of conv2 and dense binarized by the pair ``--config.pair`` (``bc``,
 ``pc``, ``proxquant``, ``bnn``, ``bnn+``, ``bnn++``, ``approx_sign``), weights scaled per output
 channel by ``sg(mean|w|)`` (``--config.recipe_kwargs.scaling=none`` for plain ±1), stem and head
-in float, latent weights kept in [-1, 1] (BinaryConnect). Pairs with a ``μ`` anneal it
+in float, latent weights kept in [-1, 1] (BinaryConnect), hardtanh in place of the model's ReLUs
+(the sign of a ReLU output is +1 everywhere, so a binarized input after a ReLU carries nothing;
+the float model it starts from is built the same way). Pairs with a ``μ`` anneal it
 geometrically from the recipe's value (BNN++: 5) to ``anneal.mu_end`` = 50, so BNN++'s forward
 ends near ``sign``. Default: fine-tuned from the float CNN (trained first in WORKDIR/teacher,
 cross-entropy on the labels); variant ``scratch``: a fresh initialisation. 15 epochs, Adam 1e-3.
 
     qflax train --config experiments/mnist5k/pairs.py --config.pair=bnn++ \\
-        --config.teacher.mode=checkpoint --config.teacher.path=runs/mnist5k-fp --workdir DIR
+        --config.teacher.mode=checkpoint --config.teacher.path=runs/mnist5k/fp-ht-s0 --workdir DIR
     qflax train --config experiments/mnist5k/pairs.py:scratch --config.pair=bnn --workdir DIR
     qflax train --config experiments/mnist5k/pairs.py --config.pair=bnn++ \\
         --config.dataset=digits --config.epochs=5 --workdir /tmp/pairs       # under a minute
@@ -35,6 +37,7 @@ def get_config(variant: str | None = None):
     config.quant.recipe = "binary"
     config.quant.first_last_float = True
     config.quant.latent_clip = 1.0
+    config.model_kwargs.activation = "hardtanh"  # sign(relu(x)) would be +1 everywhere
     with config.unlocked():  # (re-locks every group on exit, open ones too: set them inside)
         config.pair = ml_collections.FieldReference("bnn++")
         config.recipe_kwargs.pair = config.get_ref("pair")

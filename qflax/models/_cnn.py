@@ -8,10 +8,12 @@ import jax
 from flax import nnx
 
 from qflax.models._common import (
+    ACTIVATIONS,
     BN_EPSILON,
     BN_MOMENTUM,
     ConvFactory,
     LinearFactory,
+    check_activation,
     check_image_shape,
     check_input,
     check_positive_int,
@@ -23,6 +25,8 @@ MIN_POOL_SIZE = 4
 
 class CNN(nnx.Module):
     """conv 3x3 -> [BN] -> ReLU -> pool -> conv 3x3 -> [BN] -> ReLU -> pool -> dense -> ReLU -> head
+
+    ``activation="hardtanh"`` puts hardtanh where ReLU is (for binary activations).
 
     Convolutions are ``SAME``-padded; a 2x2/stride-2 max-pool follows each convolution while both
     spatial sides are >= 4 (28x28 -> 14 -> 7; 8x8 -> 4 -> 2), then the feature map is flattened.
@@ -47,6 +51,7 @@ class CNN(nnx.Module):
         channels: Sequence[int] = (32, 64),
         hidden: int = 128,
         use_bn: bool = True,
+        activation: str = "relu",
         linear: LinearFactory = nnx.Linear,
         conv: ConvFactory = nnx.Conv,
         rngs: nnx.Rngs,
@@ -59,6 +64,8 @@ class CNN(nnx.Module):
           channels: output channels of the two convolutions.
           hidden: width of the dense layer before the head.
           use_bn: BatchNorm after each convolution.
+          activation: hidden nonlinearity, ``"relu"`` or ``"hardtanh"`` (binary activations:
+            ``sign`` of a ReLU output is always +1).
           linear: dense-layer factory.
           conv: convolution factory.
           rngs: random streams for initialisation.
@@ -74,6 +81,7 @@ class CNN(nnx.Module):
         c1, c2 = (check_positive_int(c, "channels") for c in channels)
         height, width, in_channels = self.input_shape
         self.use_bn = bool(use_bn)
+        self.activation = check_activation(activation)
 
         def conv3x3(cin: int, cout: int) -> nnx.Module:
             return conv(
@@ -111,6 +119,7 @@ class CNN(nnx.Module):
         ``train=True`` normalises with batch statistics and updates BatchNorm's running averages.
         """
         check_input(x, self.input_shape, "CNN")
+        act = ACTIVATIONS[self.activation]
         for layer, norm, pool in (
             (self.stem, self.stem_norm, self.pools[0]),
             (self.conv2, self.conv2_norm, self.pools[1]),
@@ -118,8 +127,8 @@ class CNN(nnx.Module):
             x = layer(x)
             if norm is not None:
                 x = norm(x, use_running_average=not train)
-            x = jax.nn.relu(x)
+            x = act(x)
             if pool:
                 x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-        x = jax.nn.relu(self.dense(x.reshape(x.shape[0], -1)))
+        x = act(self.dense(x.reshape(x.shape[0], -1)))
         return self.head(x)

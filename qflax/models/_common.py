@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import Any, Protocol
 
+import jax
 from flax import nnx
 
 # BatchNorm settings shared by the convolutional models: PyTorch's momentum 0.1 is Flax's 0.9.
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+
+# Hidden-layer nonlinearities of the MLP and CNN (``activation=``). Binary-activation networks
+# (BNN and the ProxConnect++ pairs) need ``"hardtanh"``: the sign of a ReLU output is +1
+# everywhere (``sign(0) = +1``), so a binarized input after a ReLU carries no information.
+ACTIVATIONS = MappingProxyType({"relu": jax.nn.relu, "hardtanh": jax.nn.hard_tanh})
 
 
 class LinearFactory(Protocol):
@@ -92,3 +99,12 @@ def check_width(width: Any) -> float:
     if not (math.isfinite(width) and width > 0):
         raise ValueError(f"width={width!r} is not allowed; allowed: a number > 0")
     return float(width)
+
+
+def check_activation(value: Any) -> str:
+    """Returns ``value`` if it names one of :data:`ACTIVATIONS`, else raises ValueError."""
+    if not isinstance(value, str) or value not in ACTIVATIONS:
+        raise ValueError(
+            f"activation={value!r} is not allowed; allowed: {', '.join(map(repr, ACTIVATIONS))}"
+        )
+    return value

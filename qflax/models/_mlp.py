@@ -9,8 +9,10 @@ import jax
 from flax import nnx
 
 from qflax.models._common import (
+    ACTIVATIONS,
     ConvFactory,
     LinearFactory,
+    check_activation,
     check_input,
     check_positive_int,
     check_shape,
@@ -18,7 +20,7 @@ from qflax.models._common import (
 
 
 class MLP(nnx.Module):
-    """Fully connected classifier with ReLU between layers.
+    """Fully connected classifier with ReLU (or hardtanh) between layers.
 
     Module paths: ``stem`` (``prod(input_shape) -> hidden[0]``), ``blocks/i``
     (``hidden[i] -> hidden[i+1]``), ``head`` (``hidden[-1] -> num_classes``); all with bias.
@@ -37,6 +39,7 @@ class MLP(nnx.Module):
         num_classes: int = 10,
         *,
         hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
         linear: LinearFactory = nnx.Linear,
         conv: ConvFactory = nnx.Conv,
         rngs: nnx.Rngs,
@@ -47,12 +50,14 @@ class MLP(nnx.Module):
           input_shape: per-example input shape (any rank; flattened).
           num_classes: number of output logits.
           hidden: widths of the hidden layers; at least one (the first is ``stem``).
+          activation: hidden nonlinearity, ``"relu"`` or ``"hardtanh"`` (binary activations).
           linear: dense-layer factory.
           conv: unused (accepted so every model takes the same factories).
           rngs: random streams for initialisation.
         """
         del conv  # an MLP has no convolutions
         self.input_shape = check_shape(input_shape, "input_shape")
+        self.activation = check_activation(activation)
         num_classes = check_positive_int(num_classes, "num_classes")
         hidden = tuple(hidden)
         if not hidden:
@@ -71,7 +76,8 @@ class MLP(nnx.Module):
         """Maps ``(batch, *input_shape)`` to logits ``(batch, num_classes)`` (``train`` unused)."""
         del train  # no batch statistics or dropout
         check_input(x, self.input_shape, "MLP")
-        x = jax.nn.relu(self.stem(x.reshape(x.shape[0], -1)))
+        act = ACTIVATIONS[self.activation]
+        x = act(self.stem(x.reshape(x.shape[0], -1)))
         for layer in self.blocks:
-            x = jax.nn.relu(layer(x))
+            x = act(layer(x))
         return self.head(x)

@@ -344,16 +344,18 @@ def build_recipe(
 
     Recipes with fixed levels ignore what they do not take (``binary`` both bit-widths,
     ``ternary`` the weight bits). ``recipe_kwargs`` go to the factory; a keyword it does not
-    take is a ValueError naming the ones it does.
+    take is a ValueError naming the ones it does. ``recipe_kwargs.weight_bits``/``act_bits``
+    replace the ``quant`` ones (CoDeQ: ``weight_bits=None`` learns the bit-width).
     """
     import inspect
 
     from qflax import layers as ql
 
     accepted = inspect.signature(ql.RECIPES[name]).parameters
-    bits = {"weight_bits": weight_bits, "act_bits": act_bits}
-    kwargs = {k: v for k, v in bits.items() if k in accepted}
     extra = dict(recipe_kwargs or {})
+    bits = {"weight_bits": weight_bits, "act_bits": act_bits}
+    bits.update({k: extra.pop(k) for k in list(extra) if k in bits and k in accepted})
+    kwargs = {k: v for k, v in bits.items() if k in accepted}
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     # (`binary` passes its extra keywords to the pair's factory, which checks them.)
     unknown = [] if takes_any else sorted(set(extra) - set(accepted) - set(bits))

@@ -347,6 +347,8 @@ def test_unknown_model_name_raises_naming_the_allowed_names():
         (lambda r: models.MLP((4,), 2, hidden=(), rngs=r), "hidden"),
         (lambda r: models.MLP((4,), 0, rngs=r), "num_classes=0"),
         (lambda r: models.CNN((8, 8), 2, rngs=r), "input_shape"),
+        (lambda r: models.CNN(activation="gelu", rngs=r), "activation='gelu'.*'hardtanh'"),
+        (lambda r: models.MLP((4,), 2, activation=None, rngs=r), "activation=None"),
         (lambda r: models.ResNet20(shortcut="B", rngs=r), "shortcut='B'.*'pad', 'projection'"),
         (lambda r: models.ResNet18(width=0, rngs=r), "width=0"),
         (lambda r: models.ViT((30, 30, 3), 2, patch=4, rngs=r), "patch=4"),
@@ -419,3 +421,41 @@ def test_layers_can_be_replaced_by_path(key):
     x = jax.ShapeDtypeStruct((2, *case.input_shape), dtype)
     out = nnx.eval_shape(lambda m, x: m(x, train=True), model, x)
     assert out.shape == expected_logits_shape(case, batch=2)
+
+
+def _dense_inputs(name: str, activation: str, x: jax.Array) -> jax.Array:
+    """Every value fed to the dense layers of ``name`` built with ``activation`` (MLP: not the
+    stem, which reads the image)."""
+    inputs = []
+
+    class Recording(nnx.Linear):
+        def __call__(self, y):
+            inputs.append(y)
+            return super().__call__(y)
+
+    def linear(in_features, out_features, *, use_bias, rngs):
+        return Recording(in_features, out_features, use_bias=use_bias, rngs=rngs)
+
+    model = build_model(
+        name,
+        input_shape=x.shape[1:],
+        num_classes=3,
+        activation=activation,
+        linear=linear,
+        rngs=rngs(),
+    )
+    model(x)
+    hidden = inputs[1:] if name == "mlp" else inputs
+    return jnp.concatenate([a.ravel() for a in hidden])
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_hardtanh_activation_bounds_every_hidden_output(name):
+    """``activation="hardtanh"`` replaces every ReLU: hidden values lie in [-1, 1] and some are
+    negative (after a ReLU all are >= 0, and binary activations of them would all be +1)."""
+    x = 3.0 * jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    relu = _dense_inputs(name, "relu", x)
+    hardtanh = _dense_inputs(name, "hardtanh", x)
+    assert float(relu.min()) >= 0.0
+    assert float(hardtanh.min()) < 0.0
+    assert float(jnp.abs(hardtanh).max()) <= 1.0

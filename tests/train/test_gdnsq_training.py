@@ -180,3 +180,12 @@ def test_recipe_kwargs_reach_a_pair_factory():
     assert dict(recipe.weight.pair_kwargs) == {"mu": 3.0}
     with pytest.raises(ValueError, match="not arguments of pair 'bnn'"):
         _config.build_recipe("binary", 1, 1, {"pair": "bnn", "mu": 3.0})
+
+
+def test_recipe_kwargs_bits_replace_the_quant_bits():
+    # CoDeQ learns its weight bit-width when the recipe gets weight_bits=None
+    assert _config.build_recipe("codeq", 4, 8, {}).weight.config.fixed_bits == 4
+    recipe = _config.build_recipe("codeq", 4, 8, {"weight_bits": None})
+    assert recipe.weight.config.fixed_bits is None
+    assert recipe.act.config.bits == 8
+    assert _config.build_recipe("lsq", 4, 4, {"act_bits": 2}).act.config.bits == 2
