@@ -7,7 +7,10 @@ in float, latent weights kept in [-1, 1] (BinaryConnect), hardtanh in place of t
 (the sign of a ReLU output is +1 everywhere, so a binarized input after a ReLU carries nothing;
 the float model it starts from is built the same way). Pairs with a ``μ`` anneal it
 geometrically from the recipe's value (BNN++: 5) to ``anneal.mu_end`` = 50, so BNN++'s forward
-ends near ``sign``. Default: fine-tuned from the float CNN (trained first in WORKDIR/teacher,
+ends near ``sign``. Training ends with the exact W1A1 model: pairs whose forward is not a sign
+(``pc``, ``proxquant`` — whose forward is the identity — and ``bnn++``) switch to ``sign`` for
+the final evaluation and checkpoint; ``summary.json`` has ``blended_test_accuracy`` (their
+training-time forward) and ``test_accuracy`` (exact). Default: fine-tuned from the float CNN (trained first in WORKDIR/teacher,
 cross-entropy on the labels); variant ``scratch``: a fresh initialisation. 15 epochs, Adam 1e-3.
 
     qflax train --config experiments/mnist5k/pairs.py --config.pair=bnn++ \\

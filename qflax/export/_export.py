@@ -70,14 +70,19 @@ def _expand_compact(value: jax.Array, x: jax.Array, spec: TensorQuant) -> jax.Ar
 
 
 def quantize_tensor(
-    spec: TensorQuant, x: jax.Array, params: Mapping[str, jax.Array] | None = None
+    spec: TensorQuant,
+    x: jax.Array,
+    params: Mapping[str, jax.Array] | None = None,
+    stats: Mapping[str, jax.Array] | None = None,
 ) -> QArray:
     """The codes of ``spec.apply(x, params)`` at rest (unpacked), for every kind of TensorQuant.
 
     ``dequantize(quantize_tensor(spec, x, p)) == spec.apply(x, p)`` exactly (float32 ``x``).
     ``"pair"`` kinds are stored as binary when their forward is a sign (values ±1 exactly, e.g.
     ``"bnn"``, ``"bc"``, ``"bnn+"``); a pair whose forward is not a sign (``"bnn++"`` before its
-    μ reaches infinity, ``"proxquant"``) raises ValueError: it has no integer codes.
+    μ reaches infinity, ``"proxquant"``) raises ValueError: it has no integer codes, unless
+    ``stats["hard"]`` (the layer's state, see :attr:`TensorQuant.relaxed`) is set: the exact
+    binary model a relaxed pair's training ends with.
     """
     x = jnp.asarray(x)
     params = dict(params or {})
@@ -96,7 +101,10 @@ def quantize_tensor(
     if spec.kind == "ternary":
         return quantize_ternary(x, spec.config)
     # pair: a sign-valued forward times sg(mean|x|) (per tensor / channel) or 1.
-    y = qz.PAIRS[spec.pair](**dict(spec.pair_kwargs))(x)
+    if float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0:
+        y = qz.sign(x)
+    else:
+        y = qz.PAIRS[spec.pair](**dict(spec.pair_kwargs))(x)
     if not bool(jnp.all(jnp.abs(y) == 1.0)):
         raise ValueError(
             f"pair={spec.pair!r} with {dict(spec.pair_kwargs)} has a forward that is not a sign "
@@ -135,6 +143,11 @@ def _weight_params(layer: nnx.Module) -> dict[str, jax.Array]:
     return {name: getattr(layer, f"weight_{name}")[...] for name in names}
 
 
+def _weight_stats(layer: nnx.Module) -> dict[str, jax.Array]:
+    names = dict(layer.stat_names).get("weight", ())
+    return {name: getattr(layer, f"weight_{name}")[...] for name in names}
+
+
 def _set_nested(tree: dict, path: tuple[str, ...], value: Any) -> None:
     node = tree
     for part in path[:-1]:
@@ -170,7 +183,7 @@ def export_model(model: nnx.Module) -> dict[str, Any]:
         spec = layer.recipe.weight
         if spec is None:
             continue
-        q = quantize_tensor(spec, _layer_kernel(layer), _weight_params(layer))
+        q = quantize_tensor(spec, _layer_kernel(layer), _weight_params(layer), _weight_stats(layer))
         _set_nested(tree, (*path, "inner", "kernel"), pack(q))
         for name in _weight_params(layer):  # learned scales live in the QArray (no duplicate)
             del _get_nested(tree, path)[f"weight_{name}"]

@@ -336,17 +336,32 @@ class TensorQuant:
     def stats_init(self, x: ArrayLike | None) -> dict[str, jax.Array]:
         """Non-learned state of the quantizer (float32, compact): DBSSQ's ``epsilon`` (1.0 at
         the start) and, for weights, ``sigma`` (the per-channel std of ``x``, the pretrained
-        spread); a pair's ``mu`` when its factory takes one. ``{}`` otherwise."""
+        spread); a pair's ``mu`` when its factory takes one, and ``hard`` (0.0) when its forward
+        is not a sign (:attr:`relaxed`). ``{}`` otherwise."""
         if self.kind == "dbssq":
             out = {"epsilon": jnp.ones((), jnp.float32)}
             if self.role == "weight":
                 sigma = qz.dbssq_weight_init(jax.lax.stop_gradient(jnp.asarray(x)), axis=-1)
                 out["sigma"] = jnp.asarray(sigma, jnp.float32).reshape(-1)
             return out
-        if self.kind == "pair" and "mu" in self.pair_defaults():
-            mu = dict(self.pair_kwargs).get("mu", self.pair_defaults()["mu"])
-            return {"mu": jnp.asarray(mu, jnp.float32)}
+        if self.kind == "pair":
+            out = {}
+            if "mu" in self.pair_defaults():
+                mu = dict(self.pair_kwargs).get("mu", self.pair_defaults()["mu"])
+                out["mu"] = jnp.asarray(mu, jnp.float32)
+            if self.relaxed:
+                out["hard"] = jnp.zeros((), jnp.float32)
+            return out
         return {}
+
+    @property
+    def relaxed(self) -> bool:
+        """A pair whose forward is not a sign (``pc``, ``proxquant``, ``bnn++``): its layers keep
+        a ``hard`` stat, 0 while training (the pair's forward) and 1 for the exact binary model
+        (``sign`` forward, same scaling) that training ends with."""
+        if self.kind != "pair":
+            return False
+        return qz.PAIRS[self.pair](**dict(self.pair_kwargs)).forward is not qz.sign
 
     def pair_defaults(self) -> dict[str, Any]:
         """The keyword defaults of the pair's factory (``{}`` for other kinds)."""
@@ -520,6 +535,8 @@ class TensorQuant:
         if "mu" in stats:
             kwargs["mu"] = stats["mu"]
         y = qz.PAIRS[self.pair](**kwargs)(x).astype(x.dtype)
+        if "hard" in stats:  # the exact binary model: sign forward (no gradient)
+            y = jnp.where(jnp.asarray(stats["hard"]) > 0, qz.sign(x).astype(x.dtype), y)
         if self.scaling == "none":
             return y
         alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))

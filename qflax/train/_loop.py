@@ -469,7 +469,7 @@ def _has_stat(model: nnx.Module, name: str) -> bool:
 def _mu_schedule(config, epoch: int):
     """``tq -> μ`` at ``epoch``: geometric from the recipe's μ to ``anneal.mu_end``."""
     end = float(config.anneal.mu_end)
-    frac = epoch / max(config.epochs - 1, 1)
+    frac = min(epoch / max(config.epochs - 1, 1), 1.0)
 
     def value(tq) -> float:
         start = float(dict(tq.pair_kwargs).get("mu", tq.pair_defaults()["mu"]))
@@ -489,7 +489,9 @@ def _set_stats(graphdef, state: TrainState, values: dict[str, Any]) -> TrainStat
 
 
 def _schedules(config, model: nnx.Module, epoch: int) -> dict[str, Any]:
-    """The scheduled quantizer state for ``epoch`` (0-based): DBSSQ's ε, annealed pair μ."""
+    """The scheduled quantizer state for ``epoch`` (0-based): DBSSQ's ε, annealed pair μ, and
+    a relaxed pair's ``hard`` flag. ``epoch = config.epochs`` is the exact model training ends
+    with (ε = 0; sign forward for ``pc``/``proxquant``/``bnn++``)."""
     values: dict[str, Any] = {}
     if _has_stat(model, "epsilon"):
         from qflax.quantizers import dbssq_epsilon_schedule
@@ -497,7 +499,15 @@ def _schedules(config, model: nnx.Module, epoch: int) -> dict[str, Any]:
         values["epsilon"] = float(dbssq_epsilon_schedule(epoch, config.epochs))
     if config.anneal.mu_end and _has_stat(model, "mu"):
         values["mu"] = _mu_schedule(config, epoch)
+    if _has_stat(model, "hard"):
+        values["hard"] = float(epoch >= config.epochs)
     return values
+
+
+def _ends_exact(model: nnx.Module) -> bool:
+    """Whether training ends by switching to an exact quantizer (DBSSQ ε = 0, a relaxed pair's
+    sign forward), evaluated after the relaxed one."""
+    return _has_stat(model, "epsilon") or _has_stat(model, "hard")
 
 
 def _latent_clip_mask(model: nnx.Module) -> Any:
@@ -792,8 +802,9 @@ def train_and_evaluate(
             if (epoch + 1) % config.eval_every_epochs == 0 or last_epoch:
                 test = test_metrics(state)
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
-            if last_epoch and _has_stat(model, "epsilon"):
-                # DBSSQ: report the blended model, then keep and evaluate the exact one (ε = 0).
+            if last_epoch and _ends_exact(model):
+                # DBSSQ / relaxed pairs: report the training-time (blended, relaxed) model, then
+                # keep and evaluate the exact one (ε = 0; sign forward).
                 record.update(blended_test_accuracy=test["accuracy"])
                 blended_accuracy = test["accuracy"]
                 state = _set_stats(graphdef, state, _schedules(config, model, config.epochs))

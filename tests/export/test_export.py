@@ -92,6 +92,16 @@ def test_non_sign_pair_has_no_codes():
         quantize_tensor(spec, _x(1, (4, 3)))
 
 
+@pytest.mark.parametrize("pair", ["bnn++", "proxquant", "pc"])
+def test_relaxed_pair_in_its_exact_state_stores_binary_codes(pair):
+    spec = TensorQuant(kind="pair", pair=pair, scaling="channel")
+    w = _x(1, (12, 6))
+    stats = {**spec.stats_init(w), "hard": jnp.ones((), jnp.float32)}
+    q = quantize_tensor(spec, w, {}, stats)
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), np.asarray(spec.apply(w, stats=stats)))
+    assert set(np.unique(np.asarray(q.values)).tolist()) == {0, 1}
+
+
 @pytest.mark.parametrize("weight_bits", [4, 8])
 def test_export_save_load_import(tmp_path, weight_bits):
     model, _ = quantize_model(

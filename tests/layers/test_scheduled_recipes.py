@@ -96,6 +96,26 @@ def test_pair_mu_is_state_and_matches_the_factory():
     assert _layer(recipes.binary("bnn")).stat_names == ()
 
 
+@pytest.mark.parametrize("pair", ["bnn++", "pc", "proxquant"])
+def test_relaxed_pair_hard_stat_switches_to_the_exact_sign_forward(pair):
+    layer = _layer(recipes.binary(pair, scaling="channel"))
+    assert "hard" in dict(layer.stat_names)["weight"] and float(layer.weight_hard[...]) == 0.0
+    x = _x()
+    relaxed = layer(x)
+    layer.set_stat("hard", 1.0)
+    kernel = layer.inner.kernel[...]
+    alpha = qz.binary_scale(kernel, qz.BinaryConfig(scaling="channel"))
+    expected = qz.sign(x) @ (alpha * qz.sign(kernel)) + layer.inner.bias[...]
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(relaxed, expected, atol=1e-3)
+    # while relaxed (hard = 0) the gradient is the pair's
+    layer.set_stat("hard", 0.0)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    assert float(jnp.abs(grads.inner.kernel[...]).sum()) > 0.0
+    # pairs whose forward is a sign have nothing to switch
+    assert not recipes.binary("bnn+").weight.relaxed
+
+
 def test_binary_recipe_drops_unset_pair_arguments():
     assert recipes.binary("bnn", mu=None).weight.pair_kwargs == ()
     with pytest.raises(ValueError, match="not arguments of pair 'bnn'; allowed: none"):

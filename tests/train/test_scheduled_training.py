@@ -35,6 +35,12 @@ def test_pairs_bnnpp_runs_anneals_mu_and_clips_latent_weights(tmp_path):
     # latent weights of the binary layers stay in [-1, 1]
     for layer in (model.conv2, model.dense):
         assert float(jnp.max(jnp.abs(layer.inner.kernel[...]))) <= 1.0
+    # training ends with the exact binary model (sign forward), evaluated after the relaxed one
+    assert "blended_test_accuracy" in summary
+    assert float(model.conv2.weight_hard[...]) == float(model.dense.act_hard[...]) == 1.0
+    kernel = model.conv2.quantized_kernel()
+    magnitudes = jnp.abs(kernel).reshape(-1, kernel.shape[-1])
+    np.testing.assert_allclose(magnitudes, jnp.broadcast_to(magnitudes[:1], magnitudes.shape))
 
 
 def test_mu_schedule_is_geometric_and_off_by_default():
@@ -63,7 +69,13 @@ def test_dbssq_follows_the_schedule_and_ends_exact(tmp_path):
 
 
 def test_codeq_runs_and_reports_sparsity_bits_and_sparse_bops(tmp_path):
-    config = _experiment("codeq", ("quant.deadzone_decay", "2.0"), ("quant.bits_decay", "0.5"))
+    # (a θ moves at most quant.learning_rate per step: 25× the config's, for 2 digits epochs)
+    config = _experiment(
+        "codeq",
+        ("quant.deadzone_decay", "4.0"),
+        ("quant.bits_decay", "4.0"),
+        ("quant.learning_rate", "0.25"),
+    )
     _, summary = train_and_evaluate(config, tmp_path)
     assert summary["sparsity"] > 0.0
     assert summary["bops_sparse"] < summary["bops"]
