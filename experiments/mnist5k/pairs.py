@@ -10,8 +10,9 @@ geometrically from the recipe's value (BNN++: 5) to ``anneal.mu_end`` = 50, so B
 ends near ``sign``. Training ends with the exact W1A1 model: pairs whose forward is not a sign
 (``pc``, ``proxquant`` — whose forward is the identity — and ``bnn++``) switch to ``sign`` for
 the final evaluation and checkpoint; ``summary.json`` has ``blended_test_accuracy`` (their
-training-time forward) and ``test_accuracy`` (exact). Default: fine-tuned from the float CNN (trained first in WORKDIR/teacher,
-cross-entropy on the labels); variant ``scratch``: a fresh initialisation. 15 epochs, Adam 1e-3.
+training-time forward) and ``test_accuracy`` (exact). Default: fine-tuned from the float CNN
+(trained first in WORKDIR/teacher, cross-entropy on the labels); variant ``scratch``: a fresh
+initialisation. 15 epochs, Adam 1e-3.
 
     qflax train --config experiments/mnist5k/pairs.py --config.pair=bnn++ \\
         --config.teacher.mode=checkpoint --config.teacher.path=runs/mnist5k/fp-ht-s0 --workdir DIR

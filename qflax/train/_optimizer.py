@@ -148,13 +148,13 @@ def make_optimizer(
     The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to PACT's ``α``] -> [L2
     weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's, or SGD momentum)
     -> [decoupled weight decay, masked to weights (adamw)] -> [each quantizer parameter's step
-    clipped to ``±quant.max_update`` (in units of its learning rate)] -> ``optax.partition``
+    clipped to ``±quant.max_update`` (in units of its learning rate)] -> [CoDeQ's decoupled
+    decay of ``θ_d`` / ``θ_b``: ``quant.deadzone_decay`` / ``quant.bits_decay``] ->
+    ``optax.partition``
     scaling weights by ``-schedule(step)`` and quantizer parameters by ``-quant_schedule(step)``
     -> [projection of 1-bit layers' latent weights onto ``[−quant.latent_clip,
-    quant.latent_clip]``]. CoDeQ's ``θ_d`` / ``θ_b`` get decoupled decay
-    ``quant.deadzone_decay`` / ``quant.bits_decay`` right after the moment estimator. Quantizer
-    parameters (``QuantParam``) never get weight decay. (The chain's update runs under standard
-    dtype promotion, see ``_standard_promotion``.)
+    quant.latent_clip]``]. Quantizer parameters (``QuantParam``) never get weight decay. (The
+    chain's update runs under standard dtype promotion, see ``_standard_promotion``.)
 
     Args:
       config: a validated training config (``optimizer.*``, ``quant.learning_rate``, ``epochs``).
@@ -204,17 +204,6 @@ def make_optimizer(
             parts.append(weight_decay)
     else:
         raise ValueError(f"optimizer.name={opt.name!r} is not allowed; allowed: adam, adamw, sgd")
-    decoupled = []
-    for coefficient, names in (
-        (float(config.quant.deadzone_decay), DEADZONE_PARAM_NAMES),
-        (float(config.quant.bits_decay), BITS_PARAM_NAMES),
-    ):
-        if coefficient:
-            # Decoupled (after the moment estimator, scaled by the quantizer learning rate).
-            decoupled.append(
-                optax.masked(optax.add_decayed_weights(coefficient), name_mask(model_state, names))
-            )
-    parts += decoupled
     max_update = float(config.quant.max_update)
     if max_update:
         # Bounded quantizer steps: Adam's first update after a calm stretch can reach
@@ -222,6 +211,17 @@ def make_optimizer(
         # when the bit-width penalty switches on (seen on mnist5k: activations fell to 0 bits).
         is_quant = jax.tree.map(lambda label: label == QUANT, labels)
         parts.append(optax.masked(optax.clip(max_update), is_quant))
+    for coefficient, names in (
+        (float(config.quant.deadzone_decay), DEADZONE_PARAM_NAMES),
+        (float(config.quant.bits_decay), BITS_PARAM_NAMES),
+    ):
+        if coefficient:
+            # Decoupled: added after the moment estimator and after the step clip (clipped with
+            # Adam's step, a decay could move θ no more than lr per step, whatever its size),
+            # then scaled by the quantizer learning rate.
+            parts.append(
+                optax.masked(optax.add_decayed_weights(coefficient), name_mask(model_state, names))
+            )
     parts.append(
         optax.partition(
             {

@@ -98,6 +98,16 @@ def test_codeq_decay_groups_decay_only_their_thetas():
             assert float(value) < 0, name  # θ_d = 3 decays (the dead zone widens)
         else:
             assert not np.any(np.asarray(value)), name
+    # the decay is not capped by the ±max_update step clip (in units of lr): −lr·30·θ, θ = 3
+    config.quant.deadzone_decay = 30.0
+    config.optimizer.warmup_epochs = 0.0
+    config.optimizer.schedule = "constant"
+    tx = make_optimizer(config, params, steps_per_epoch=10)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    theta_d = [v for p, v in jax.tree_util.tree_leaves_with_path(updates) if "theta_d" in str(p)]
+    assert theta_d
+    for value in theta_d:
+        np.testing.assert_allclose(float(value), -config.quant.learning_rate * 30 * 3, rtol=1e-5)
 
 
 def test_project_to_box_keeps_masked_params_inside():
