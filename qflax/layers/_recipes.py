@@ -140,6 +140,10 @@ class TensorQuant:
     scaling: str = "none"
     # kind="pair": the channel axis of scaling="channel".
     axis: int = -1
+    # kind="pair": the pair acts on x / sg(mean|x|) (per channel with scaling="channel", else per
+    # tensor), so its μ/β are scale-free (latent weights are ~0.02-0.05 in size: at μ = 50
+    # BNN++'s SS_μ(w) is far from a sign); False: on x itself (the pair's own definition).
+    normalize: bool = False
     # kind="gdnsq": the target bit-width of the learned bit-width (1..32); None otherwise.
     target_bits: int | None = None
     # kind="dbssq": "weight" or "act" (which normalisation); None otherwise.
@@ -221,7 +225,16 @@ class TensorQuant:
                 ) from None
             check_choice(self.scaling, "scaling", qz.SCALINGS)
             _check_int(self.axis, "axis")
+            if not isinstance(self.normalize, (bool, np.bool_)):
+                raise ValueError(
+                    f"normalize={self.normalize!r} is not allowed; allowed: True or False"
+                )
         else:
+            if self.normalize:
+                raise ValueError(
+                    f"normalize=True is only used with kind='pair'; allowed for "
+                    f"kind={self.kind!r}: False"
+                )
             if self.pair is not None or self.pair_kwargs:
                 raise ValueError(
                     f"pair={self.pair!r} is only used with kind='pair'; allowed for "
@@ -534,7 +547,14 @@ class TensorQuant:
         kwargs = dict(self.pair_kwargs)
         if "mu" in stats:
             kwargs["mu"] = stats["mu"]
-        y = qz.PAIRS[self.pair](**kwargs)(x).astype(x.dtype)
+        pair = qz.PAIRS[self.pair](**kwargs)
+        if self.normalize:  # F and B on x/a (a no-gradient scale): y = F(x/a), dy/dx = B′(x/a)/a
+            gran = "channel" if self.scaling == "channel" else "tensor"
+            a = qz.binary_scale(x, qz.BinaryConfig(scaling=gran, axis=self.axis))
+            a = jnp.maximum(a, jnp.finfo(jnp.float32).tiny).astype(x.dtype)
+            y = pair(x / a).astype(x.dtype)
+        else:
+            y = pair(x).astype(x.dtype)
         if "hard" in stats:  # the exact binary model: sign forward (no gradient)
             y = jnp.where(jnp.asarray(stats["hard"]) > 0, qz.sign(x).astype(x.dtype), y)
         if self.scaling == "none":
@@ -792,6 +812,7 @@ def binary(
     pair: str | None = "bnn",
     scaling: str = "channel",
     act: bool = True,
+    normalize: bool = False,
     **pair_kwargs: Any,
 ) -> Recipe:
     """Binary weights (and activations): a ProxConnect++ pair, or the plain binary quantizer.
@@ -803,20 +824,28 @@ def binary(
       scaling: weight scale ``"none"``, ``"tensor"`` or ``"channel"`` (``sg(mean|w|)``); the
         activations are never scaled (±1).
       act: binarize the input activations too.
+      normalize: the pair acts on ``x / sg(mean|x|)`` (weights per channel with
+        ``scaling="channel"``, activations per tensor), so ``μ``/``β`` do not depend on the
+        tensor's scale (see :class:`TensorQuant`); the exact forward ``sign`` is unchanged.
       **pair_kwargs: arguments of the pair's factory (``mu=``, ``beta=``); None values are
         dropped (the pair's default), so one config can name any pair.
     """
     pair_kwargs = {k: v for k, v in pair_kwargs.items() if v is not None}
     if pair is None:
-        if pair_kwargs:
-            raise ValueError(
-                f"pair_kwargs={pair_kwargs!r} need a pair; allowed: none with pair=None"
-            )
+        if pair_kwargs or normalize:
+            extra = {**pair_kwargs, **({"normalize": True} if normalize else {})}
+            raise ValueError(f"{extra!r} need a pair; allowed: none with pair=None")
         weight = TensorQuant(kind="binary", config=qz.BinaryConfig(scaling=scaling))
         act_q = TensorQuant(kind="binary", config=qz.BinaryConfig()) if act else None
     else:
-        weight = TensorQuant(kind="pair", pair=pair, pair_kwargs=pair_kwargs, scaling=scaling)
-        act_q = TensorQuant(kind="pair", pair=pair, pair_kwargs=pair_kwargs) if act else None
+        weight = TensorQuant(
+            kind="pair", pair=pair, pair_kwargs=pair_kwargs, scaling=scaling, normalize=normalize
+        )
+        act_q = (
+            TensorQuant(kind="pair", pair=pair, pair_kwargs=pair_kwargs, normalize=normalize)
+            if act
+            else None
+        )
     return Recipe(weight=weight, act=act_q)
 
 

@@ -116,6 +116,27 @@ def test_relaxed_pair_hard_stat_switches_to_the_exact_sign_forward(pair):
     assert not recipes.binary("bnn+").weight.relaxed
 
 
+def test_normalized_pair_acts_on_the_scaled_tensor_and_keeps_its_gradient():
+    tq = recipes.binary("bnn++", scaling="channel", normalize=True, mu=50.0).weight
+    w = 0.03 * jax.random.normal(jax.random.key(1), (16, 4))  # latent weights' size
+    alpha = jnp.mean(jnp.abs(w), axis=0, keepdims=True)
+    pair = qz.PAIRS["bnn++"](mu=50.0)
+    np.testing.assert_allclose(tq.apply(w), alpha * pair(w / alpha), rtol=1e-5, atol=1e-7)
+    # scale-free: far nearer a sign than the plain pair at the same μ
+    plain = recipes.binary("bnn++", scaling="channel", mu=50.0).weight.apply(w)
+    assert jnp.mean(jnp.abs(jnp.abs(tq.apply(w)) - alpha)) < 0.2 * jnp.mean(
+        jnp.abs(jnp.abs(plain) - alpha)
+    )
+    # d/dw [α·F(w/α)] with α under stop_gradient = B′(w/α) (the custom VJP of the pair)
+    g = jax.grad(lambda w: jnp.sum(tq.apply(w)))(w)
+    expected = jax.vmap(jax.grad(lambda v: qz.sign_swish(v, 50.0)))(jnp.ravel(w / alpha))
+    np.testing.assert_allclose(g, expected.reshape(w.shape), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="normalize"):
+        recipes.binary(None, normalize=True)
+    with pytest.raises(ValueError, match="normalize=True is only used with kind='pair'"):
+        TensorQuant(kind="binary", normalize=True)
+
+
 def test_binary_recipe_drops_unset_pair_arguments():
     assert recipes.binary("bnn", mu=None).weight.pair_kwargs == ()
     with pytest.raises(ValueError, match="not arguments of pair 'bnn'; allowed: none"):
