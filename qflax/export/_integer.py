@@ -74,6 +74,12 @@ class _Step:
 
 def _plan(model: nnx.Module) -> list[_Step]:
     """The layers of an MLP or CNN in execution order, with what follows each."""
+    activation = getattr(model, "activation", "relu")
+    if activation != "relu":
+        raise ValueError(
+            f"model activation={activation!r} is not allowed for integer inference; allowed: "
+            "'relu' (hardtanh models, e.g. binary-activation ones, are not supported yet)"
+        )
     if isinstance(model, MLP):
         layers = [("stem", model.stem)] + [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
         steps = [_Step(p, m, "dense", None, True, False, i == 0) for i, (p, m) in enumerate(layers)]

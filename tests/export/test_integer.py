@@ -249,3 +249,11 @@ def test_estimate_scale_and_calibrations():
     assert set(absmax) == set(mse) == {"stem", "blocks.0", "head"}
     assert absmax["stem"] == pytest.approx(float(jnp.max(jnp.abs(xs))) / 127, rel=1e-6)
     assert all(mse[k] <= absmax[k] * (1 + 1e-6) for k in absmax)
+
+
+def test_hardtanh_models_are_refused_before_any_work():
+    # the integer plan applies ReLU after every hidden layer; a hardtanh model must not run
+    model = MLP((8, 8, 1), 10, hidden=(16,), activation="hardtanh", rngs=nnx.Rngs(0))
+    model, _ = quantize_model(model, [Rule(".*", recipes.absmax(8, 8))])
+    with pytest.raises(ValueError, match="activation='hardtanh' is not allowed.*'relu'"):
+        fake_quant_forward(model, jnp.zeros((2, 8, 8, 1)))
