@@ -143,11 +143,6 @@ def _weight_params(layer: nnx.Module) -> dict[str, jax.Array]:
     return {name: getattr(layer, f"weight_{name}")[...] for name in names}
 
 
-def _weight_stats(layer: nnx.Module) -> dict[str, jax.Array]:
-    names = dict(layer.stat_names).get("weight", ())
-    return {name: getattr(layer, f"weight_{name}")[...] for name in names}
-
-
 def _set_nested(tree: dict, path: tuple[str, ...], value: Any) -> None:
     node = tree
     for part in path[:-1]:
@@ -183,7 +178,8 @@ def export_model(model: nnx.Module) -> dict[str, Any]:
         spec = layer.recipe.weight
         if spec is None:
             continue
-        q = quantize_tensor(spec, _layer_kernel(layer), _weight_params(layer), _weight_stats(layer))
+        stats = layer._stats("weight")  # a relaxed pair's `hard` flag
+        q = quantize_tensor(spec, _layer_kernel(layer), _weight_params(layer), stats)
         _set_nested(tree, (*path, "inner", "kernel"), pack(q))
         for name in _weight_params(layer):  # learned scales live in the QArray (no duplicate)
             del _get_nested(tree, path)[f"weight_{name}"]

@@ -548,19 +548,20 @@ class TensorQuant:
         if "mu" in stats:
             kwargs["mu"] = stats["mu"]
         pair = qz.PAIRS[self.pair](**kwargs)
+        alpha = None  # the output scale sg(mean|x|), also the normaliser when normalize=True
+        if self.scaling != "none":
+            alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))
         if self.normalize:  # F and B on x/a (a no-gradient scale): y = F(x/a), dy/dx = B′(x/a)/a
-            gran = "channel" if self.scaling == "channel" else "tensor"
-            a = qz.binary_scale(x, qz.BinaryConfig(scaling=gran, axis=self.axis))
+            a = alpha
+            if a is None:
+                a = qz.binary_scale(x, qz.BinaryConfig(scaling="tensor"))
             a = jnp.maximum(a, jnp.finfo(jnp.float32).tiny).astype(x.dtype)
             y = pair(x / a).astype(x.dtype)
         else:
             y = pair(x).astype(x.dtype)
         if "hard" in stats:  # the exact binary model: sign forward (no gradient)
             y = jnp.where(jnp.asarray(stats["hard"]) > 0, qz.sign(x).astype(x.dtype), y)
-        if self.scaling == "none":
-            return y
-        alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))
-        return alpha.astype(x.dtype) * y
+        return y if alpha is None else alpha.astype(x.dtype) * y
 
     def quantizer(
         self,
