@@ -35,7 +35,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Benchmarks (tables in benchmarks/RESULTS.md; ~4 + ~5 + ~5 min on 2 cores). The anchors (qwix,
+# Benchmarks (tables in benchmarks/RESULTS.md; ~4 + ~5 + ~5 + ~4 min on 2 cores). The anchors (qwix,
 # AQT: the `bench` extra) get their own virtualenv, .venv-bench, so .venv stays as pinned.
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.qflax-bench-installed
@@ -49,6 +49,7 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/quantizers.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BENCH_VENV)/bin/python benchmarks/anchors.py
+	$(BIN)/python benchmarks/inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -5,8 +5,10 @@
 * :func:`export_model` / :func:`import_model`, :func:`save_packed` / :func:`load_packed` (orbax),
   :func:`packed_model_bytes`;
 * BatchNorm folding: :func:`fold_batchnorm`, :func:`fold_model_batchnorm`;
-* integer inference of MLP / CNN models, quantized layers (absmax / learned_step) on int8
-  codes with int32 accumulation and float layers (a float first/last layer) in float32:
+* integer inference of MLP / CNN models: uniform layers (absmax / learned_step, ternary) on
+  int8 codes with int32 accumulation, power-of-two weights as shifts, binary layers (±1 inputs
+  and weights, relu or hardtanh models) as XNOR/popcount on packed bits, and float layers (a
+  float first/last layer) in float32:
   :func:`static_act_scales`, :func:`fake_quant_forward`, :func:`export_integer`,
   :func:`integer_forward`; :func:`evaluate_integer` (``qflax eval --integer``);
 * post-training quantization of a float run: :func:`ptq` (``qflax ptq``), :func:`load_ptq`.
@@ -24,7 +26,9 @@ from qflax.export._export import (
 )
 from qflax.export._fold import Identity, fold_batchnorm, fold_model_batchnorm, identity_variance
 from qflax.export._integer import (
+    ACTIVATIONS,
     CALIBRATIONS,
+    BinaryLayer,
     FloatLayer,
     IntegerLayer,
     IntegerProgram,
@@ -54,9 +58,11 @@ from qflax.export._qarray import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "CALIBRATIONS",
     "PTQ_KEYS",
     "QARRAY_KINDS",
+    "BinaryLayer",
     "FloatLayer",
     "Identity",
     "IntegerLayer",

@@ -84,11 +84,14 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
 
     The model is loaded with :func:`qflax.train.load_model`, turned into an
     :class:`~qflax.export.IntegerProgram` (:func:`~qflax.export.export_integer`: float layers in
-    float32, quantized ones on int8 codes with int32 accumulation), and run on the test split.
+    float32; uniform layers (absmax / learned_step) on int8 codes with int32 accumulation;
+    power-of-two weights (``pow2`` with ``act_levels="uniform"``) as shifts of int8 products;
+    binary layers (``binary`` recipes with a sign forward, ``activation="hardtanh"`` models) as
+    XNOR/popcount on packed bits with integer thresholds), and run on the test split.
     Its reference is the fake-quant model with the same static activation scales
     (learned_step: the model's own scales, so the reference is ``qflax eval``; absmax:
     scales calibrated on the first 8 training batches by
-    :func:`~qflax.export.static_act_scales`).
+    :func:`~qflax.export.static_act_scales`; binary inputs need no scale).
 
     Returns:
       ``{"test_accuracy"`` (integer inference), ``"fake_quant_test_accuracy"``,
@@ -111,8 +114,9 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
     if recipe == "none" and not config.quant.rules:
         raise ValueError(
             f"{workdir} is a float run (quant.recipe='none'): it has no integer codes; allowed: "
-            "a quantized run (quant.recipe absmax or learned_step), or `qflax ptq --workdir "
-            f"{workdir} --out DIR` to quantize it first"
+            "a quantized run (quant.recipe absmax, learned_step, pow2 with "
+            "recipe_kwargs.act_levels='uniform', or binary with a sign pair in a hardtanh "
+            f"model), or `qflax ptq --workdir {workdir} --out DIR` to quantize it first"
         )
     if config.model not in INTEGER_MODELS:
         raise ValueError(

@@ -29,6 +29,7 @@ from qflax.export._qarray import (
     nbytes,
     pack,
     quantize_binary,
+    quantize_codeq,
     quantize_pow2,
     quantize_ternary,
     quantize_uniform,
@@ -100,6 +101,8 @@ def quantize_tensor(
         return quantize_binary(x, spec.config)
     if spec.kind == "ternary":
         return quantize_ternary(x, spec.config)
+    if spec.kind == "codeq":
+        return quantize_codeq(x, params, spec.config)
     # pair: a sign-valued forward times sg(mean|x|) (per tensor / channel) or 1.
     if float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0:
         y = qz.sign(x)

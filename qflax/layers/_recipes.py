@@ -544,6 +544,16 @@ class TensorQuant:
         if self.kind == "ternary":
             return qz.ternary(x, {}, self.config)
         # pair
+        y, alpha = self.pair_values(x, stats)
+        return y if alpha is None else alpha.astype(x.dtype) * y
+
+    def pair_values(
+        self, x: jax.Array, stats: Mapping[str, ArrayLike] | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """A pair's forward before its output scale: ``(y, α)`` with ``apply(x) = α·y`` (α
+        None for ``scaling="none"``). ``y`` is the pair's forward of ``x`` (of ``x/α`` when
+        ``normalize``), or ``sign(x)`` where ``stats["hard"]`` is set (traceable)."""
+        stats = dict(stats or {})
         kwargs = dict(self.pair_kwargs)
         if "mu" in stats:
             kwargs["mu"] = stats["mu"]
@@ -561,7 +571,7 @@ class TensorQuant:
             y = pair(x).astype(x.dtype)
         if "hard" in stats:  # the exact binary model: sign forward (no gradient)
             y = jnp.where(jnp.asarray(stats["hard"]) > 0, qz.sign(x).astype(x.dtype), y)
-        return y if alpha is None else alpha.astype(x.dtype) * y
+        return y, alpha
 
     def quantizer(
         self,
@@ -787,12 +797,23 @@ def learned_step(
     )
 
 
-def pow2(weight_bits: int | None = 4, act_bits: int | None = None) -> Recipe:
+def pow2(
+    weight_bits: int | None = 4, act_bits: int | None = None, *, act_levels: str = "pow2"
+) -> Recipe:
     """Power-of-two (logarithmic) levels with scales from each tensor.
 
     Weights per output channel, activations (when ``act_bits`` is given) per tensor, both with
     an exact zero level. ``bits`` counts the sign bit (2..8); None or 32: float.
+
+    Args:
+      weight_bits: bits of the kernel's power-of-two codes.
+      act_bits: bits of the input activations; None: float inputs.
+      act_levels: the levels of the input activations: ``"pow2"`` (power-of-two, as the
+        weights) or ``"uniform"`` (the absmax uniform quantizer, symmetric per tensor, as
+        :func:`absmax`'s inputs: the layout integer inference runs, power-of-two weights
+        applied as shifts to int8 codes; ``act_bits`` 1..32 then).
     """
+    check_choice(act_levels, "act_levels", ("pow2", "uniform"))
 
     def spec(bits, field, granularity):
         if _is_float_bits(bits, field):
@@ -803,10 +824,11 @@ def pow2(weight_bits: int | None = 4, act_bits: int | None = None) -> Recipe:
             raise ValueError(f"{field}: {e}") from None
         return TensorQuant(kind="pow2", config=cfg)
 
-    return Recipe(
-        weight=spec(weight_bits, "weight_bits", "channel"),
-        act=spec(act_bits, "act_bits", "tensor"),
-    )
+    if act_levels == "uniform":
+        act = _uniform("absmax", act_bits, "act_bits")
+    else:
+        act = spec(act_bits, "act_bits", "tensor")
+    return Recipe(weight=spec(weight_bits, "weight_bits", "channel"), act=act)
 
 
 def binary(

@@ -251,9 +251,21 @@ def test_estimate_scale_and_calibrations():
     assert all(mse[k] <= absmax[k] * (1 + 1e-6) for k in absmax)
 
 
-def test_hardtanh_models_are_refused_before_any_work():
-    # the integer plan applies ReLU after every hidden layer; a hardtanh model must not run
-    model = MLP((8, 8, 1), 10, hidden=(16,), activation="hardtanh", rngs=nnx.Rngs(0))
+def test_unsupported_activations_are_refused_before_any_work():
+    # relu and hardtanh run (tests/export/test_integer_shift_xnor.py); any other activation
+    # must be refused by every path before it calibrates, builds or runs anything
+    model = MLP((8, 8, 1), 10, hidden=(16,), rngs=nnx.Rngs(0))
     model, _ = quantize_model(model, [Rule(".*", recipes.absmax(8, 8))])
-    with pytest.raises(ValueError, match="activation='hardtanh' is not allowed.*'relu'"):
+    model.activation = "gelu"
+
+    def batches():
+        raise AssertionError("a batch was read before the activation was checked")
+        yield
+
+    match = "activation='gelu' is not allowed.*allowed: 'relu', 'hardtanh'"
+    with pytest.raises(ValueError, match=match):
         fake_quant_forward(model, jnp.zeros((2, 8, 8, 1)))
+    with pytest.raises(ValueError, match=match):
+        static_act_scales(model, batches())
+    with pytest.raises(ValueError, match=match):
+        export_integer(model, {"stem": 1.0, "head": 1.0})

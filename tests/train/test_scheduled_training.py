@@ -10,6 +10,7 @@ from flax import nnx
 
 from qflax import layers as ql
 from qflax import models
+from qflax.export import evaluate_integer
 from qflax.quantizers import dbssq_epsilon_schedule
 from qflax.train import _config, default_config, load_model, make_optimizer, train_and_evaluate
 from qflax.train._loop import _latent_clip_mask, _mu_schedule
@@ -41,6 +42,12 @@ def test_pairs_bnnpp_runs_anneals_mu_and_clips_latent_weights(tmp_path):
     kernel = model.conv2.quantized_kernel()
     magnitudes = jnp.abs(kernel).reshape(-1, kernel.shape[-1])
     np.testing.assert_allclose(magnitudes, jnp.broadcast_to(magnitudes[:1], magnitudes.shape))
+    # the exact W1A1 model runs as XNOR/popcount (`qflax eval --integer`): same predictions
+    result = evaluate_integer(tmp_path)
+    assert result["differing_predictions"] == 0
+    assert result["test_accuracy"] == result["fake_quant_test_accuracy"]
+    # the reference sums ±1 exactly ((x̂ ⊛ sign ŵ)·α); the model's x̂ ⊛ ŵ rounds: near-ties only
+    assert result["test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=2 / 359)
 
 
 def test_mu_schedule_is_geometric_and_off_by_default():
