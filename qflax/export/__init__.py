@@ -1,7 +1,8 @@
 """Quantized models at rest and integer-only inference.
 
-* :class:`QArray` (integer codes + scales, a pytree) with :func:`quantize_uniform` (and the
-  other kinds), :func:`dequantize`, :func:`pack` / :func:`unpack` and :func:`nbytes`;
+* :class:`QArray` (integer codes + scales, a pytree) with :func:`quantize_uniform` (and one
+  ``quantize_*`` per quantizer kind; :func:`quantize_tensor` dispatches on a layer's spec),
+  :func:`dequantize`, :func:`pack` / :func:`unpack` and :func:`nbytes`;
 * :func:`export_model` / :func:`import_model`, :func:`save_packed` / :func:`load_packed` (orbax),
   :func:`packed_model_bytes`;
 * BatchNorm folding: :func:`fold_batchnorm`, :func:`fold_model_batchnorm`;
@@ -51,6 +52,13 @@ from qflax.export._qarray import (
     pack,
     quantize_binary,
     quantize_codeq,
+    quantize_dbssq_act,
+    quantize_dbssq_weight,
+    quantize_dorefa,
+    quantize_gdnsq_act,
+    quantize_gdnsq_weight,
+    quantize_lsq,
+    quantize_pact,
     quantize_pow2,
     quantize_ternary,
     quantize_uniform,
@@ -90,8 +98,15 @@ __all__ = [
     "quant_layers",
     "quantize_binary",
     "quantize_codeq",
+    "quantize_dbssq_act",
+    "quantize_dbssq_weight",
+    "quantize_dorefa",
+    "quantize_gdnsq_act",
+    "quantize_gdnsq_weight",
     "quantize_input",
+    "quantize_lsq",
     "quantize_multiplier",
+    "quantize_pact",
     "quantize_pow2",
     "quantize_tensor",
     "quantize_ternary",

@@ -84,7 +84,8 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
 
     The model is loaded with :func:`qflax.train.load_model`, turned into an
     :class:`~qflax.export.IntegerProgram` (:func:`~qflax.export.export_integer`: float layers in
-    float32; uniform layers (absmax / learned_step) on int8 codes with int32 accumulation;
+    float32; uniform layers (absmax / learned_step / lsq / pact / dorefa / gdnsq, ternary and
+    codeq weights) on int8 codes with int32 accumulation;
     power-of-two weights (``pow2`` with ``act_levels="uniform"``) as shifts of int8 products;
     binary layers (``binary`` recipes with a sign forward, ``activation="hardtanh"`` models) as
     XNOR/popcount on packed bits with integer thresholds), and run on the test split.
@@ -114,8 +115,8 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
     if recipe == "none" and not config.quant.rules:
         raise ValueError(
             f"{workdir} is a float run (quant.recipe='none'): it has no integer codes; allowed: "
-            "a quantized run (quant.recipe absmax, learned_step, pow2 with "
-            "recipe_kwargs.act_levels='uniform', or binary with a sign pair in a hardtanh "
+            "a quantized run (quant.recipe absmax, learned_step, lsq, pact, dorefa, gdnsq, "
+            "codeq, pow2 with recipe_kwargs.act_levels='uniform', or binary in a hardtanh "
             f"model), or `qflax ptq --workdir {workdir} --out DIR` to quantize it first"
         )
     if config.model not in INTEGER_MODELS:

@@ -30,6 +30,13 @@ from qflax.export._qarray import (
     pack,
     quantize_binary,
     quantize_codeq,
+    quantize_dbssq_act,
+    quantize_dbssq_weight,
+    quantize_dorefa,
+    quantize_gdnsq_act,
+    quantize_gdnsq_weight,
+    quantize_lsq,
+    quantize_pact,
     quantize_pow2,
     quantize_ternary,
     quantize_uniform,
@@ -76,14 +83,33 @@ def quantize_tensor(
     params: Mapping[str, jax.Array] | None = None,
     stats: Mapping[str, jax.Array] | None = None,
 ) -> QArray:
-    """The codes of ``spec.apply(x, params)`` at rest (unpacked), for every kind of TensorQuant.
+    """The codes of ``spec.apply(x, params, stats=stats)`` at rest (unpacked), for every kind.
 
-    ``dequantize(quantize_tensor(spec, x, p)) == spec.apply(x, p)`` exactly (float32 ``x``).
+    ``dequantize(quantize_tensor(spec, x, p, s)) == spec.apply(x, p, stats=s)`` exactly (float32
+    ``x``) for absmax, learned_step, pow2, binary, ternary, codeq, lsq, sign pairs, DoReFa with
+    ``k = 1``, GDNSQ activations with lower bound 0, and DBSSQ. Where the forward is not a
+    QArray formula, the codes are the forward's and the scales as close as float32 allows:
+
+    * ``"dorefa"`` (``k > 1``): ``2·c/(2^k − 1) − 1`` is stored as ``s·(c − z)`` with
+      ``s = 2/(2^k − 1)`` and the float32 zero point ``z = (2^k − 1)/2``: at most ``2^−23`` (one
+      ulp of 1) apart; activations: ``c/(2^k − 1)`` as ``s·c``, at most ``2^−24`` apart
+      (:func:`~qflax.export.quantize_dorefa`).
+    * ``"pact"``: ``c·α/n`` as ``(α/n)·c``: at most ``2^−21·α`` apart.
+    * ``"gdnsq"``: ``s·c + z`` as ``s·(c + z/s)``: at most ``2^−21·max|ŵ|`` apart per channel
+      (weights; activations with a lower bound ``β ≠ 0``: ``2^−21·max(|β|, max|x̂|)``).
+
     ``"pair"`` kinds are stored as binary when their forward is a sign (values ±1 exactly, e.g.
     ``"bnn"``, ``"bc"``, ``"bnn+"``); a pair whose forward is not a sign (``"bnn++"`` before its
     μ reaches infinity, ``"proxquant"``) raises ValueError: it has no integer codes, unless
     ``stats["hard"]`` (the layer's state, see :attr:`TensorQuant.relaxed`) is set: the exact
-    binary model a relaxed pair's training ends with.
+    binary model a relaxed pair's training ends with. ``"dbssq"`` likewise has integer codes
+    only at ``stats["epsilon"] == 0`` (the exact model training ends in; the blend
+    ``ε·x + (1 − ε)·Q(x)`` before), and reads its weights' ``stats["sigma"]``; ``stats=None``
+    takes :meth:`TensorQuant.stats_init` (``ε = 1``), as ``apply`` does. GDNSQ and CoDeQ read
+    their bit-width from the params (eager only).
+
+    Raises:
+      ValueError: a relaxed pair or DBSSQ blend (no integer codes), or an unknown kind.
     """
     x = jnp.asarray(x)
     params = dict(params or {})
@@ -103,6 +129,37 @@ def quantize_tensor(
         return quantize_ternary(x, spec.config)
     if spec.kind == "codeq":
         return quantize_codeq(x, params, spec.config)
+    if spec.kind == "lsq":
+        full = {k: _expand_compact(v, x, spec) for k, v in params.items()}
+        return quantize_lsq(x, full, spec.config)
+    if spec.kind == "dorefa":
+        return quantize_dorefa(x, spec.config)
+    if spec.kind == "pact":
+        return quantize_pact(x, params, spec.config)
+    if spec.kind == "gdnsq":
+        if isinstance(spec.config, qz.GDNSQActConfig):
+            return quantize_gdnsq_act(x, params, spec.config)
+        full = {k: _expand_compact(v, x, spec) for k, v in params.items()}
+        return quantize_gdnsq_weight(x, full, spec.config)
+    if spec.kind == "dbssq":
+        stats = spec.stats_init(x) if stats is None else dict(stats)
+        epsilon = float(np.asarray(stats["epsilon"], np.float64).reshape(-1)[0])
+        if epsilon != 0.0:
+            raise ValueError(
+                f"epsilon={epsilon!r}: a DBSSQ blend ε·x + (1 − ε)·Q(x) with ε > 0 is not on "
+                "its levels, so it has no integer codes; allowed: epsilon=0.0, the exact model "
+                "DBSSQ training ends in (layer.set_stat('epsilon', 0.0))"
+            )
+        if spec.role == "act":
+            return quantize_dbssq_act(x, spec.config)
+        sigma = jnp.asarray(stats["sigma"], jnp.float32)
+        sigma = sigma.reshape((1,) * (x.ndim - 1) + (-1,))  # compact (C,) -> last axis
+        return quantize_dbssq_weight(x, sigma, spec.config, axis=-1)
+    if spec.kind != "pair":
+        kinds = "absmax, learned_step, pow2, binary, ternary, codeq, lsq, dorefa, pact, gdnsq, "
+        raise ValueError(
+            f"kind={spec.kind!r} has no export to integer codes; allowed: {kinds}dbssq, pair"
+        )
     # pair: a sign-valued forward times sg(mean|x|) (per tensor / channel) or 1.
     if float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0:
         y = qz.sign(x)
@@ -190,7 +247,8 @@ def export_model(model: nnx.Module) -> dict[str, Any]:
 
 
 def _learned_weight_param(tree: Mapping[str, Any], key: tuple[str, ...]) -> Any:
-    """A quant layer's ``weight_scale`` / ``weight_zero_point``, read from its QArray kernel."""
+    """A quant layer's learned weight param (``weight_scale`` / ``weight_zero_point``, LSQ's
+    ``weight_step``, GDNSQ's ``weight_log_step``), read from its QArray kernel."""
     *parent, name = key
     if not name.startswith("weight_"):
         return None
@@ -200,6 +258,10 @@ def _learned_weight_param(tree: Mapping[str, Any], key: tuple[str, ...]) -> Any:
         return None
     if not _is_qarray(kernel):
         return None
+    if name == "weight_step":  # LSQ: the step is the QArray's scale
+        return kernel.scale
+    if name == "weight_log_step":  # GDNSQ: s = 2^ℓ (min_bits already applied when exported)
+        return jnp.log2(jnp.asarray(kernel.scale, jnp.float32))
     field = {"weight_scale": "scale", "weight_zero_point": "zero_point"}.get(name)
     return None if field is None else getattr(kernel, field)
 

@@ -1,17 +1,18 @@
-"""Integer inference — Jacob et al. 2018 (CVPR), eqs. (4)-(7): int8×int8 → int32 accumulate,
-int32 bias at scale ``s_in·s_w``, requantize with ``M = s_in·s_w/s_out = M0·2^−n`` (``M0`` in
-[0.5, 1) as a 31-bit integer) (METHODS.md §1). Differs: symmetric quantization only (zero points
-0, so ReLU is ``max(q, 0)`` and padding is code 0); per-output-channel weight scales (so ``M`` is
-per channel); BatchNorm folded after weight quantization into ``M`` and the bias (the codes stay
-the trained model's); the accumulator may be shifted left before the bias is added (the bias
-keeps more fractional bits; ``bias_shift=0`` is the paper's); the rounding right shift rounds
-half to even (the float reference's ``round``), not half away from zero as gemmlowp; the last
-layer is requantized to a common int32 scale so that argmax over its int32 logits is the
-prediction; float layers (a float first/last layer) run in float32, with the conversion to
-codes (``round(y/s)``, the next layer's activation scale) and back (``acc·s_in·s_w``) at the
-boundaries. Hidden activations: ReLU (``max(q, 0)``) or hardtanh (the codes clipped to
-``[round(−1/s_out), round(1/s_out)]``, which is ``round(clip(y, −1, 1)/s_out)`` exactly since
-rounding is monotone); other activations raise ValueError.
+"""Integer inference — Jacob et al. 2018 (CVPR), eqs. (4)-(7): int8×int8 → int32 accumulate, int32
+bias at scale ``s_in·s_w``, requantize with ``M = s_in·s_w/s_out = M0·2^−n`` (``M0`` in [0.5, 1) as
+a 31-bit integer) (METHODS.md §1). Differs: input codes have no zero point (ReLU is ``max(q, 0)``
+and padding is code 0); a weight zero point (GDNSQ's ``−min w/s``, not an integer) enters as the
+paper's ``Σx`` term with a fixed-point coefficient (below); per-output-channel weight scales (so
+``M`` is per channel); BatchNorm folded after weight quantization into ``M`` and the bias (the codes
+stay the trained model's); the accumulator may be shifted left before the bias is added (the bias
+keeps more fractional bits; ``bias_shift=0`` is the paper's); the rounding right shift rounds half
+to even (the float reference's ``round``), not half away from zero as gemmlowp; the last layer is
+requantized to a common int32 scale so that argmax over its int32 logits is the prediction; float
+layers (a float first/last layer) run in float32, with the conversion to codes (``round(y/s)``, the
+next layer's activation scale) and back (``acc·s_in·s_w``) at the boundaries. Hidden activations:
+ReLU (``max(q, 0)``) or hardtanh (the codes clipped to ``[round(−1/s_out), round(1/s_out)]``, which
+is ``round(clip(y, −1, 1)/s_out)`` exactly since rounding is monotone); other activations raise
+ValueError.
 
 Power-of-two weights (METHODS.md §5's shift levels; the ``pow2`` quantizer, codes of
 :func:`qflax.quantizers.pow2_codes`) run without a weight multiply: the codes of a layer are
@@ -42,6 +43,12 @@ runs as XNOR/popcount like the sign pairs.
 
 Ternary weights (TWN, ``{−α, 0, α}``, α per tensor or per output channel) with uniform inputs
 are a uniform layer whose int8 weight codes are ``{−1, 0, 1}`` at the scale α.
+
+Learned uniform quantizers: LSQ (step), PACT (inputs ``α/(2^b − 1)``, DoReFa weights), DoReFa
+(weights ``2c/n − 1``: the integer codes ``2c − n`` at ``1/n``; inputs ``1/n``) and GDNSQ (inputs
+``2^ℓ_s`` with the lower bound β = 0; weights ``s·(v − zp)`` per channel): their learned scales
+are static, so the reference is the model itself. A weight zero point that is not a multiple of
+½ runs as ``2^k·(x·(v − zi)) + R·Σx`` (:func:`_zero_point_planes`).
 
 Dead-zone weights (CoDeQ, METHODS.md §6: ``ŵ = s·v + z·sign(v)``, codes ``|v| ≤ 2^(B−1) − 1``,
 step ``s`` and dead-zone shift ``z`` per tensor) with uniform inputs: ``x·ŵ = s·(x·v) +
@@ -115,6 +122,11 @@ ACTIVATIONS = ("relu", "hardtanh")
 _ACT_FNS = {"relu": jax.nn.relu, "hardtanh": jax.nn.hard_tanh}
 # Input quantizers with static uniform codes (a scale per tensor).
 _UNIFORM_KINDS = ("absmax", "learned_step")
+# Input quantizers whose codes are uniform at a static scale: absmax (a scale calibrated by
+# static_act_scales) and the learned ones (the scale is a parameter: learned_step's scale,
+# LSQ's step, PACT's α/(2^b − 1), GDNSQ's 2^ℓ_s with its lower bound β = 0), and DoReFa's
+# fixed grid 1/(2^b − 1) on [0, 1].
+_CODE_INPUTS = ("absmax", "learned_step", "lsq", "pact", "gdnsq", "dorefa")
 
 
 # ---------------------------------------------------------------------------------- the plan
@@ -353,16 +365,64 @@ def _stats(layer: Any, role: str) -> dict[str, jax.Array]:
     return {name: getattr(layer, f"{role}_{name}")[...] for name in names}
 
 
+def _act_grid(step: _Step) -> tuple[int, int]:
+    """The code range ``[qmin, qmax]`` of a layer's uniform input quantizer
+    (:data:`_CODE_INPUTS`); GDNSQ's depends on its learned range (read from the layer)."""
+    spec = step.layer.recipe.act
+    config = spec.config
+    if spec.kind == "lsq":
+        return -config.qn, config.qp
+    if spec.kind == "pact":
+        return 0, config.levels
+    if spec.kind == "dorefa":
+        return 0, 2**config.bits - 1
+    if spec.kind == "gdnsq":
+        big = jnp.asarray([-3.0e38, 3.0e38], jnp.float32)
+        lo, hi = np.asarray(qz.gdnsq_act_codes(big, _params(step.layer, "act"), config))
+        return int(lo), int(hi)
+    return config.qmin, config.qmax
+
+
+def _learned_act_scale(step: _Step) -> float | None:
+    """The static input scale a learned input quantizer keeps as a parameter (None: absmax)."""
+    layer, kind = step.layer, step.layer.recipe.act.kind
+    if kind == "learned_step":
+        return float(np.asarray(layer.act_scale[...], np.float32).reshape(()))
+    if kind == "lsq":
+        return float(np.asarray(layer.act_step[...], np.float32).reshape(()))
+    if kind == "pact":  # levels {0, α/n, ..., α}: codes round(clip(x, 0, α)·n/α)
+        alpha = float(np.asarray(layer.act_alpha[...], np.float32).reshape(()))
+        return alpha / layer.recipe.act.config.levels
+    if kind == "dorefa":  # q_k(clip(x, 0, 1)): codes round(clip(x, 0, 1)·n), n = 2^k − 1
+        return 1.0 / (2**layer.recipe.act.config.bits - 1)
+    if kind == "gdnsq":  # s = 2^ℓ_s in float32, as the quantizer computes it
+        return float(jnp.exp2(jnp.asarray(layer.act_log_step[...], jnp.float32)).reshape(()))
+    return None
+
+
 def _check_act_spec(step: _Step):
     spec = _act_spec(step)
     recipe = str(step.layer.recipe) if _is_quant(step.layer) else "float"
-    if spec is None or spec.kind not in _UNIFORM_KINDS:
+    if spec is None or spec.kind not in _CODE_INPUTS:
         raise ValueError(
             f"layer {step.path!r} has recipe {recipe!r} (input quantizer {spec}); integer "
             f"inference supports {_SUPPORTED}"
         )
     config = spec.config
-    if not config.symmetric or config.granularity != "tensor" or config.bits > 8:
+    if spec.kind == "gdnsq" and float(np.asarray(step.layer.act_lower[...])) != 0.0:
+        raise ValueError(
+            f"layer {step.path!r} has recipe {recipe!r}: its GDNSQ input has the lower bound "
+            f"β={float(np.asarray(step.layer.act_lower[...])):.6g} (a zero point on the inputs); "
+            "allowed: β = 0 (unsigned inputs, signed=False: inputs after a ReLU)"
+        )
+    lo, hi = _act_grid(step)
+    uniform = spec.kind in _UNIFORM_KINDS
+    if (
+        (uniform and not config.symmetric)
+        or getattr(config, "granularity", "tensor") != "tensor"
+        or lo < -128
+        or hi > 255
+    ):
         raise ValueError(
             f"layer {step.path!r} has recipe {recipe!r} (input config {config}); integer "
             f"inference supports {_SUPPORTED}"
@@ -454,8 +514,9 @@ def static_act_scales(
     scales = {}
     for step in steps:
         spec = specs[step.path]
-        if spec.kind == "learned_step":
-            scales[step.path] = float(np.asarray(step.layer.act_scale[...]).reshape(()))
+        learned = _learned_act_scale(step)
+        if learned is not None:
+            scales[step.path] = learned
         elif reduce:
             qmin, qmax = spec.config.qmin, spec.config.qmax
             amax = max(float(v) for v in seen[step.path])
@@ -673,7 +734,8 @@ class IntegerLayer:
     for wider codes) — for power-of-two weights (``shifts`` set) ``acc = Σ_j op(x, kernel[j]) <<
     shifts[j]`` over one ternary mask per exponent, no weight multiply — negated per output
     channel where ``negate`` (a BatchNorm with ``γ < 0`` folded in) — for dead-zone (CoDeQ)
-    weights ``acc = Σ_j coefficients[j]·op(x, kernel[j])`` over the codes and their signs —
+    weights ``acc = Σ_j coefficients[j]·op(x, kernel[j])`` over the codes and their signs, for
+    weights with a zero point ``acc = coefficients[0]·op(x, kernel[0]) + input_sum·op(x, 1)`` —
     then by ``output``:
 
     * ``"codes"`` (the next layer is quantized):
@@ -694,6 +756,8 @@ class IntegerLayer:
     acc_scale: jax.Array | None = None  # output="float": float32 s_in·s_w[c] (BN folded), (out,)
     float_bias: jax.Array | None = None  # output="float": float32 bias (BN folded), (out,)
     negate: jax.Array | None = None  # bool (out,): channels whose folded BN factor is < 0
+    # Weights with a zero point: int32 R per output channel; acc += R·(x summed over the window).
+    input_sum: jax.Array | None = None
     op: str = "dense"
     strides: tuple[int, ...] = ()
     padding: Any = "SAME"
@@ -716,7 +780,16 @@ class IntegerLayer:
 
 jax.tree_util.register_dataclass(
     IntegerLayer,
-    data_fields=["kernel", "bias", "multiplier", "shift", "acc_scale", "float_bias", "negate"],
+    data_fields=[
+        "kernel",
+        "bias",
+        "multiplier",
+        "shift",
+        "acc_scale",
+        "float_bias",
+        "negate",
+        "input_sum",
+    ],
     meta_fields=[
         "op",
         "strides",
@@ -910,10 +983,10 @@ def _sign_pairs() -> str:
 
 _SUPPORTED = (
     "float layers (no quantizer); layers whose weight quantizer is absmax or learned_step "
-    "(uniform, symmetric, per tensor or per output channel, <= 8 bits), pow2 or ternary (per "
-    "tensor or per output channel) or codeq AND whose input quantizer is absmax or "
-    "learned_step (uniform, symmetric, per tensor, <= 8 bits); binary layers whose weights "
-    "AND inputs are signs (kind "
+    "(uniform, symmetric, per tensor or per output channel, <= 8 bits), lsq, dorefa, gdnsq, "
+    "pow2 or ternary (per tensor or per output channel) or codeq AND whose input quantizer is "
+    "absmax or learned_step (uniform, symmetric), lsq, pact, dorefa or gdnsq (lower bound 0), per "
+    "tensor, <= 8 bits; binary layers whose weights AND inputs are signs (kind "
     f"'binary', deterministic, a pair whose forward is sign: {_sign_pairs()}, or a relaxed "
     "pair in the exact state a finished run ends in, hard=1), the weights scaled by mean|w| per "
     "output channel or per tensor or not at all, the inputs not scaled"
@@ -958,6 +1031,26 @@ def _check_pow2_spec(step: _Step):
             f"layer {step.path!r} has recipe {str(step.layer.recipe)!r} (weight quantizer "
             f"{spec}, granularity={config.granularity!r}, axis={config.axis}); integer "
             f"inference supports {_SUPPORTED}"
+        )
+    return spec
+
+
+# Learned uniform weight quantizers whose codes (qflax.export.quantize_tensor) are integers at a
+# per-tensor / per-channel scale, GDNSQ's with a (non-integer) zero point per channel.
+_CODED_WEIGHTS = ("lsq", "dorefa", "gdnsq")
+
+
+def _check_coded_weight_spec(step: _Step):
+    spec = step.layer.recipe.weight
+    config = spec.config
+    ndim = _inner(step.layer).kernel[...].ndim
+    granularity = getattr(config, "granularity", "tensor")
+    if granularity not in ("tensor", "channel") or (
+        granularity == "channel" and config.axis % ndim != ndim - 1
+    ):
+        raise ValueError(
+            f"layer {step.path!r} has recipe {str(step.layer.recipe)!r} (weight quantizer "
+            f"{spec}, granularity={granularity!r}); integer inference supports {_SUPPORTED}"
         )
     return spec
 
@@ -1032,6 +1125,10 @@ def _layer_kind(step: _Step) -> str:
     if recipe.weight.kind == "codeq":
         _check_act_spec(step)
         return "codeq"
+    if recipe.weight.kind in _CODED_WEIGHTS:
+        _check_coded_weight_spec(step)
+        _check_act_spec(step)
+        return "uniform"
     _check_weight_spec(step)
     _check_act_spec(step)
     return "uniform"
@@ -1089,11 +1186,11 @@ def _norm_fields(norm: Any) -> dict[str, Any]:
     )
 
 
-def _out_fields(next_scale: float | None, next_spec: Any) -> dict[str, Any]:
+def _out_fields(next_scale: float | None, next_grid: tuple[int, int] | None) -> dict[str, Any]:
     """The conversion of a float output to the next layer's codes (none when it is not uniform)."""
     if next_scale is None:
         return {}
-    lo, hi = next_spec.config.qmin, next_spec.config.qmax
+    lo, hi = next_grid
     return dict(
         out_scale=jnp.asarray(next_scale, jnp.float32),
         out_min=int(lo),
@@ -1103,14 +1200,14 @@ def _out_fields(next_scale: float | None, next_spec: Any) -> dict[str, Any]:
 
 
 def _float_layer(
-    step: _Step, next_scale: float | None, next_spec: Any, next_bits: bool = False
+    step: _Step, next_scale: float | None, next_grid: Any, next_bits: bool = False
 ) -> FloatLayer:
     inner = _inner(step.layer)
     return FloatLayer(
         kernel=jnp.asarray(inner.kernel[...], jnp.float32),
         bias=None if inner.bias is None else jnp.asarray(inner.bias[...], jnp.float32),
         **_norm_fields(step.norm),
-        **_out_fields(next_scale, next_spec),
+        **_out_fields(next_scale, next_grid),
         **_op_fields(step),
         out_bits=next_bits,
     )
@@ -1119,9 +1216,9 @@ def _float_layer(
 def _act_scale(step: _Step, act_scales: Mapping[str, float] | None) -> float:
     if act_scales is not None and step.path in act_scales:
         return float(np.float32(act_scales[step.path]))
-    spec = step.layer.recipe.act
-    if spec.kind == "learned_step":
-        return float(np.asarray(step.layer.act_scale[...], np.float32).reshape(()))
+    learned = _learned_act_scale(step)
+    if learned is not None:
+        return learned
     raise ValueError(
         f"act_scales has no scale for layer {step.path!r} (absmax activations need a static "
         "scale); allowed: act_scales from static_act_scales(model, batches)"
@@ -1196,6 +1293,57 @@ def _codeq_planes(q: Any, s_w: np.ndarray, act_max: int, fan_in: int):
     return planes, (2**k, int(round(ratio * 2.0**k))), s_w * 2.0**-k, worst(k)
 
 
+def _has_zero_point(q: Any) -> bool:
+    return q.zero_point is not None and bool(np.any(np.asarray(q.zero_point) != 0))
+
+
+def _zero_points(q: Any, out_channels: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(q.zero_point, np.float64).reshape(-1), (out_channels,))
+
+
+def _half_integer_zero_point(q: Any) -> bool:
+    """Whether ``2·zp`` is an integer: ``s·(v − zp) = (s/2)·(2v − 2zp)`` on integer codes."""
+    twice = 2.0 * np.asarray(q.zero_point, np.float64)
+    return bool(np.all(twice == np.round(twice)))
+
+
+def _zero_point_planes(q: Any, s_w: np.ndarray, act_max: int, fan_in: int):
+    """The integer form of uniform weights with a zero point: ``ŵ = s·(v − zp)``.
+
+    ``zp`` per output channel (or per tensor) need not be an integer (GDNSQ: ``zp = −min w/s``).
+    With ``zi = round(zp)`` and ``zf = zp − zi`` (``|zf| ≤ ½``): ``x·ŵ = s·(x·(v − zi)) −
+    s·zf·Σx``; in int32 at the unit ``s·2^−k``: ``acc = 2^k·(x·(v − zi)) + R·Σx`` with
+    ``R_c = round(−zf_c·2^k)`` and ``Σx`` the input codes summed over the output's window (a
+    product with a ones kernel; padded taps are 0, as in the float model), ``k`` (≤ 30) as
+    large as keeps the worst-case accumulator within 2^29. The rounding of ``R`` is the one
+    approximation (none when ``zf·2^k`` is an integer): every weight is off by at most
+    ``2^−(k+1)`` of a step ``s``, as the bias's rounding.
+
+    Returns:
+      ``(planes (1, ...), (2^k,), R (int32, per channel), weight scale per channel, worst)``.
+    """
+    out_channels = q.shape[-1]
+    zp = _zero_points(q, out_channels)
+    zi = np.round(zp)
+    zf = zp - zi
+    v = np.asarray(q.values).astype(np.int64) - zi.astype(np.int64)
+    per_channel = np.abs(v).reshape(fan_in, out_channels).sum(0)
+
+    def worst(k: int) -> float:
+        r = np.abs(np.round(zf * 2.0**k))
+        return act_max * float((per_channel * 2**k + fan_in * r).max(initial=0))
+
+    k = next((k for k in range(30, 0, -1) if worst(k) <= 2.0**29), 0)
+    if worst(k) > _INT32_MAX:
+        raise ValueError(
+            f"weights with codes up to {int(np.abs(v).max())} overflow the int32 accumulator "
+            f"at fan-in {fan_in}; allowed: narrower codes"
+        )
+    planes = jnp.asarray(v[None].astype(_code_dtype(int(v.min()), int(v.max()))))
+    r = jnp.asarray(np.round(-zf * 2.0**k).astype(np.int32))
+    return planes, (2**k,), r, s_w * 2.0**-k, worst(k)
+
+
 # ---------------------------------------------------------------------------------- export
 
 
@@ -1207,21 +1355,23 @@ def _integer_layer(
     last: bool,
     next_kind: str | None,
     next_scale: float | None,
-    next_spec: Any,
+    next_grid: tuple[int, int] | None,
     logit_bits: int,
     bias_shift: int | None,
     shifts: bool,
 ) -> tuple[IntegerLayer, float | None]:
     """A uniform or pow2 layer; also returns the logit scale when it is the last layer."""
     layer, inner = step.layer, _inner(step.layer)
-    wspec, spec = layer.recipe.weight, _check_act_spec(step)
+    wspec = layer.recipe.weight
+    _check_act_spec(step)
     q = unpack(quantize_tensor(wspec, _layer_kernel(layer), _params(layer, "weight")))
     out_channels = q.shape[-1]
     s_w = np.broadcast_to(np.asarray(q.scale, np.float64).reshape(-1), (out_channels,))
-    act_max = max(abs(spec.config.qmin), spec.config.qmax)
+    act_max = max(abs(q) for q in _act_grid(step))
     fan_in = math.prod(q.shape[:-1])
     plane_shifts: tuple[int, ...] = ()
     coefficients: tuple[int, ...] = ()
+    input_sum = None
     if kind == "pow2":
         exponent, sign, top = _pow2_integer_kernel(q)
         magnitude = np.where(sign != 0, np.exp2(top - np.maximum(exponent, 0)), 0.0)
@@ -1242,12 +1392,21 @@ def _integer_layer(
             kernel = jnp.asarray(w.astype(_code_dtype(int(w.min()), int(w.max()))))
     elif kind == "codeq":
         kernel, coefficients, s_w, worst = _codeq_planes(q, s_w, act_max, fan_in)
+    elif _has_zero_point(q) and not _half_integer_zero_point(q):
+        kernel, coefficients, input_sum, s_w, worst = _zero_point_planes(q, s_w, act_max, fan_in)
     else:
-        kernel = jnp.asarray(q.values)
+        values = np.asarray(q.values)
+        if _has_zero_point(q):  # zp a multiple of ½ (DoReFa: n/2): codes 2·(v − zp) at s/2
+            values = np.round(2.0 * (values.astype(np.float64) - _zero_points(q, out_channels)))
+            values = values.astype(np.int64)
+            s_w = s_w / 2.0
+        kernel = jnp.asarray(values.astype(_code_dtype(int(values.min()), int(values.max()))))
         if wspec.kind == "ternary":
             w_max = 1
-        else:
+        elif wspec.kind in _UNIFORM_KINDS:
             w_max = max(abs(wspec.config.qmin), wspec.config.qmax)
+        else:
+            w_max = int(np.abs(values.astype(np.int64)).max(initial=0))
         worst = float(fan_in * act_max * w_max)
     b = np.zeros(out_channels) if inner.bias is None else np.asarray(inner.bias[...], np.float64)
     m, mu, beta = _norm_factor(step.norm, out_channels)
@@ -1261,6 +1420,7 @@ def _integer_layer(
         output = "bits" if next_kind == "binary" else "float"
         layer_out = IntegerLayer(
             kernel=kernel,
+            input_sum=input_sum,
             acc_scale=jnp.asarray(e, jnp.float32),
             float_bias=jnp.asarray(b, jnp.float32),
             output=output,
@@ -1279,7 +1439,7 @@ def _integer_layer(
         logit_scale = out_scale
     else:
         out_scale = float(next_scale)
-        lo, hi = next_spec.config.qmin, next_spec.config.qmax
+        lo, hi = next_grid
         dtype, output = _code_dtype(lo, hi), "codes"
         if step.act == "hardtanh":  # round(clip(y, −1, 1)/s) = clip(round(y/s), r(−1), r(1))
             s = np.float32(next_scale)
@@ -1293,6 +1453,7 @@ def _integer_layer(
     m0, t = quantize_multiplier(e_abs / (out_scale * 2.0**k))
     layer_out = IntegerLayer(
         kernel=kernel,
+        input_sum=input_sum,
         bias=jnp.asarray(bias_q.astype(np.int32)),
         multiplier=jnp.asarray(m0),
         shift=jnp.asarray(t),
@@ -1353,7 +1514,7 @@ def _binary_thresholds(step: _Step, alpha: jax.Array, fan_in: int) -> tuple[np.n
 
 
 def _binary_layer(
-    step: _Step, next_scale: float | None, next_spec: Any, next_bits: bool
+    step: _Step, next_scale: float | None, next_grid: Any, next_bits: bool
 ) -> BinaryLayer:
     inner = _inner(step.layer)
     signs, alpha = _binary_weights(step)
@@ -1378,7 +1539,7 @@ def _binary_layer(
         alpha=alpha,
         bias=None if inner.bias is None else jnp.asarray(inner.bias[...], jnp.float32),
         **_norm_fields(step.norm),
-        **_out_fields(next_scale, next_spec),
+        **_out_fields(next_scale, next_grid),
         output="float",
         **fields,
     )
@@ -1461,11 +1622,11 @@ def export_integer(
         next_kind = None if last else kinds[i + 1]
         next_codes = next_kind in _CODE_KINDS
         next_scale = scales[steps[i + 1].path] if next_codes else None
-        next_spec = steps[i + 1].layer.recipe.act if next_codes else None
+        next_grid = _act_grid(steps[i + 1]) if next_codes else None
         if kind == "float":
-            layers.append(_float_layer(step, next_scale, next_spec, next_kind == "binary"))
+            layers.append(_float_layer(step, next_scale, next_grid, next_kind == "binary"))
         elif kind == "binary":
-            layers.append(_binary_layer(step, next_scale, next_spec, next_kind == "binary"))
+            layers.append(_binary_layer(step, next_scale, next_grid, next_kind == "binary"))
         else:
             layer, scale = _integer_layer(
                 step,
@@ -1474,7 +1635,7 @@ def export_integer(
                 last=last,
                 next_kind=next_kind,
                 next_scale=next_scale,
-                next_spec=next_spec,
+                next_grid=next_grid,
                 logit_bits=logit_bits,
                 bias_shift=bias_shift,
                 shifts=shifts,
@@ -1483,12 +1644,11 @@ def export_integer(
             logit_scale = logit_scale if scale is None else scale
     first, first_kind = steps[0], kinds[0]
     coded = first_kind in _CODE_KINDS
-    input_spec = first.layer.recipe.act if coded else None
     return IntegerProgram(
         layers=tuple(layers),
         input_scale=scales[first.path] if coded else None,
-        input_min=input_spec.config.qmin if coded else -128,
-        input_max=input_spec.config.qmax if coded else 127,
+        input_min=_act_grid(first)[0] if coded else -128,
+        input_max=_act_grid(first)[1] if coded else 127,
         logit_scale=logit_scale,
         input_bits=first_kind == "binary",
     )
@@ -1524,7 +1684,8 @@ def _apply_op(
 ) -> jax.Array:
     kernel = layer.kernel if kernel is None else kernel
     if kernel.dtype != h.dtype:  # equal operand dtypes (int16 codes or kernel: widen the other)
-        dtype = jnp.promote_types(kernel.dtype, h.dtype)
+        # the wider of the two (explicit: strict promotion has no int8 → int16 path)
+        dtype = max(kernel.dtype, h.dtype, key=lambda d: jnp.dtype(d).itemsize)
         kernel, h = kernel.astype(dtype), h.astype(dtype)
     if layer.op == "dense":
         return lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())), **kwargs)
@@ -1568,6 +1729,10 @@ def _accumulate(layer: IntegerLayer, h: jax.Array) -> jax.Array:
             if c != 1:
                 part = part * jnp.int32(c)
             acc = part if acc is None else acc + part
+        if layer.input_sum is not None:  # Σ x over each output's window: one product with ones
+            ones = jnp.ones((*layer.kernel.shape[1:-1], 1), jnp.int8)
+            total = _apply_op(layer, h, ones, preferred_element_type=jnp.int32)
+            acc = acc + total * layer.input_sum
         return acc
     if not layer.shifts:
         return _apply_op(layer, h, preferred_element_type=jnp.int32)
