@@ -263,13 +263,18 @@ def quantize_binary(
 ) -> QArray:
     """The codes ``{0, 1}`` of :func:`qflax.quantizers.binary` and its scale ``α`` (1 bit)."""
     x = jnp.asarray(x)
+    return _binary_qarray(qz.binary_codes(x, {}, config, key=key), qz.binary_scale(x, config))
+
+
+def _binary_qarray(plus: jax.Array, scale: ArrayLike) -> QArray:
+    """A binary QArray: ``x̂ = s·(2v − 1)`` with ``v = plus`` (``{0, 1}`` or bool)."""
     return QArray(
-        values=_codes(qz.binary_codes(x, {}, config, key=key), 1, False),
-        scale=qz.binary_scale(x, config),
+        values=_codes(plus, 1, False),
+        scale=jnp.asarray(scale, jnp.float32),
         zero_point=None,
         bits=1,
         signed=False,
-        shape=x.shape,
+        shape=plus.shape,
         packed=False,
         kind="binary",
     )
@@ -385,16 +390,7 @@ def quantize_dorefa(x: ArrayLike, config: qz.DoReFaConfig) -> QArray:
     n = float(2**k - 1)
     xs = jax.lax.stop_gradient(x)
     if config.role == "weight" and k == 1:
-        return QArray(
-            values=_codes(xs >= 0, 1, False),
-            scale=jnp.mean(jnp.abs(xs)).astype(jnp.float32),
-            zero_point=None,
-            bits=1,
-            signed=False,
-            shape=x.shape,
-            packed=False,
-            kind="binary",
-        )
+        return _binary_qarray(xs >= 0, jnp.mean(jnp.abs(xs)))
     if config.role == "weight":
         codes = jnp.round(qz.dorefa_weight_transform(xs) * n)
         scale = np.float32(2.0 / n)
@@ -492,16 +488,7 @@ def _dbssq_qarray(
     b = int(config.bits)
     if (config.levels == "shift" and b == 0) or (config.levels == "uniform" and b == 1):
         # one magnitude: ±scale, a binary tensor (s·(2v − 1) keeps the sign of zero)
-        return QArray(
-            values=_codes(~negative, 1, False),
-            scale=scale,
-            zero_point=None,
-            bits=1,
-            signed=False,
-            shape=y.shape,
-            packed=False,
-            kind="binary",
-        )
+        return _binary_qarray(~negative, scale)
     if config.levels == "shift":
         # |Q| = 2^−k, k = 0..2^b − 1: sign-magnitude pow2 codes in b + 1 bits, no zero level.
         # y = scale·2^−k exactly, so k is the difference of the binary exponents (no division,
