@@ -198,9 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--integer",
         action="store_true",
-        help="through integer inference (quantized layers on int8 codes, int32 accumulation; "
-        "float layers in float32); also prints the fake-quant accuracy, the number of "
-        "differing predictions and the packed vs float32 bytes",
+        help="through integer inference (uniform layers on int8 codes with int32 accumulation, "
+        "power-of-two weights as shifts, binary layers as XNOR/popcount, float layers in "
+        "float32); also prints the fake-quant accuracy, the number of differing predictions "
+        "and the packed vs float32 bytes",
     )
     evaluate.set_defaults(func=_eval)
 
