@@ -40,6 +40,7 @@ from qflax.export._qarray import (
     quantize_pow2,
     quantize_ternary,
     quantize_uniform,
+    unpack,
 )
 from qflax.layers import QuantConv, QuantEinsum, QuantLinear, TensorQuant
 
@@ -272,12 +273,33 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
     QArray kernels are dequantized: the kernel becomes the quantized kernel ``ŵ``, which the
     layer's quantizer maps to itself (absmax, learned_step, pow2, binary, ternary scales are
     recomputed from ŵ and give ŵ again, up to float rounding of the recomputed scale), so the
-    fake-quant evaluation of ``model`` equals that of the exported one.
+    fake-quant evaluation of ``model`` equals that of the exported one. DoReFa kernels with
+    ``k > 1`` are not their own fixed point (``tanh`` and the max rescale them), so they get a
+    latent kernel that DoReFa maps back to the same codes (:func:`_dorefa_latent`).
 
     Raises:
-      ValueError: an entry is missing or has another shape than the model's variable.
+      ValueError: a layer's weights are DBSSQ or CoDeQ (checked before anything is written):
+        their quantizers re-derive their grid from the kernel (DBSSQ's σ and ε, CoDeQ's
+        quantile ``a``), so ``ŵ`` does not map back to its own codes, and the export does not
+        hold that state; an entry is missing or has another shape than the model's variable.
     """
+    for path, layer in quant_layers(model):
+        spec = layer.recipe.weight
+        if spec is not None and spec.kind in ("dbssq", "codeq"):
+            raise ValueError(
+                f"layer {'.'.join(path)!r} has {spec.kind} weights, which import_model cannot "
+                "restore (the quantizer re-derives its grid from the kernel, so the exported "
+                "codes do not map back to themselves); allowed: the other kinds. The packed "
+                "export itself (codes, scales, model_bytes) and integer inference are unaffected"
+            )
     state = nnx.state(model, _EXPORTED)
+    dorefa = {
+        (*path, "inner", "kernel")
+        for path, layer in quant_layers(model)
+        if layer.recipe.weight is not None
+        and layer.recipe.weight.kind == "dorefa"
+        and layer.recipe.weight.config.bits > 1
+    }
     for path, variable in nnx.to_flat_state(state):
         key = tuple(_key(p) for p in path)
         old = variable.get_value()
@@ -286,7 +308,10 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
             value = jnp.asarray(value).reshape(old.shape)  # the compact layout of the layer
         else:
             value = _get_nested(tree, key)
-            value = dequantize(value) if _is_qarray(value) else jnp.asarray(value)
+            if key in dorefa and _is_qarray(value):
+                value = _dorefa_latent(value)
+            else:
+                value = dequantize(value) if _is_qarray(value) else jnp.asarray(value)
         if tuple(value.shape) != tuple(old.shape):
             raise ValueError(
                 f"{'.'.join(key)} has shape {tuple(value.shape)} in the exported tree; allowed: "
@@ -295,6 +320,23 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
         variable.set_value(value.astype(old.dtype))
     nnx.update(model, state)
     return model
+
+
+def _dorefa_latent(q: QArray) -> jax.Array:
+    """A latent kernel whose DoReFa codes (``k > 1``) are ``q``'s: ``w = atanh((2c/n − 1)·m)``.
+
+    DoReFa takes ``t = tanh(w)/(2·max|tanh w|) + ½`` and the codes ``round(n·t)``. With
+    ``tanh(w) = (2c/n − 1)·m`` (``m = tanh 1``) and a code 0 or ``n`` present (the exported
+    tensor's largest ``|tanh w|`` gives one), ``max|tanh w| = m`` and ``t = c/n`` up to float
+    rounding, far inside the rounding interval. Without such a code (an all-zero kernel): ``ŵ``.
+    """
+    q = unpack(q)
+    codes = np.asarray(q.values).astype(np.float64)
+    n = 2.0**q.bits - 1.0
+    if not (np.any(codes == 0) or np.any(codes == n)):
+        return dequantize(q)
+    m = np.tanh(1.0)
+    return jnp.asarray(np.arctanh((2.0 * codes / n - 1.0) * m), jnp.float32)
 
 
 def packed_model_bytes(tree: Mapping[str, Any]) -> int:

@@ -309,18 +309,9 @@ _LEARNED = ("lsq-w4a4", "lsq-w2a2-channel", "gdnsq-w4a4")
     [
         ("dorefa-w2a2", "dorefa-w2a2"),
         _LEARNED,
-        pytest.param(
-            ("dbssq-w2", "pact-w4a4"),
-            marks=pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="DoReFa k = 4 (tanh transform) and DBSSQ (re-normalisation) are not "
-                "idempotent, so the kernel ŵ import_model writes is re-quantized to other "
-                "levels; DBSSQ's ε and σ are QuantStat, which export_model does not export",
-            ),
-        ),
+        ("pact-w4a4", "pact-w4a4"),  # DoReFa k = 4 weights: a latent kernel, not ŵ
     ],
-    ids=["dorefa-w2", "lsq-gdnsq", "dorefa-w4-dbssq"],
+    ids=["dorefa-w2", "lsq-gdnsq", "dorefa-w4"],
 )
 def test_import_model_gives_the_same_outputs(names):
     model = _model(names)
@@ -350,3 +341,15 @@ def test_exported_kernel_holds_the_learned_weight_params():
     np.testing.assert_allclose(
         np.asarray(_call(fresh, _X)), np.asarray(_call(model, _X)), atol=1e-5
     )
+
+
+def test_import_model_refuses_dbssq_before_writing_anything():
+    """DBSSQ (and CoDeQ) re-derive their grid from the kernel (σ, ε / the quantile a), so the
+    exported ŵ would import as other codes: refused, naming the layer, before any write."""
+    model = _model(("dbssq-w2", "dbssq-w2"))
+    fresh = nnx.clone(_model(("dbssq-w2", "dbssq-w2"), seed=1))
+    before = jax.tree.leaves(nnx.state(fresh))
+    with pytest.raises(ValueError, match=r"layer '.*' has dbssq weights.*cannot restore"):
+        import_model(fresh, export_model(model))
+    for a, b in zip(before, jax.tree.leaves(nnx.state(fresh)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
