@@ -43,14 +43,13 @@ from qflax.export import (
     evaluate_integer,
     export_integer,
     export_model,
-    fake_quant_forward,
     integer_forward,
     load_ptq,
     packed_model_bytes,
     ptq,
     static_act_scales,
 )
-from qflax.export._evaluate import predict
+from qflax.export._evaluate import _model_forward, predict
 from qflax.layers import first_last_float_rules, quantize_model, recipes
 from qflax.train import default_config, load_model, train_and_evaluate
 from qflax.train._config import load_config_file
@@ -89,12 +88,8 @@ def pow2_model(workdir: pathlib.Path, dataset, batch_size: int) -> dict:
     model, _ = quantize_model(model, first_last_float_rules(recipe))
     batches = [dataset.train_x[i : i + batch_size] for i in range(0, 8 * batch_size, batch_size)]
     scales = static_act_scales(model, batches)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, x):
-        return fake_quant_forward(nnx.merge(graphdef, state), x, scales)
-
+    forward, state = _model_forward(model, scales)  # what `qflax eval --integer` compares with
+    forward = jax.jit(forward)
     program = export_integer(model, scales)
     labels = np.asarray(dataset.test_y)
     reference = predict(forward, state, dataset.test_x, 256)

@@ -283,6 +283,7 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
         quantile ``a``), so ``ŵ`` does not map back to its own codes, and the export does not
         hold that state; an entry is missing or has another shape than the model's variable.
     """
+    dorefa = set()  # kernels written as a DoReFa latent (k > 1)
     for path, layer in quant_layers(model):
         spec = layer.recipe.weight
         if spec is not None and spec.kind in ("dbssq", "codeq"):
@@ -292,14 +293,9 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
                 "codes do not map back to themselves); allowed: the other kinds. The packed "
                 "export itself (codes, scales, model_bytes) and integer inference are unaffected"
             )
+        if spec is not None and spec.kind == "dorefa" and spec.config.bits > 1:
+            dorefa.add((*path, "inner", "kernel"))
     state = nnx.state(model, _EXPORTED)
-    dorefa = {
-        (*path, "inner", "kernel")
-        for path, layer in quant_layers(model)
-        if layer.recipe.weight is not None
-        and layer.recipe.weight.kind == "dorefa"
-        and layer.recipe.weight.config.bits > 1
-    }
     for path, variable in nnx.to_flat_state(state):
         key = tuple(_key(p) for p in path)
         old = variable.get_value()

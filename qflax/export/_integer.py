@@ -247,6 +247,16 @@ def _binary_config(spec: Any) -> qz.BinaryConfig:
     return qz.BinaryConfig(scaling=spec.scaling, axis=spec.axis)
 
 
+def _scale_on_output_axis(layer: Any, granularity: str, axis: int) -> bool:
+    """Whether a weight scale of ``granularity`` (``"tensor"``, ``"channel"``, or a binary /
+    ternary ``scaling`` ``"none"``) is one per tensor or one per output channel (the kernel's
+    last axis): the scales integer inference folds into its per-channel multipliers."""
+    ndim = _inner(layer).kernel[...].ndim
+    return granularity in ("tensor", "none") or (
+        granularity == "channel" and axis % ndim == ndim - 1
+    )
+
+
 def _is_binary_step(step: _Step) -> bool:
     """A quant layer whose weights are ``α·sign(w)`` (α per output channel, per tensor or 1) and
     whose inputs are ``sign(x)``: integer inference runs it as XNOR/popcount."""
@@ -257,8 +267,7 @@ def _is_binary_step(step: _Step) -> bool:
     if not (_sign_valued(recipe.weight, "weight") and _sign_valued(recipe.act, "act")):
         return False
     config = _binary_config(recipe.weight)
-    ndim = _inner(layer).kernel[...].ndim
-    return config.scaling != "channel" or config.axis % ndim == ndim - 1
+    return _scale_on_output_axis(layer, config.scaling, config.axis)
 
 
 def _binary_weight(layer: Any) -> tuple[jax.Array, jax.Array]:
@@ -1003,34 +1012,16 @@ def _is_float_step(step: _Step) -> bool:
 
 def _check_weight_spec(step: _Step):
     spec = step.layer.recipe.weight
-    config = None if spec is None else spec.config
-    shape = tuple(_inner(step.layer).kernel[...].shape)
     if (
         spec is None
         or spec.kind not in _UNIFORM_KINDS
-        or not config.symmetric
-        or config.granularity not in ("tensor", "channel")
-        or config.bits > 8
-        or (config.granularity == "channel" and config.axis % len(shape) != len(shape) - 1)
+        or not spec.config.symmetric
+        or spec.config.bits > 8
+        or not _scale_on_output_axis(step.layer, spec.config.granularity, spec.config.axis)
     ):
         raise ValueError(
             f"layer {step.path!r} has recipe {str(step.layer.recipe)!r} (weight quantizer "
             f"{spec}); integer inference supports {_SUPPORTED}"
-        )
-    return spec
-
-
-def _check_pow2_spec(step: _Step):
-    spec = step.layer.recipe.weight
-    config = spec.config
-    ndim = _inner(step.layer).kernel[...].ndim
-    if config.granularity not in ("tensor", "channel") or (
-        config.granularity == "channel" and config.axis % ndim != ndim - 1
-    ):
-        raise ValueError(
-            f"layer {step.path!r} has recipe {str(step.layer.recipe)!r} (weight quantizer "
-            f"{spec}, granularity={config.granularity!r}, axis={config.axis}); integer "
-            f"inference supports {_SUPPORTED}"
         )
     return spec
 
@@ -1040,25 +1031,25 @@ def _check_pow2_spec(step: _Step):
 _CODED_WEIGHTS = ("lsq", "dorefa", "gdnsq")
 
 
-def _check_coded_weight_spec(step: _Step):
+def _check_weight_granularity(step: _Step):
+    """pow2 and the learned uniform weights (:data:`_CODED_WEIGHTS`): a scale per tensor or
+    per output channel (DoReFa has one per tensor and no ``granularity`` field)."""
     spec = step.layer.recipe.weight
     config = spec.config
-    ndim = _inner(step.layer).kernel[...].ndim
     granularity = getattr(config, "granularity", "tensor")
-    if granularity not in ("tensor", "channel") or (
-        granularity == "channel" and config.axis % ndim != ndim - 1
-    ):
+    axis = getattr(config, "axis", -1)
+    if not _scale_on_output_axis(step.layer, granularity, axis):
         raise ValueError(
             f"layer {step.path!r} has recipe {str(step.layer.recipe)!r} (weight quantizer "
-            f"{spec}, granularity={granularity!r}); integer inference supports {_SUPPORTED}"
+            f"{spec}, granularity={granularity!r}, axis={axis}); integer inference supports "
+            f"{_SUPPORTED}"
         )
     return spec
 
 
 def _check_ternary_spec(step: _Step):
     spec = step.layer.recipe.weight
-    ndim = _inner(step.layer).kernel[...].ndim
-    if spec.config.scaling == "channel" and spec.config.axis % ndim != ndim - 1:
+    if not _scale_on_output_axis(step.layer, spec.config.scaling, spec.config.axis):
         raise ValueError(
             f"layer {step.path!r} has recipe {str(step.layer.recipe)!r}: its ternary scale is "
             f"per channel on axis {spec.config.axis}; allowed: the output-channel axis (-1)"
@@ -1101,8 +1092,8 @@ def _check_binary(step: _Step) -> None:
 
 
 def _layer_kind(step: _Step) -> str:
-    """``"float"``, ``"uniform"``, ``"pow2"`` or ``"binary"``; ValueError (naming the layer, its
-    recipe and what is supported) for a layer integer inference cannot run."""
+    """``"float"``, ``"uniform"``, ``"pow2"``, ``"codeq"`` or ``"binary"``; ValueError (naming
+    the layer, its recipe and what is supported) for a layer integer inference cannot run."""
     if _is_float_step(step):
         return "float"
     recipe = step.layer.recipe
@@ -1114,24 +1105,16 @@ def _layer_kind(step: _Step) -> str:
     if recipe.weight.kind in ("binary", "pair") or recipe.act.kind in ("binary", "pair"):
         _check_binary(step)
         return "binary"
-    if recipe.weight.kind == "pow2":
-        _check_pow2_spec(step)
-        _check_act_spec(step)
-        return "pow2"
-    if recipe.weight.kind == "ternary":
+    kind = recipe.weight.kind
+    if kind in ("pow2", *_CODED_WEIGHTS):
+        _check_weight_granularity(step)
+    elif kind == "ternary":
         _check_ternary_spec(step)
-        _check_act_spec(step)
-        return "uniform"  # codes {−1, 0, 1} at the scale α: a uniform integer layer
-    if recipe.weight.kind == "codeq":
-        _check_act_spec(step)
-        return "codeq"
-    if recipe.weight.kind in _CODED_WEIGHTS:
-        _check_coded_weight_spec(step)
-        _check_act_spec(step)
-        return "uniform"
-    _check_weight_spec(step)
+    elif kind != "codeq":
+        _check_weight_spec(step)
     _check_act_spec(step)
-    return "uniform"
+    # ternary codes {−1, 0, 1} at the scale α and the learned kinds run as uniform layers
+    return kind if kind in ("pow2", "codeq") else "uniform"
 
 
 def _norm_factor(norm: Any, channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1283,14 +1266,33 @@ def _codeq_planes(q: Any, s_w: np.ndarray, act_max: int, fan_in: int):
         return planes, (1,), np.full(out_channels, level), act_max * float(signs.max(initial=0))
     ratio = z / s if s > 0 else 0.0
     per_channel = np.abs(v).reshape(fan_in, out_channels).sum(0)
+    k, worst = _offset_fraction_bits(per_channel, signs, np.float64(ratio), act_max)
+    planes = jnp.asarray(np.stack([v, sign]).astype(np.int8))
+    return planes, (2**k, int(np.round(ratio * 2.0**k))), s_w * 2.0**-k, worst
+
+
+def _offset_fraction_bits(
+    per_channel: np.ndarray, count: Any, fraction: Any, act_max: int
+) -> tuple[int, float]:
+    """The fraction bits ``k`` of ``acc = 2^k·(x·v) + round(fraction·2^k)·(x·m)`` (``m`` a
+    plane of ``count`` ±1/1 entries per output channel): the largest ``k ≤ 30`` that keeps the
+    worst case ``act_max·(Σ|v|·2^k + count·|R|)`` within 2^29, and that worst case.
+
+    Raises:
+      ValueError: even ``k = 0`` overflows the int32 accumulator.
+    """
 
     def worst(k: int) -> float:
-        r = abs(round(ratio * 2.0**k))
-        return act_max * float((per_channel * 2**k + signs * r).max(initial=0))
+        r = np.abs(np.round(fraction * 2.0**k))
+        return act_max * float((per_channel * 2**k + count * r).max(initial=0))
 
     k = next((k for k in range(30, 0, -1) if worst(k) <= 2.0**29), 0)
-    planes = jnp.asarray(np.stack([v, sign]).astype(np.int8))
-    return planes, (2**k, int(round(ratio * 2.0**k))), s_w * 2.0**-k, worst(k)
+    if worst(k) > _INT32_MAX:
+        raise ValueError(
+            f"weight codes summing to {int(per_channel.max(initial=0))} per channel overflow "
+            "the int32 accumulator; allowed: narrower codes or a smaller fan-in"
+        )
+    return k, worst(k)
 
 
 def _has_zero_point(q: Any) -> bool:
@@ -1328,20 +1330,10 @@ def _zero_point_planes(q: Any, s_w: np.ndarray, act_max: int, fan_in: int):
     zf = zp - zi
     v = np.asarray(q.values).astype(np.int64) - zi.astype(np.int64)
     per_channel = np.abs(v).reshape(fan_in, out_channels).sum(0)
-
-    def worst(k: int) -> float:
-        r = np.abs(np.round(zf * 2.0**k))
-        return act_max * float((per_channel * 2**k + fan_in * r).max(initial=0))
-
-    k = next((k for k in range(30, 0, -1) if worst(k) <= 2.0**29), 0)
-    if worst(k) > _INT32_MAX:
-        raise ValueError(
-            f"weights with codes up to {int(np.abs(v).max())} overflow the int32 accumulator "
-            f"at fan-in {fan_in}; allowed: narrower codes"
-        )
+    k, worst = _offset_fraction_bits(per_channel, fan_in, zf, act_max)
     planes = jnp.asarray(v[None].astype(_code_dtype(int(v.min()), int(v.max()))))
     r = jnp.asarray(np.round(-zf * 2.0**k).astype(np.int32))
-    return planes, (2**k,), r, s_w * 2.0**-k, worst(k)
+    return planes, (2**k,), r, s_w * 2.0**-k, worst
 
 
 # ---------------------------------------------------------------------------------- export
@@ -1362,8 +1354,7 @@ def _integer_layer(
 ) -> tuple[IntegerLayer, float | None]:
     """A uniform or pow2 layer; also returns the logit scale when it is the last layer."""
     layer, inner = step.layer, _inner(step.layer)
-    wspec = layer.recipe.weight
-    _check_act_spec(step)
+    wspec = layer.recipe.weight  # checked by _layer_kind, with the input's spec
     q = unpack(quantize_tensor(wspec, _layer_kernel(layer), _params(layer, "weight")))
     out_channels = q.shape[-1]
     s_w = np.broadcast_to(np.asarray(q.scale, np.float64).reshape(-1), (out_channels,))
@@ -1694,6 +1685,15 @@ def _apply_op(
     )
 
 
+def _activate_and_pool(layer: IntegerLayer | FloatLayer | BinaryLayer, y: jax.Array) -> jax.Array:
+    """The layer's ReLU or hardtanh, then its 2x2 max-pool, in float32."""
+    if layer.relu:
+        y = jax.nn.relu(y)
+    if layer.hardtanh:
+        y = jax.nn.hard_tanh(y)
+    return _max_pool(y) if layer.pool else y
+
+
 def _float_epilogue(layer: FloatLayer | BinaryLayer, y: jax.Array) -> jax.Array:
     """Bias, BatchNorm (flax's eval formula), activation, pool and the output conversion."""
     if layer.bias is not None:
@@ -1701,12 +1701,7 @@ def _float_epilogue(layer: FloatLayer | BinaryLayer, y: jax.Array) -> jax.Array:
     if layer.norm_mean is not None:  # flax's eval-mode BatchNorm, operation for operation
         mul = lax.rsqrt(layer.norm_var + layer.norm_epsilon) * layer.norm_scale
         y = (y - layer.norm_mean) * mul + layer.norm_bias
-    if layer.relu:
-        y = jax.nn.relu(y)
-    if layer.hardtanh:
-        y = jax.nn.hard_tanh(y)
-    if layer.pool:
-        y = _max_pool(y)
+    y = _activate_and_pool(layer, y)
     if getattr(layer, "out_bits", False):
         return (y >= 0).astype(jnp.uint8)
     if layer.out_scale is None:
@@ -1748,13 +1743,7 @@ def _accumulate(layer: IntegerLayer, h: jax.Array) -> jax.Array:
 def _integer_step(layer: IntegerLayer, h: jax.Array) -> jax.Array:
     acc = _accumulate(layer, h)
     if layer.output in ("float", "bits"):
-        y = acc.astype(jnp.float32) * layer.acc_scale + layer.float_bias
-        if layer.relu:
-            y = jax.nn.relu(y)
-        if layer.hardtanh:
-            y = jax.nn.hard_tanh(y)
-        if layer.pool:
-            y = _max_pool(y)
+        y = _activate_and_pool(layer, acc.astype(jnp.float32) * layer.acc_scale + layer.float_bias)
         return (y >= 0).astype(jnp.uint8) if layer.output == "bits" else y
     if layer.negate is not None:
         acc = jnp.where(layer.negate, -acc, acc)
