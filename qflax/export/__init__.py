@@ -43,7 +43,7 @@ from qflax.export._integer import (
     static_act_scales,
 )
 from qflax.export._ptq import PTQ_KEYS, load_ptq, ptq, ptq_config
-from qflax.export._qarray import (
+from qflax.quantizers import (
     QARRAY_KINDS,
     QArray,
     container_bits,

@@ -92,10 +92,10 @@ from jax import lax
 from qflax import quantizers as qz
 from qflax.export._export import quantize_tensor
 from qflax.export._fold import Identity
-from qflax.export._qarray import unpack
 from qflax.layers import QuantConv, QuantLinear
 from qflax.models import CNN, MLP
 from qflax.numerics import check_choice
+from qflax.quantizers import unpack
 
 __all__ = [
     "ACTIVATIONS",

@@ -158,14 +158,17 @@ class _QuantLayer(nnx.Module):
         self.mac_recorder = None
         names = {}
         if recipe.weight is not None and recipe.weight.learnable:
+            tags = recipe.weight.param_tags
             for name, value in _init_params(recipe.weight, self._kernel()).items():
-                setattr(self, f"weight_{name}", QuantParam(value))
+                setattr(self, f"weight_{name}", QuantParam(value, tags=tags.get(name, ())))
             names["weight"] = tuple(recipe.weight.param_shapes(self._kernel().shape))
         if recipe.act is not None and recipe.act.learnable:
             # Placeholders until `calibrate` sets them from real inputs.
+            tags = recipe.act.param_tags
             values = recipe.act.placeholder(self._act_example_shape())
             for name, value in values.items():
-                setattr(self, f"act_{name}", QuantParam(jnp.asarray(value, jnp.float32)))
+                param = QuantParam(jnp.asarray(value, jnp.float32), tags=tags.get(name, ()))
+                setattr(self, f"act_{name}", param)
             names["act"] = tuple(values)
         self.param_names = tuple(sorted(names.items()))  # ((role, (name, ...)), ...), static
         stat_names = {}
@@ -220,6 +223,28 @@ class _QuantLayer(nnx.Module):
                 var[...] = jnp.asarray(v, jnp.float32).reshape(jnp.shape(var[...]))
                 done.append(role)
         return done
+
+    def apply_schedule(self, *, epoch: int, epochs: int, anneal: Any) -> dict[str, Any]:
+        """Sets every role's annealed state for ``epoch`` of ``epochs`` from its family's
+        schedule (``epoch = epochs``: the exact state training ends with); returns what was set
+        as ``{"role.name": value}``."""
+        done = {}
+        for role, names in self.stat_names:
+            tq = getattr(self.recipe, role)
+            for name, value in tq.schedule(epoch=epoch, epochs=epochs, anneal=anneal).items():
+                if name not in names:
+                    raise ValueError(
+                        f"kind={tq.kind!r} scheduled a state {name!r} it does not keep; "
+                        f"allowed: {', '.join(names)}"
+                    )
+                var = getattr(self, f"{role}_{name}")
+                var[...] = jnp.asarray(value, jnp.float32).reshape(jnp.shape(var[...]))
+                done[f"{role}.{name}"] = value
+        return done
+
+    def ends_exact(self) -> bool:
+        """Whether a role's quantizer switches to an exact state at the end of training."""
+        return any(tq is not None and tq.ends_exact for tq in (self.recipe.weight, self.recipe.act))
 
     def _set_params(self, role: str, values: dict[str, jax.Array]) -> None:
         for name, value in values.items():
@@ -361,12 +386,10 @@ class _QuantLayer(nnx.Module):
             math.prod(v.shape) for _, v in nnx.iter_graph(self) if isinstance(v, QuantParam)
         )
         scales = 0
-        if recipe.weight is not None and (
-            not recipe.weight.learnable or recipe.weight.kind in ("gdnsq", "codeq")
-        ):
-            # GDNSQ weights also need their zero point min w_c per channel at rest, CoDeQ its
-            # step and first-level shift.
-            scales = recipe.weight.scale_count(tuple(self.inner.kernel.shape))
+        if recipe.weight is not None:
+            # Scales a stateless quantizer needs at rest, and what learned ones store besides
+            # their QuantParams (GDNSQ's zero point min w_c per channel, CoDeQ's shift).
+            scales = recipe.weight.stored_scales(tuple(self.inner.kernel.shape))
         if weight_bits < FLOAT_BITS:
             num_bias = info["params"] - info["weights"]
             info["packed_bytes"] = packed_weight_bytes(info["weights"], weight_bits) + 4 * (

@@ -16,7 +16,6 @@ so one activation scale serves inputs of any rank (``(batch, features)`` or
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,381 +28,165 @@ from jax.typing import ArrayLike
 from qflax import quantizers as qz
 from qflax.numerics import check_choice
 
-__all__ = ["KINDS", "RECIPES", "Recipe", "TensorQuant", "recipes"]
+__all__ = ["RECIPES", "Recipe", "TensorQuant", "recipes"]
 
-# The quantizer families a TensorQuant can name.
-KINDS = (
-    "absmax",
-    "learned_step",
-    "pow2",
-    "binary",
-    "ternary",
-    "pair",
-    "lsq",
-    "pact",
-    "dorefa",
-    "gdnsq",
-    "dbssq",
-    "codeq",
-)
-
-_CONFIG_TYPES = {
-    "absmax": qz.UniformConfig,
-    "learned_step": qz.UniformConfig,
-    "pow2": qz.PowerOfTwoConfig,
-    "binary": qz.BinaryConfig,
-    "ternary": qz.TernaryConfig,
-    "pair": type(None),
-    "lsq": qz.LSQConfig,
-    "pact": qz.PACTConfig,
-    "dorefa": qz.DoReFaConfig,
-    "gdnsq": (qz.GDNSQWeightConfig, qz.GDNSQActConfig),
-    "dbssq": qz.DBSSQConfig,
-    "codeq": qz.CoDeQConfig,
-}
-
-# Kinds whose params are learned (QuantParam in the layer).
-_LEARNABLE = ("learned_step", "lsq", "pact", "gdnsq", "codeq")
-# Kinds whose integer bit-width is learned and read from the params (`used_bits`).
-_LEARNED_BITS = ("gdnsq", "codeq")
-ROLES = ("weight", "act")
+ROLES = qz.ROLES
 
 # Bits of a float tensor in summaries.
 FLOAT_BITS = 32
 
 
-def _check_int(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{field}={value!r} is not an integer; allowed: an int axis")
-    return int(value)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TensorQuant:
-    """How one tensor is quantized: a quantizer family (``kind``) and its config.
+    """How one tensor is quantized: a registered quantizer family (``kind``) and its config.
 
-    Kinds:
+    Everything about a kind — its config type, init, learnable params and their optimizer
+    tags, state, bits, codes at rest, integer lowering — is the family's
+    (:class:`qflax.quantizers.QuantizerFamily`, looked up in :data:`qflax.quantizers.FAMILIES`);
+    this spec only holds the choice and forwards to the family. Built-in kinds:
 
-    * ``"absmax"``: :func:`qflax.quantizers.uniform` with the scale recomputed from the tensor on
-      every call (``uniform_init`` of ``stop_gradient(x)``: ``s = max|x| / qmax`` at the config's
-      granularity); no learnable params.
-    * ``"learned_step"``: :func:`~qflax.quantizers.uniform` with ``learn_scale=True``; the scale
-      (and the zero point when asymmetric) is a learnable param, initialised by :meth:`init`
-      from data (``uniform_init``).
-    * ``"pow2"``: :func:`~qflax.quantizers.pow2` with the power-of-two scale recomputed from the
-      tensor on every call (``pow2_init``); no learnable params.
-    * ``"binary"`` / ``"ternary"``: :func:`~qflax.quantizers.binary` /
-      :func:`~qflax.quantizers.ternary` (scales from the tensor); no learnable params.
-    * ``"pair"``: a ProxConnect++ pair from :data:`qflax.quantizers.PAIRS` (``pair`` names it,
-      ``pair_kwargs`` are its factory's arguments), times ``stop_gradient(mean|x|)`` per tensor or
-      per channel when ``scaling`` says so (XNOR-style); no learnable params. Pair
-      hyperparameters are static here (changing them recompiles).
-    * ``"lsq"``: :func:`~qflax.quantizers.lsq` (LSQConfig): learned step with the paper's
-      gradient scale and ``2·mean|x|/√QP`` initialisation.
-    * ``"pact"``: :func:`~qflax.quantizers.pact` (PACTConfig): learned clip ``α`` (activations).
-    * ``"dorefa"``: :func:`~qflax.quantizers.dorefa` (DoReFaConfig, role weight or act); no
-      params.
-    * ``"gdnsq"``: :func:`~qflax.quantizers.gdnsq_weight` (GDNSQWeightConfig) or
-      :func:`~qflax.quantizers.gdnsq_act` (GDNSQActConfig): learned log-step (and log-range,
-      lower bound) so the bit-width itself is learned; ``target_bits`` is the bit-width the
-      exterior-point penalty drives it to (:mod:`qflax.train`), and :meth:`bits` reports it
-      (a layer's ``quant_info`` reports the integer bit-width actually used).
-    * ``"dbssq"``: :func:`~qflax.quantizers.dbssq_weight` (``role="weight"``: per-channel
-      normalisation, rescaled by the fixed pretrained spread ``sigma``, a ``QuantStat`` set from
-      the kernel when the layer is built) or :func:`~qflax.quantizers.dbssq_act`
-      (``role="act"``); the blend ``ε`` is a ``QuantStat`` the training loop anneals
-      (:func:`~qflax.quantizers.dbssq_epsilon_schedule`, 0 at the end: the exact quantizer).
-    * ``"codeq"``: :func:`~qflax.quantizers.codeq` (weights): learned dead-zone ``θ_d`` and
-      bit-width ``θ_b`` (``QuantParam`` s; their decoupled decay is the optimizer's
-      ``quant.deadzone_decay`` / ``quant.bits_decay``).
+    * ``"absmax"``: :func:`qflax.quantizers.uniform` with the scale recomputed from the tensor;
+    * ``"learned_step"``: :func:`~qflax.quantizers.uniform` with a learned scale;
+    * ``"pow2"``, ``"binary"``, ``"ternary"``: scales from the tensor, no learnable params;
+    * ``"pair"``: a ProxConnect++ pair (:class:`~qflax.quantizers.PairConfig`: a named pair or a
+      forward and a backward by name, its output scaling and normalisation);
+    * ``"lsq"``, ``"pact"``, ``"dorefa"``: the learned-step / learned-clip / DoReFa quantizers;
+    * ``"gdnsq"``: learned bit-widths driven to ``target_bits`` by the exterior-point penalty;
+    * ``"dbssq"``: the annealed bit-shifting blend (``role`` says weight or activation);
+    * ``"codeq"``: dead-zone weights with a learned dead zone and bit-width;
 
-    Pairs whose factory takes ``mu`` (``pc``, ``proxquant``, ``bnn++``) keep ``μ`` as a
-    ``QuantStat`` too, so the loop can anneal it (``anneal.mu_end``) without recompiling.
+    and any family registered by user code (:func:`qflax.quantizers.register_family`).
 
     >>> TensorQuant(kind="absmax", config=qz.UniformConfig(bits=4)).bits
     4
-    >>> TensorQuant(kind="pair", pair="bnn", scaling="channel").bits
+    >>> TensorQuant(kind="pair", config=qz.PairConfig(pair="bnn", scaling="channel")).bits
     1
     """
 
-    # Quantizer family: one of KINDS.
+    # Quantizer family: a name in qflax.quantizers.FAMILIES.
     kind: str
-    # The family's config (UniformConfig, PowerOfTwoConfig, BinaryConfig, TernaryConfig); None:
-    # the family's default config (learned_step: UniformConfig(learn_scale=True)); None for pairs.
+    # The family's config; None: the family's default config.
     config: Any = None
-    # kind="pair": the name of the pair in qflax.quantizers.PAIRS ("bnn", "bnn+", "bc", ...).
-    pair: str | None = None
-    # kind="pair": keyword arguments of the pair's factory, as sorted (name, value) tuples (a
-    # mapping is accepted and converted).
-    pair_kwargs: tuple[tuple[str, Any], ...] = ()
-    # kind="pair": output scale "none" (±1), "tensor" or "channel" (sg(mean|x|), per `axis`).
-    scaling: str = "none"
-    # kind="pair": the channel axis of scaling="channel".
-    axis: int = -1
-    # kind="pair": the pair acts on x / sg(mean|x|) (per channel with scaling="channel", else per
-    # tensor), so its μ/β are scale-free (latent weights are ~0.02-0.05 in size: at μ = 50
-    # BNN++'s SS_μ(w) is far from a sign); False: on x itself (the pair's own definition).
-    normalize: bool = False
-    # kind="gdnsq": the target bit-width of the learned bit-width (1..32); None otherwise.
+    # The target bit-width of a learned bit-width (1..32; families that learn bits); else None.
     target_bits: int | None = None
-    # kind="dbssq": "weight" or "act" (which normalisation); None otherwise.
+    # "weight" or "act" for families that need to be told which (DBSSQ); else None.
     role: str | None = None
 
     def __post_init__(self):
-        check_choice(self.kind, "kind", KINDS)
+        family = qz.get_family(self.kind)
         config = self.config
-        if config is None and self.kind != "pair":
-            if self.kind == "learned_step":
-                config = qz.UniformConfig(learn_scale=True)
-            elif self.kind == "gdnsq":
-                config = qz.GDNSQWeightConfig()
-            else:
-                config = _CONFIG_TYPES[self.kind]()
+        if config is None:
+            config = family.default_config()
             object.__setattr__(self, "config", config)
-        want = _CONFIG_TYPES[self.kind]
-        if not isinstance(config, want):
-            if self.kind == "pair":
-                allowed = "None"
-            elif isinstance(want, tuple):
-                allowed = " or ".join(f"a {w.__name__}" for w in want) + " (or None)"
-            else:
-                allowed = f"a {want.__name__} (or None)"
+        if family.config_types and not isinstance(config, family.config_types):
+            allowed = " or ".join(f"a {w.__name__}" for w in family.config_types)
             raise ValueError(
-                f"config={config!r} does not fit kind={self.kind!r}; allowed: {allowed}"
+                f"config={config!r} does not fit kind={self.kind!r}; allowed: {allowed} (or None)"
             )
-        if self.kind == "gdnsq":
+        if family.learns_bits(self):
             t = self.target_bits
             if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 1 <= t <= 32:
                 raise ValueError(
-                    f"target_bits={t!r} is not allowed for kind='gdnsq'; allowed: integers 1..32"
+                    f"target_bits={t!r} is not allowed for kind={self.kind!r}; allowed: "
+                    "integers 1..32"
                 )
         elif self.target_bits is not None:
             raise ValueError(
-                f"target_bits={self.target_bits!r} is only used with kind='gdnsq'; allowed for "
-                f"kind={self.kind!r}: None"
+                f"target_bits={self.target_bits!r} is only used by families that learn their "
+                f"bit-width; allowed for kind={self.kind!r}: None"
             )
-        if self.kind == "dbssq":
+        if family.needs_role:
             check_choice(self.role, "role", ROLES)
         elif self.role is not None:
             raise ValueError(
-                f"role={self.role!r} is only used with kind='dbssq'; allowed for "
-                f"kind={self.kind!r}: None"
+                f"role={self.role!r} is only used by families that need it (dbssq); allowed "
+                f"for kind={self.kind!r}: None"
             )
-        if self.kind == "learned_step" and not config.learn_scale:
-            raise ValueError(
-                "config.learn_scale=False is not allowed for kind='learned_step'; allowed: True"
-            )
-        if self.kind == "absmax" and (config.learn_scale or config.learn_zero_point):
-            raise ValueError(
-                "config.learn_scale/learn_zero_point=True is not allowed for kind='absmax' (its "
-                "scale is recomputed from the tensor); allowed: False, or kind='learned_step'"
-            )
-        if self.kind == "pair":
-            check_choice(self.pair, "pair", tuple(qz.PAIRS))
-            kwargs = self.pair_kwargs
-            if isinstance(kwargs, Mapping):
-                kwargs = tuple(sorted(kwargs.items()))
-            kwargs = tuple(tuple(item) for item in kwargs)
-            for item in kwargs:
-                if len(item) != 2 or not isinstance(item[0], str):
-                    raise ValueError(
-                        f"pair_kwargs={self.pair_kwargs!r} is not allowed; allowed: a mapping "
-                        "or (name, value) pairs"
-                    )
-                if not isinstance(item[1], numbers.Real) or isinstance(item[1], bool):
-                    raise ValueError(
-                        f"pair_kwargs[{item[0]!r}]={item[1]!r} is not allowed; allowed: a number"
-                    )
-            object.__setattr__(self, "pair_kwargs", kwargs)
-            try:
-                qz.PAIRS[self.pair](**dict(kwargs))  # validates the arguments now
-            except TypeError:
-                allowed = ", ".join(self.pair_defaults()) or "none"
-                raise ValueError(
-                    f"pair_kwargs={dict(kwargs)!r} are not arguments of pair {self.pair!r}; "
-                    f"allowed: {allowed}"
-                ) from None
-            check_choice(self.scaling, "scaling", qz.SCALINGS)
-            _check_int(self.axis, "axis")
-            if not isinstance(self.normalize, (bool, np.bool_)):
-                raise ValueError(
-                    f"normalize={self.normalize!r} is not allowed; allowed: True or False"
-                )
-        else:
-            if self.normalize:
-                raise ValueError(
-                    f"normalize=True is only used with kind='pair'; allowed for "
-                    f"kind={self.kind!r}: False"
-                )
-            if self.pair is not None or self.pair_kwargs:
-                raise ValueError(
-                    f"pair={self.pair!r} is only used with kind='pair'; allowed for "
-                    f"kind={self.kind!r}: None"
-                )
-            if self.scaling != "none":
-                raise ValueError(
-                    f"scaling={self.scaling!r} is only used with kind='pair' (the {self.kind} "
-                    "config holds its own); allowed: 'none'"
-                )
+        family.check(self)
 
     # ---------------------------------------------------------------- description
 
     @property
+    def family(self) -> qz.QuantizerFamily:
+        """The registered family of ``kind``."""
+        return qz.get_family(self.kind)
+
+    @property
     def bits(self) -> int:
-        """Bits per value at rest: the config's bits; binary and pairs 1; ternary 2; GDNSQ its
-        target (the layer reports the bit-width actually used)."""
-        if self.kind in ("absmax", "learned_step", "pow2", "lsq", "pact", "dorefa"):
-            return int(self.config.bits)
-        if self.kind == "gdnsq":
-            return int(self.target_bits)
-        if self.kind == "dbssq":  # shift: 2^b magnitudes and a sign; uniform: b-bit codes
-            return int(self.config.bits) + (1 if self.config.levels == "shift" else 0)
-        if self.kind == "codeq":
-            return 8 if self.config.fixed_bits is None else int(self.config.fixed_bits)
-        if self.kind == "ternary":
-            return 2
-        return 1
+        """Bits per value at rest (a learned bit-width: its target; the layer reports the
+        bit-width actually used)."""
+        return int(self.family.bits(self))
 
     @property
     def granularity(self) -> str:
         """Which elements share a scale: ``"tensor"``, ``"channel"``, ``"group"`` or ``"none"``."""
-        if self.kind in ("absmax", "learned_step", "pow2", "lsq"):
-            return self.config.granularity
-        if self.kind == "gdnsq":
-            return getattr(self.config, "granularity", "tensor")
-        if self.kind in ("pact", "dorefa", "codeq"):
-            return "tensor"
-        if self.kind == "dbssq":
-            return "channel" if self.role == "weight" else "none"
-        return self.scaling if self.kind == "pair" else self.config.scaling
+        return self.family.granularity(self)
+
+    @property
+    def channel_axis(self) -> int:
+        """The axis of per-channel scales."""
+        return self.family.channel_axis(self)
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """The tensors this spec can quantize (``"weight"``, ``"act"``)."""
+        return tuple(self.family.roles(self))
 
     @property
     def learnable(self) -> bool:
-        """Whether :meth:`init` returns learnable params (learned_step, lsq, pact, gdnsq)."""
-        return self.kind in _LEARNABLE
+        """Whether :meth:`init` returns learnable params (``QuantParam`` s in the layer)."""
+        return self.family.learnable(self)
+
+    @property
+    def param_tags(self) -> dict[str, tuple[str, ...]]:
+        """Optimizer tags of each learnable param (``"clip"``, ``"deadzone"``, ``"bits"``)."""
+        return dict(self.family.param_tags(self))
 
     @property
     def reads_bits(self) -> bool:
-        """Whether the integer bit-width is read from learned params (GDNSQ, CoDeQ)."""
-        return self.kind in _LEARNED_BITS
+        """Whether the integer bit-width in use is read from learned params (GDNSQ, CoDeQ)."""
+        return self.family.reads_bits(self)
 
     @property
     def learns_bits(self) -> bool:
         """Whether the bit-width itself is learned (``"gdnsq"``): see :meth:`bit_width`."""
-        return self.kind == "gdnsq"
-
-    @property
-    def is_act_only(self) -> bool:
-        """Quantizers defined for activations only (PACT, DoReFa/GDNSQ in their act role)."""
-        return (
-            self.kind == "pact"
-            or (self.kind == "dorefa" and self.config.role == "act")
-            or (self.kind == "gdnsq" and isinstance(self.config, qz.GDNSQActConfig))
-            or (self.kind == "dbssq" and self.role == "act")
-        )
-
-    @property
-    def is_weight_only(self) -> bool:
-        """Quantizers defined for weights only (CoDeQ, DBSSQ's weight role)."""
-        return self.kind == "codeq" or (self.kind == "dbssq" and self.role == "weight")
+        return self.family.learns_bits(self)
 
     @property
     def needs_key(self) -> bool:
-        """Whether :meth:`apply` needs a PRNG key (GDNSQ's noise-scale backward rule)."""
-        return self.kind == "gdnsq" and self.config.backward == "noise"
-
-    def __str__(self) -> str:
-        name = f"pair:{self.pair}" if self.kind == "pair" else self.kind
-        gran = self.granularity
-        return f"{name}{self.bits}" + ("" if gran in ("tensor", "none") else f"/{gran}")
-
-    # ---------------------------------------------------------------- params
-
-    def init(self, x: ArrayLike) -> dict[str, jax.Array]:
-        """Data-dependent learnable params (compact layout, float32); ``{}`` for stateless kinds.
-
-        ``"learned_step"``: ``{"scale": s}`` (plus ``"zero_point"`` when asymmetric) from
-        :func:`qflax.quantizers.uniform_init` of ``x`` (absmax-based for symmetric configs);
-        ``"lsq"``: ``{"step"}`` (:func:`~qflax.quantizers.lsq_init`); ``"pact"``: ``{"alpha"}``;
-        ``"gdnsq"``: ``{"log_step"}`` (weights) or ``{"log_step", "log_range", "lower"}``.
-        """
-        if not self.learnable:
-            return {}
-        x = jax.lax.stop_gradient(jnp.asarray(x))
-        if self.kind == "learned_step":
-            params = qz.uniform_init(x, self.config)
-            if self.config.symmetric:
-                params = {"scale": params["scale"]}
-        elif self.kind == "lsq":
-            params = qz.lsq_init(x, self.config)
-        elif self.kind == "pact":
-            return qz.pact_init(x, self.config)
-        elif self.kind == "codeq":
-            return qz.codeq_init(x, self.config)
-        elif isinstance(self.config, qz.GDNSQActConfig):
-            return qz.gdnsq_act_init(x, self.config)
-        else:
-            params = qz.gdnsq_weight_init(x, self.config)
-        return {k: self._compact(v) for k, v in params.items()}
-
-    def stats_init(self, x: ArrayLike | None) -> dict[str, jax.Array]:
-        """Non-learned state of the quantizer (float32, compact): DBSSQ's ``epsilon`` (1.0 at
-        the start) and, for weights, ``sigma`` (the per-channel std of ``x``, the pretrained
-        spread); a pair's ``mu`` when its factory takes one, and ``hard`` (0.0) when its forward
-        is not a sign (:attr:`relaxed`). ``{}`` otherwise."""
-        if self.kind == "dbssq":
-            out = {"epsilon": jnp.ones((), jnp.float32)}
-            if self.role == "weight":
-                sigma = qz.dbssq_weight_init(jax.lax.stop_gradient(jnp.asarray(x)), axis=-1)
-                out["sigma"] = jnp.asarray(sigma, jnp.float32).reshape(-1)
-            return out
-        if self.kind == "pair":
-            out = {}
-            if "mu" in self.pair_defaults():
-                mu = dict(self.pair_kwargs).get("mu", self.pair_defaults()["mu"])
-                out["mu"] = jnp.asarray(mu, jnp.float32)
-            if self.relaxed:
-                out["hard"] = jnp.zeros((), jnp.float32)
-            return out
-        return {}
+        """Whether :meth:`apply` needs a PRNG key (e.g. GDNSQ's noise-scale backward rule)."""
+        return self.family.needs_key(self)
 
     @property
-    def relaxed(self) -> bool:
-        """A pair whose forward is not a sign (``pc``, ``proxquant``, ``bnn++``): its layers keep
-        a ``hard`` stat, 0 while training (the pair's forward) and 1 for the exact binary model
-        (``sign`` forward, same scaling) that training ends with."""
-        if self.kind != "pair":
-            return False
-        return qz.PAIRS[self.pair](**dict(self.pair_kwargs)).forward is not qz.sign
+    def ends_exact(self) -> bool:
+        """Whether training ends by switching this quantizer to its exact state."""
+        return self.family.ends_exact(self)
 
-    def pair_defaults(self) -> dict[str, Any]:
-        """The keyword defaults of the pair's factory (``{}`` for other kinds)."""
-        if self.kind != "pair":
+    def __str__(self) -> str:
+        return self.family.describe(self)
+
+    # ---------------------------------------------------------------- params and state
+
+    def init(self, x: ArrayLike) -> dict[str, jax.Array]:
+        """Data-dependent learnable params (compact layout, float32); ``{}`` for stateless kinds."""
+        if not self.learnable:
             return {}
-        import inspect
+        return self.family.init(self, jax.lax.stop_gradient(jnp.asarray(x)))
 
-        sig = inspect.signature(qz.PAIRS[self.pair])
-        return {k: v.default for k, v in sig.parameters.items()}
+    def stats_init(self, x: ArrayLike | None) -> dict[str, jax.Array]:
+        """Non-learned state of the quantizer (float32, compact): e.g. DBSSQ's ``epsilon`` and
+        ``sigma``, a pair's ``mu`` and ``hard``; ``{}`` otherwise."""
+        return self.family.stats_init(self, x)
+
+    def schedule(self, *, epoch: int, epochs: int, anneal: Any) -> dict[str, Any]:
+        """The annealed state for ``epoch`` of ``epochs`` (``epoch = epochs``: the final,
+        exact state): the family's :meth:`~qflax.quantizers.QuantizerFamily.schedule`."""
+        return self.family.schedule(self, epoch=epoch, epochs=epochs, anneal=anneal)
 
     def placeholder(self, shape: tuple[int, ...]) -> dict[str, jax.Array]:
         """Params for a tensor of ``shape`` before any data is seen (activations before
-        :func:`~qflax.layers.calibrate`): scale/step/α 1.0 (PACT: its ``init_alpha``), zero
-        point 0, GDNSQ activations their config's data-free init (``init_log_range`` of the
-        code, or ℓ_q = 0 when it takes the range from data)."""
-        if self.kind == "gdnsq" and isinstance(self.config, qz.GDNSQActConfig):
-            cfg = self.config
-            if cfg.init_log_range is None:
-                cfg = dataclasses.replace(cfg, init_log_range=0.0)
-            return qz.gdnsq_act_init(None, cfg)
-        if self.kind == "pact":
-            return qz.pact_init(jnp.ones(()), self.config)
-        out = {}
-        for name, s in self.param_shapes(shape).items():
-            fill = 0.0 if name in ("zero_point", "lower") else 1.0
-            if name == "log_step":
-                fill = float(self.config.init_log_step)
-            out[name] = jnp.full(s, fill, jnp.float32)
-        return out
+        :func:`~qflax.layers.calibrate`)."""
+        return self.family.placeholder(self, tuple(shape))
 
     def param_shapes(self, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Shapes of :meth:`init`'s params for a tensor of ``shape`` (no computation)."""
@@ -411,69 +194,13 @@ class TensorQuant:
         return {k: tuple(v.shape) for k, v in out.items()}
 
     def scale_count(self, shape: tuple[int, ...]) -> int:
-        """Number of float scale values needed to dequantize a stored tensor of ``shape``.
+        """Number of float values (scales, zero points) needed to dequantize a stored tensor of
+        ``shape``: one per tensor, channel or group, 0 for unscaled binary/ternary/pairs."""
+        return int(self.family.scale_count(self, tuple(shape)))
 
-        One per tensor, one per channel or per group, and 0 for unscaled binary/ternary/pairs.
-        Zero points of asymmetric configs count too.
-        """
-        gran = self.granularity
-        if gran == "none":
-            return 0
-        if self.kind == "dorefa":  # codes of [-1, 1]: no scale, except sign·mean|w| at k = 1
-            return 1 if self.config.bits == 1 and self.config.role == "weight" else 0
-        if self.kind in ("absmax", "learned_step"):
-            per = 1 if self.config.symmetric else 2
-        elif self.kind == "codeq":
-            per = 2  # the step s and the shift of the first level
-        else:
-            per = 1
-        if gran == "tensor":
-            return per
-        if gran == "group":
-            return per * int(np.prod(shape)) // self.config.group_size
-        return per * int(shape[self.channel_axis % len(shape)])
-
-    @property
-    def channel_axis(self) -> int:
-        """The axis of per-channel scales (the pair's ``axis``; -1 for DBSSQ weights)."""
-        if self.kind == "pair":
-            return self.axis
-        if self.kind == "dbssq":
-            return -1
-        return getattr(self.config, "axis", -1)
-
-    def _compact(self, v: jax.Array) -> jax.Array:
-        gran = self.granularity
-        if gran == "tensor":
-            return v.reshape(())
-        if gran == "channel":
-            return v.reshape(-1)
-        return v
-
-    def _expand_all(self, params: Mapping[str, ArrayLike], x: jax.Array) -> dict[str, jax.Array]:
-        """Every compact param of ``params`` in the full layout the quantizer takes for ``x``."""
-        return {k: self._expand(jnp.asarray(v), x) for k, v in params.items()}
-
-    def _expand(self, v: jax.Array, x: jax.Array) -> jax.Array:
-        gran = self.granularity
-        if gran == "tensor":
-            return jnp.reshape(v, (1,) * x.ndim)
-        if gran == "channel":
-            axis = self.channel_axis
-            if not -x.ndim <= axis < x.ndim:
-                raise ValueError(
-                    f"axis={axis} is out of range for a tensor of rank {x.ndim}; allowed: "
-                    f"{-x.ndim}..{x.ndim - 1}"
-                )
-            if v.ndim != 1 or v.shape[0] != x.shape[axis]:
-                raise ValueError(
-                    f"a per-channel param of shape {v.shape} does not fit a tensor of shape "
-                    f"{x.shape} on axis={axis}; allowed: shape ({x.shape[axis]},)"
-                )
-            shape = [1] * x.ndim
-            shape[axis % x.ndim] = x.shape[axis]
-            return v.reshape(shape)
-        return v
+    def stored_scales(self, shape: tuple[int, ...]) -> int:
+        """Float values stored at rest besides the layer's ``QuantParam`` s."""
+        return int(self.family.stored_scales(self, tuple(shape)))
 
     # ---------------------------------------------------------------- quantize
 
@@ -493,85 +220,23 @@ class TensorQuant:
         """
         x = jnp.asarray(x)
         params = {} if params is None else dict(params)
-        stats = self.stats_init(x) if stats is None else dict(stats)
-        if self.kind == "codeq":
-            return qz.codeq(x, params, self.config)
-        if self.kind == "dbssq":
-            if self.role == "act":
-                return qz.dbssq_act(x, stats["epsilon"], self.config)
-            sigma = self._expand(jnp.asarray(stats["sigma"]), x)
-            return qz.dbssq_weight(x, stats["epsilon"], sigma, self.config, axis=-1)
-        if self.kind == "learned_step":
-            missing = {"scale"} - set(params)
-            if missing:
-                raise ValueError(
-                    "params is missing 'scale' for kind='learned_step'; allowed: the dict "
-                    "returned by TensorQuant.init"
-                )
-            full = self._expand_all(params, x)
-            return qz.uniform(x, full, self.config, key=key)
-        if self.kind == "lsq":
-            full = self._expand_all(params, x)
-            return qz.lsq(x, full, self.config)
-        if self.kind == "pact":
-            return qz.pact(x, params, self.config)
-        if self.kind == "dorefa":
-            return qz.dorefa(x, params, self.config)
-        if self.kind == "gdnsq":
-            if self.needs_key and key is None:
-                raise ValueError(
-                    "key=None is not allowed for a GDNSQ quantizer with backward='noise'; "
-                    "allowed: a PRNG key (the quant layers pass one per call)"
-                )
-            if isinstance(self.config, qz.GDNSQActConfig):
-                return qz.gdnsq_act(x, params, self.config, key=key)
-            full = self._expand_all(params, x)
-            return qz.gdnsq_weight(x, full, self.config, key=key)
-        if params:
+        if params and not self.learnable:
             raise ValueError(
                 f"params={sorted(params)!r} is not allowed for kind={self.kind!r}; allowed: {{}}"
             )
-        if self.kind == "absmax":
-            stats = qz.uniform_init(jax.lax.stop_gradient(x), self.config)
-            stats = jax.lax.stop_gradient(stats)
-            if self.config.symmetric:
-                stats = {"scale": stats["scale"]}
-            return qz.uniform(x, stats, self.config, key=key)
-        if self.kind == "pow2":
-            return qz.pow2(x, qz.pow2_init(jax.lax.stop_gradient(x), self.config), self.config)
-        if self.kind == "binary":
-            return qz.binary(x, {}, self.config, key=key)
-        if self.kind == "ternary":
-            return qz.ternary(x, {}, self.config)
-        # pair
-        y, alpha = self.pair_values(x, stats)
-        return y if alpha is None else alpha.astype(x.dtype) * y
+        stats = self.stats_init(x) if stats is None else dict(stats)
+        return self.family.apply(self, x, params, key=key, stats=stats)
 
-    def pair_values(
-        self, x: jax.Array, stats: Mapping[str, ArrayLike] | None = None
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """A pair's forward before its output scale: ``(y, α)`` with ``apply(x) = α·y`` (α
-        None for ``scaling="none"``). ``y`` is the pair's forward of ``x`` (of ``x/α`` when
-        ``normalize``), or ``sign(x)`` where ``stats["hard"]`` is set (traceable)."""
-        stats = dict(stats or {})
-        kwargs = dict(self.pair_kwargs)
-        if "mu" in stats:
-            kwargs["mu"] = stats["mu"]
-        pair = qz.PAIRS[self.pair](**kwargs)
-        alpha = None  # the output scale sg(mean|x|), also the normaliser when normalize=True
-        if self.scaling != "none":
-            alpha = qz.binary_scale(x, qz.BinaryConfig(scaling=self.scaling, axis=self.axis))
-        if self.normalize:  # F and B on x/a (a no-gradient scale): y = F(x/a), dy/dx = B′(x/a)/a
-            a = alpha
-            if a is None:
-                a = qz.binary_scale(x, qz.BinaryConfig(scaling="tensor"))
-            a = jnp.maximum(a, jnp.finfo(jnp.float32).tiny).astype(x.dtype)
-            y = pair(x / a).astype(x.dtype)
-        else:
-            y = pair(x).astype(x.dtype)
-        if "hard" in stats:  # the exact binary model: sign forward (no gradient)
-            y = jnp.where(jnp.asarray(stats["hard"]) > 0, qz.sign(x).astype(x.dtype), y)
-        return y, alpha
+    def codes(
+        self,
+        x: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+    ) -> qz.QArray:
+        """The integer codes of :meth:`apply` at rest (an unpacked :class:`~qflax.quantizers.
+        QArray`); :class:`~qflax.quantizers.NotExportable` names why a family has none."""
+        x = jnp.asarray(x)
+        return self.family.codes(self, x, dict(params or {}), stats)
 
     def quantizer(
         self,
@@ -586,41 +251,13 @@ class TensorQuant:
     # ---------------------------------------------------------------- learned bit-widths
 
     def bit_width(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
-        """The continuous, differentiable bit-width (``"gdnsq"``; None for other kinds).
-
-        Weights: one per output channel (compact shape, ``b_c = log2(spread_c + s_c) − ℓ_c``);
-        activations: a scalar ``ℓ_q − ℓ_s``. ``x`` is the tensor (weights) or ignored (acts).
-        """
-        if self.kind != "gdnsq":
-            return None
-        if isinstance(self.config, qz.GDNSQActConfig):
-            return qz.gdnsq_act_bits(params)
-        x = jnp.asarray(x)
-        full = self._expand_all(params, x)
-        return self._compact(qz.gdnsq_weight_bits(x, full, self.config))
+        """The continuous, differentiable bit-width the penalty sees (None unless the family
+        learns its bit-width). ``x`` is the tensor (weights) or ignored (activations)."""
+        return self.family.bit_width(self, x, params) if self.learns_bits else None
 
     def used_bits(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
-        """The integer bit-width this quantizer actually uses (``"gdnsq"``; None otherwise).
-
-        As the code's convergence test: ``ceil(log2(max code − min code + 1))``, the widest
-        channel for weights; activations ``ceil(log2(round(2^(ℓ_q − ℓ_s))))``, the codes of
-        the whole clip range ``[β, β + 2^ℓ_q − s]`` (not only those a batch happens to reach).
-        """
-        if self.kind == "codeq":
-            return qz.codeq_bits(params, self.config).astype(jnp.int32)
-        if self.kind != "gdnsq":
-            return None
-        if isinstance(self.config, qz.GDNSQActConfig):
-            bits = qz.gdnsq_act_bits(params)
-            if self.config.min_bits is not None:  # the forward pass's floor
-                bits = jnp.maximum(bits, float(self.config.min_bits))
-            levels = jnp.maximum(jnp.round(jnp.exp2(bits)), 1.0)
-        else:
-            x = jnp.asarray(x)
-            full = self._expand_all(params, x)
-            codes = qz.gdnsq_weight_codes(x, full, self.config)
-            levels = (jnp.max(codes) - jnp.min(codes) + 1).astype(jnp.float32)
-        return jnp.ceil(jnp.log2(levels) - 1e-6).astype(jnp.int32)
+        """The integer bit-width this quantizer actually uses (None: the nominal bits)."""
+        return self.family.used_bits(self, x, params) if self.reads_bits else None
 
 
 class _Bound:
@@ -634,6 +271,18 @@ class _Bound:
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.spec.apply(x, self.params, key=self.key, stats=self.stats)
+
+
+def _grad_families() -> list[str]:
+    """Registered families whose default spec quantizes gradients (for error messages)."""
+    out = []
+    for name in qz.FAMILIES:
+        try:
+            if "grad" in TensorQuant(kind=name).roles:
+                out.append(name)
+        except (ValueError, TypeError):  # no default spec (a target or role is needed)
+            continue
+    return out
 
 
 def _check_tensor_quant(value: Any, field: str) -> None:
@@ -663,35 +312,24 @@ class Recipe:
         _check_tensor_quant(self.weight, "weight")
         _check_tensor_quant(self.act, "act")
         _check_tensor_quant(self.grad, "grad")
-        if self.grad is not None and self.grad.kind not in ("absmax", "pow2"):
+        if self.grad is not None and "grad" not in self.grad.roles:
             raise ValueError(
-                f"grad.kind={self.grad.kind!r} is not allowed; allowed: 'absmax', 'pow2' "
-                "(stateless, deterministic gradient quantizers)"
+                f"grad.kind={self.grad.kind!r} is not allowed; allowed: families that quantize "
+                f"gradients ({', '.join(_grad_families())})"
             )
-        for role in ("weight", "act"):
+        for role, name in (("weight", "an activation"), ("act", "a weight")):
             tq = getattr(self, role)
-            if tq is None:
-                continue
-            if role == "weight" and tq.is_act_only:
+            if tq is not None and role not in tq.roles:
                 raise ValueError(
-                    f"weight={tq} is an activation quantizer; allowed for weights: kinds "
-                    "absmax, learned_step, pow2, binary, ternary, pair, lsq, dorefa "
-                    "(role='weight'), gdnsq (GDNSQWeightConfig)"
+                    f"{role}={tq} is {name} quantizer (kind {tq.kind!r} with this config "
+                    f"quantizes {'/'.join(tq.roles)} tensors); allowed for {role}: a spec whose "
+                    f"family quantizes {role} tensors (e.g. the config's role={role!r})"
                 )
-            if role == "act" and (
-                tq.is_weight_only or (tq.kind in ("dorefa", "gdnsq") and not tq.is_act_only)
-            ):
-                raise ValueError(
-                    f"act={tq} is a weight quantizer; allowed for activations: "
-                    "DoReFaConfig(role='act'), GDNSQActConfig, dbssq with role='act', or the "
-                    "kinds absmax, learned_step, pow2, binary, ternary, pair, lsq, pact"
-                )
-        if self.act is not None and self.act.kind in ("learned_step", "lsq"):
-            if self.act.config.granularity == "group":
-                raise ValueError(
-                    "act.config.granularity='group' is not allowed for a learned activation "
-                    "scale (its shape would depend on the batch); allowed: 'tensor', 'channel'"
-                )
+        if self.act is not None and self.act.learnable and self.act.granularity == "group":
+            raise ValueError(
+                "act.config.granularity='group' is not allowed for a learned activation "
+                "scale (its shape would depend on the batch); allowed: 'tensor', 'channel'"
+            )
 
     @property
     def weight_bits(self) -> int:
@@ -836,39 +474,51 @@ def binary(
     scaling: str = "channel",
     act: bool = True,
     normalize: bool = False,
+    *,
+    forward: str | None = None,
+    backward: str | None = None,
     **pair_kwargs: Any,
 ) -> Recipe:
     """Binary weights (and activations): a ProxConnect++ pair, or the plain binary quantizer.
 
     Args:
       pair: name in :data:`qflax.quantizers.PAIRS` (``"bnn"``, ``"bnn+"``, ``"bnn++"``, ``"bc"``,
-        ...) used for weights and activations; None: :func:`qflax.quantizers.binary` with the
-        BNN clipped straight-through gradient.
+        ..., or a pair registered with :func:`qflax.quantizers.register_pair`) used for weights
+        and activations; None: the pair composed of ``forward`` and ``backward`` when given,
+        else :func:`qflax.quantizers.binary` with the BNN clipped straight-through gradient.
       scaling: weight scale ``"none"``, ``"tensor"`` or ``"channel"`` (``sg(mean|w|)``); the
         activations are never scaled (±1).
       act: binarize the input activations too.
       normalize: the pair acts on ``x / sg(mean|x|)`` (weights per channel with
         ``scaling="channel"``, activations per tensor), so ``μ``/``β`` do not depend on the
-        tensor's scale (see :class:`TensorQuant`); the exact forward ``sign`` is unchanged.
+        tensor's scale; the exact forward ``sign`` is unchanged.
+      forward, backward: names in :data:`~qflax.quantizers.FORWARDS` /
+        :data:`~qflax.quantizers.BACKWARDS` (with ``pair=None``): the composed pair.
       **pair_kwargs: arguments of the pair's factory (``mu=``, ``beta=``); None values are
         dropped (the pair's default), so one config can name any pair.
     """
     pair_kwargs = {k: v for k, v in pair_kwargs.items() if v is not None}
-    if pair is None:
+    if pair is None and forward is None and backward is None:
         if pair_kwargs or normalize:
             extra = {**pair_kwargs, **({"normalize": True} if normalize else {})}
             raise ValueError(f"{extra!r} need a pair; allowed: none with pair=None")
         weight = TensorQuant(kind="binary", config=qz.BinaryConfig(scaling=scaling))
         act_q = TensorQuant(kind="binary", config=qz.BinaryConfig()) if act else None
-    else:
-        weight = TensorQuant(
-            kind="pair", pair=pair, pair_kwargs=pair_kwargs, scaling=scaling, normalize=normalize
+        return Recipe(weight=weight, act=act_q)
+    if pair is not None and (forward is not None or backward is not None):
+        raise ValueError(
+            f"pair={pair!r} with forward={forward!r}/backward={backward!r} is not allowed; "
+            "allowed: a pair name, or pair=None with a forward and a backward"
         )
-        act_q = (
-            TensorQuant(kind="pair", pair=pair, pair_kwargs=pair_kwargs, normalize=normalize)
-            if act
-            else None
-        )
+    names = {"pair": pair, "forward": forward, "backward": backward}
+    weight = TensorQuant(
+        kind="pair",
+        config=qz.PairConfig(**names, kwargs=pair_kwargs, scaling=scaling, normalize=normalize),
+    )
+    act_q = None
+    if act:
+        cfg = qz.PairConfig(**names, kwargs=pair_kwargs, normalize=normalize)
+        act_q = TensorQuant(kind="pair", config=cfg)
     return Recipe(weight=weight, act=act_q)
 
 

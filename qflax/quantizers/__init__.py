@@ -15,7 +15,14 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
 * dead-zone pruning + quantization (CoDeQ): :func:`codeq`;
 * differentiable bit-shifting (DBSSQ) blends ``ε·x + (1 − ε)·Q(x)``: :func:`dbssq`;
 * ProxConnect++ forward/backward pairs: :func:`pair`, the catalogue :data:`PAIRS`, and the named
-  elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`.
+  elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`; :class:`PairConfig` puts a pair
+  (named, or composed from a forward and a backward) in a layer, and :func:`register_pair`,
+  :func:`register_forward`, :func:`register_backward` add the user's own.
+
+Every family is a :class:`QuantizerFamily` registered in :data:`FAMILIES`
+(:func:`register_family`): what layers, export and training need to know about it — config,
+init, param tags, state, bits used, integer codes (:class:`QArray`), integer lowering — is
+defined in its own module. A user's family registers the same way.
 """
 
 from qflax.quantizers._base import GRANULARITIES
@@ -65,6 +72,17 @@ from qflax.quantizers._dorefa import (
     dorefa_weight_transform,
     dorefa_weights,
 )
+from qflax.quantizers._family import (
+    FAMILIES,
+    PARAM_TAGS,
+    ROLES,
+    NotExportable,
+    QuantizerFamily,
+    compact,
+    expand,
+    get_family,
+    register_family,
+)
 from qflax.quantizers._gdnsq import (
     GDNSQ_BACKWARDS,
     GDNSQActConfig,
@@ -95,12 +113,15 @@ from qflax.quantizers._pairs import (
     BACKWARDS,
     FORWARDS,
     PAIRS,
+    PairConfig,
+    PairFamily,
     QuantizerPair,
     approx_sign,
     bc,
     bnn,
     bnn_plus,
     bnn_plus_plus,
+    composed_pair,
     hardtanh,
     identity,
     pair,
@@ -108,6 +129,9 @@ from qflax.quantizers._pairs import (
     poly_sign,
     prox,
     proxquant,
+    register_backward,
+    register_forward,
+    register_pair,
     sign,
     sign_swish,
 )
@@ -120,6 +144,27 @@ from qflax.quantizers._pow2 import (
     pow2_init,
     pow2_levels,
 )
+from qflax.quantizers._qarray import (  # noqa: E402 (after the families it decodes)
+    QARRAY_KINDS,
+    QArray,
+    container_bits,
+    dequantize,
+    nbytes,
+    pack,
+    quantize_binary,
+    quantize_codeq,
+    quantize_dbssq_act,
+    quantize_dbssq_weight,
+    quantize_dorefa,
+    quantize_gdnsq_act,
+    quantize_gdnsq_weight,
+    quantize_lsq,
+    quantize_pact,
+    quantize_pow2,
+    quantize_ternary,
+    quantize_uniform,
+    unpack,
+)
 from qflax.quantizers._uniform import (
     UNIFORM_GRADIENTS,
     UniformConfig,
@@ -130,6 +175,40 @@ from qflax.quantizers._uniform import (
 )
 
 __all__ = [
+    "FAMILIES",
+    "PARAM_TAGS",
+    "ROLES",
+    "NotExportable",
+    "QuantizerFamily",
+    "compact",
+    "expand",
+    "get_family",
+    "register_family",
+    "PairConfig",
+    "PairFamily",
+    "composed_pair",
+    "register_backward",
+    "register_forward",
+    "register_pair",
+    "QARRAY_KINDS",
+    "QArray",
+    "container_bits",
+    "dequantize",
+    "nbytes",
+    "pack",
+    "quantize_binary",
+    "quantize_codeq",
+    "quantize_dbssq_act",
+    "quantize_dbssq_weight",
+    "quantize_dorefa",
+    "quantize_gdnsq_act",
+    "quantize_gdnsq_weight",
+    "quantize_lsq",
+    "quantize_pact",
+    "quantize_pow2",
+    "quantize_ternary",
+    "quantize_uniform",
+    "unpack",
     "LSQConfig",
     "lsq",
     "lsq_init",

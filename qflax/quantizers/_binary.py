@@ -37,6 +37,7 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_choice
 from qflax.quantizers._base import reduce_axes
+from qflax.quantizers._family import QuantizerFamily, register_family
 
 __all__ = [
     "BINARY_GRADIENTS",
@@ -371,3 +372,55 @@ def ternary_codes(
     _check_no_params(params, "ternary_codes")
     positive, negative = _ternary_masks(x, _ternary_threshold(x, config))
     return positive.astype(jnp.int32) - negative.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------- families
+
+
+class BinaryFamily(QuantizerFamily):
+    """``"binary"``: :func:`binary` (scale from the tensor); no learnable params."""
+
+    name = "binary"
+    config_types = (BinaryConfig,)
+
+    def bits(self, spec) -> int:
+        return 1
+
+    def granularity(self, spec) -> str:
+        return spec.config.scaling
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return binary(x, {}, spec.config, key=key)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_binary
+
+        return quantize_binary(x, spec.config)
+
+    def lowering(self, spec, role):
+        return "binary"
+
+
+class TernaryFamily(BinaryFamily):
+    """``"ternary"``: :func:`ternary` (TWN; threshold and scale from the tensor)."""
+
+    name = "ternary"
+    config_types = (TernaryConfig,)
+
+    def bits(self, spec) -> int:
+        return 2
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return ternary(x, {}, spec.config)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_ternary
+
+        return quantize_ternary(x, spec.config)
+
+    def lowering(self, spec, role):
+        return "ternary"
+
+
+register_family(BinaryFamily())
+register_family(TernaryFamily())

@@ -63,6 +63,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
+from qflax.quantizers._family import NotExportable, QuantizerFamily, register_family
 from qflax.quantizers._pow2 import _F32, _check_float
 
 __all__ = [
@@ -413,3 +414,67 @@ def codeq_sparsity(w: ArrayLike, params: Mapping[str, ArrayLike], config: CoDeQC
     """The fraction of exactly-zero outputs of :func:`codeq` (float32 scalar, no gradient)."""
     w_hat = lax.stop_gradient(codeq(w, params, config))
     return jnp.mean((w_hat == 0).astype(jnp.float32))
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class CoDeQFamily(QuantizerFamily):
+    """``"codeq"``: :func:`codeq` (weights): learned dead-zone ``θ_d`` and bit-width ``θ_b``,
+    tagged ``"deadzone"`` / ``"bits"`` for their decoupled decays (``quant.deadzone_decay`` /
+    ``quant.bits_decay``)."""
+
+    name = "codeq"
+    config_types = (CoDeQConfig,)
+
+    def roles(self, spec):
+        return ("weight",)
+
+    def bits(self, spec) -> int:
+        return 8 if spec.config.fixed_bits is None else int(spec.config.fixed_bits)
+
+    def granularity(self, spec) -> str:
+        return "tensor"
+
+    def learnable(self, spec) -> bool:
+        return True
+
+    def param_tags(self, spec):
+        return {"theta_d": ("deadzone",), "theta_b": ("bits",)}
+
+    def init(self, spec, x):
+        return codeq_init(x, spec.config)
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return codeq(x, params, spec.config)
+
+    def reads_bits(self, spec) -> bool:
+        return True
+
+    def used_bits(self, spec, x, params):
+        return codeq_bits(params, spec.config).astype(jnp.int32)
+
+    def scale_count(self, spec, shape) -> int:
+        return 2  # the step s and the shift of the first level
+
+    def stored_scales(self, spec, shape) -> int:
+        return self.scale_count(spec, shape)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_codeq
+
+        return quantize_codeq(x, params, spec.config)
+
+    def check_importable(self, spec, path):
+        raise NotExportable(
+            f"layer {path!r} has codeq weights, which import_model cannot restore (the "
+            "quantizer re-derives its grid from the kernel, so the exported codes do not map "
+            "back to themselves); allowed: the other kinds. The packed export itself (codes, "
+            "scales, model_bytes) and integer inference are unaffected"
+        )
+
+    def lowering(self, spec, role):
+        return "codeq"
+
+
+register_family(CoDeQFamily())

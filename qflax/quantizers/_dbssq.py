@@ -43,6 +43,13 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
+from qflax.quantizers._family import (
+    NotExportable,
+    QuantizerFamily,
+    expand,
+    first_value,
+    register_family,
+)
 from qflax.quantizers._pow2 import _check_float, _layout
 
 __all__ = [
@@ -381,3 +388,78 @@ def dbssq_epsilon_schedule(epoch: ArrayLike, total_epochs: int = 15) -> jax.Arra
     position = jnp.floor(jnp.asarray(epoch, jnp.float32) * n / float(total_epochs))
     index = jnp.clip(position, 0.0, float(n)).astype(jnp.int32)
     return table[index]
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class DBSSQFamily(QuantizerFamily):
+    """``"dbssq"``: :func:`dbssq_weight` (``role="weight"``: per-channel normalisation,
+    rescaled by the fixed pretrained spread ``sigma``, a state set from the kernel when the
+    layer is built) or :func:`dbssq_act` (``role="act"``). The blend ``ε`` is a state the
+    training loop anneals (:func:`dbssq_epsilon_schedule`), 0 at the end: the exact quantizer."""
+
+    name = "dbssq"
+    config_types = (DBSSQConfig,)
+    needs_role = True
+
+    def roles(self, spec):
+        return (spec.role,)
+
+    def bits(self, spec) -> int:
+        # shift: 2^b magnitudes and a sign; uniform: b-bit codes
+        return int(spec.config.bits) + (1 if spec.config.levels == "shift" else 0)
+
+    def granularity(self, spec) -> str:
+        return "channel" if spec.role == "weight" else "none"
+
+    def channel_axis(self, spec) -> int:
+        return -1
+
+    def stats_init(self, spec, x):
+        out = {"epsilon": jnp.ones((), jnp.float32)}
+        if spec.role == "weight":
+            sigma = dbssq_weight_init(jax.lax.stop_gradient(jnp.asarray(x)), axis=-1)
+            out["sigma"] = jnp.asarray(sigma, jnp.float32).reshape(-1)
+        return out
+
+    def schedule(self, spec, *, epoch, epochs, anneal):
+        """``ε`` for ``epoch`` (0 at ``epoch = epochs``: the exact model training ends with)."""
+        return {"epsilon": float(dbssq_epsilon_schedule(epoch, epochs))}
+
+    def ends_exact(self, spec) -> bool:
+        return True
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        if spec.role == "act":
+            return dbssq_act(x, stats["epsilon"], spec.config)
+        sigma = expand(jnp.asarray(stats["sigma"]), x, "channel", -1)
+        return dbssq_weight(x, stats["epsilon"], sigma, spec.config, axis=-1)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_dbssq_act, quantize_dbssq_weight
+
+        stats = self.stats_init(spec, x) if stats is None else dict(stats)
+        epsilon = first_value(stats["epsilon"])
+        if epsilon != 0.0:
+            raise NotExportable(
+                f"epsilon={epsilon!r}: a DBSSQ blend ε·x + (1 − ε)·Q(x) with ε > 0 is not on "
+                "its levels, so it has no integer codes; allowed: epsilon=0.0, the exact model "
+                "DBSSQ training ends in (layer.set_stat('epsilon', 0.0))"
+            )
+        if spec.role == "act":
+            return quantize_dbssq_act(x, spec.config)
+        sigma = jnp.asarray(stats["sigma"], jnp.float32)
+        sigma = sigma.reshape((1,) * (x.ndim - 1) + (-1,))  # compact (C,) -> last axis
+        return quantize_dbssq_weight(x, sigma, spec.config, axis=-1)
+
+    def check_importable(self, spec, path):
+        raise NotExportable(
+            f"layer {path!r} has dbssq weights, which import_model cannot restore (the "
+            "quantizer re-derives its grid from the kernel, so the exported codes do not map "
+            "back to themselves); allowed: the other kinds. The packed export itself (codes, "
+            "scales, model_bytes) and integer inference are unaffected"
+        )
+
+
+register_family(DBSSQFamily())

@@ -24,9 +24,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
+from qflax.quantizers._family import QuantizerFamily, register_family
 
 __all__ = [
     "DOREFA_ROLES",
@@ -233,3 +235,56 @@ def dorefa(
     if config.role == "weight":
         return dorefa_weights(x, bits=config.bits)
     return dorefa_activations(x, bits=config.bits)
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class DoReFaFamily(QuantizerFamily):
+    """``"dorefa"``: :func:`dorefa` (weights or activations per ``config.role``; no params)."""
+
+    name = "dorefa"
+    config_types = (DoReFaConfig,)
+
+    def roles(self, spec):
+        return (spec.config.role,)
+
+    def scale_count(self, spec, shape) -> int:
+        # Codes of [-1, 1] need no scale, except sign·mean|w| at k = 1.
+        return 1 if spec.config.bits == 1 and spec.config.role == "weight" else 0
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return dorefa(x, params, spec.config)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_dorefa
+
+        return quantize_dorefa(x, spec.config)
+
+    def import_kernel(self, spec, q):
+        """A latent kernel whose DoReFa codes (``k > 1``) are ``q``'s:
+        ``w = atanh((2c/n − 1)·m)``.
+
+        DoReFa takes ``t = tanh(w)/(2·max|tanh w|) + ½`` and the codes ``round(n·t)``. With
+        ``tanh(w) = (2c/n − 1)·m`` (``m = tanh 1``) and a code 0 or ``n`` present (the exported
+        tensor's largest ``|tanh w|`` gives one), ``max|tanh w| = m`` and ``t = c/n`` up to
+        float rounding, far inside the rounding interval. Without such a code (an all-zero
+        kernel), and for ``k = 1`` (``sign·mean|w|`` is its own fixed point): ``ŵ``.
+        """
+        from qflax.quantizers._qarray import dequantize, unpack
+
+        if spec.config.bits == 1:
+            return dequantize(q)
+        q = unpack(q)
+        codes = np.asarray(q.values).astype(np.float64)
+        n = 2.0**q.bits - 1.0
+        if not (np.any(codes == 0) or np.any(codes == n)):
+            return dequantize(q)
+        m = np.tanh(1.0)
+        return jnp.asarray(np.arctanh((2.0 * codes / n - 1.0) * m), jnp.float32)
+
+    def lowering(self, spec, role):
+        return "uniform"
+
+
+register_family(DoReFaFamily())

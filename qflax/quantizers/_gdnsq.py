@@ -57,6 +57,7 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_choice
 from qflax.quantizers._base import reduce_axes, sum_to_shape
+from qflax.quantizers._family import QuantizerFamily, compact, expand, register_family
 
 __all__ = [
     "GDNSQ_BACKWARDS",
@@ -533,3 +534,108 @@ def gdnsq_used_bits(codes: ArrayLike, *, axis: int | None = None) -> jax.Array:
     distinct = 1 + jnp.sum((ordered[:, 1:] != ordered[:, :-1]).astype(jnp.int32), axis=1)
     bits = jnp.ceil(jnp.log2(distinct.astype(jnp.float32))).astype(jnp.int32)
     return bits[0] if axis is None else bits
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class GDNSQFamily(QuantizerFamily):
+    """``"gdnsq"``: :func:`gdnsq_weight` (GDNSQWeightConfig) or :func:`gdnsq_act`
+    (GDNSQActConfig): learned log-step (and log-range, lower bound) so the bit-width itself is
+    learned; ``spec.target_bits`` is the bit-width the exterior-point penalty drives it to."""
+
+    name = "gdnsq"
+    config_types = (GDNSQWeightConfig, GDNSQActConfig)
+
+    @staticmethod
+    def _is_act(spec) -> bool:
+        return isinstance(spec.config, GDNSQActConfig)
+
+    def roles(self, spec):
+        return ("act",) if self._is_act(spec) else ("weight",)
+
+    def bits(self, spec) -> int:
+        return int(spec.target_bits)
+
+    def learnable(self, spec) -> bool:
+        return True
+
+    def learns_bits(self, spec) -> bool:
+        return True
+
+    def needs_key(self, spec) -> bool:
+        return spec.config.backward == "noise"
+
+    def init(self, spec, x):
+        if self._is_act(spec):
+            return gdnsq_act_init(x, spec.config)
+        params = gdnsq_weight_init(x, spec.config)
+        return {k: compact(v, spec.config.granularity) for k, v in params.items()}
+
+    def placeholder(self, spec, shape):
+        if self._is_act(spec):
+            cfg = spec.config
+            if cfg.init_log_range is None:
+                cfg = dataclasses.replace(cfg, init_log_range=0.0)
+            return gdnsq_act_init(None, cfg)
+        out = super().placeholder(spec, shape)
+        out["log_step"] = jnp.full_like(out["log_step"], float(spec.config.init_log_step))
+        return out
+
+    def _full(self, spec, x, params):
+        gran, axis = spec.config.granularity, spec.config.axis
+        return {k: expand(v, x, gran, axis) for k, v in params.items()}
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        if self.needs_key(spec) and key is None:
+            raise ValueError(
+                "key=None is not allowed for a GDNSQ quantizer with backward='noise'; "
+                "allowed: a PRNG key (the quant layers pass one per call)"
+            )
+        if self._is_act(spec):
+            return gdnsq_act(x, params, spec.config, key=key)
+        return gdnsq_weight(x, self._full(spec, x, params), spec.config, key=key)
+
+    def bit_width(self, spec, x, params):
+        """Weights: one per output channel (compact); activations: a scalar ``ℓ_q − ℓ_s``."""
+        if self._is_act(spec):
+            return gdnsq_act_bits(params)
+        x = jnp.asarray(x)
+        bits = gdnsq_weight_bits(x, self._full(spec, x, params), spec.config)
+        return compact(bits, spec.config.granularity)
+
+    def used_bits(self, spec, x, params):
+        """As the code's convergence test: ``ceil(log2(max code − min code + 1))``, the widest
+        channel for weights; activations ``ceil(log2(round(2^(ℓ_q − ℓ_s))))``, the codes of
+        the whole clip range ``[β, β + 2^ℓ_q − s]`` (not only those a batch reaches)."""
+        if self._is_act(spec):
+            bits = gdnsq_act_bits(params)
+            if spec.config.min_bits is not None:  # the forward pass's floor
+                bits = jnp.maximum(bits, float(spec.config.min_bits))
+            levels = jnp.maximum(jnp.round(jnp.exp2(bits)), 1.0)
+        else:
+            x = jnp.asarray(x)
+            codes = gdnsq_weight_codes(x, self._full(spec, x, params), spec.config)
+            levels = (jnp.max(codes) - jnp.min(codes) + 1).astype(jnp.float32)
+        return jnp.ceil(jnp.log2(levels) - 1e-6).astype(jnp.int32)
+
+    def stored_scales(self, spec, shape) -> int:
+        # Weights also need their zero point min w_c per channel at rest.
+        return self.scale_count(spec, shape)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_gdnsq_act, quantize_gdnsq_weight
+
+        if self._is_act(spec):
+            return quantize_gdnsq_act(x, params, spec.config)
+        return quantize_gdnsq_weight(x, self._full(spec, x, params), spec.config)
+
+    def params_from_codes(self, spec, q):
+        # s = 2^ℓ (min_bits already applied when exported).
+        return {"log_step": jnp.log2(jnp.asarray(q.scale, jnp.float32))}
+
+    def lowering(self, spec, role):
+        return "uniform"
+
+
+register_family(GDNSQFamily())

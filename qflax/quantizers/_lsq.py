@@ -49,6 +49,7 @@ from qflax.quantizers._base import (
     ungrouped,
     view_shape,
 )
+from qflax.quantizers._family import QuantizerFamily, compact, expand, register_family
 
 __all__ = ["LSQConfig", "lsq", "lsq_init", "lsq_numel"]
 
@@ -214,3 +215,41 @@ def lsq(
     view = grouped(x.astype(dtype), config.granularity, config.axis, config.group_size)
     y = _lsq_view(config, lsq_numel(x.shape, config), view, step)
     return ungrouped(y, x.shape).astype(x.dtype)
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class LSQFamily(QuantizerFamily):
+    """``"lsq"``: :func:`lsq` (learned step with the paper's gradient scale and
+    ``2·mean|x|/√QP`` initialisation)."""
+
+    name = "lsq"
+    config_types = (LSQConfig,)
+
+    def learnable(self, spec) -> bool:
+        return True
+
+    def init(self, spec, x):
+        return {k: compact(v, spec.config.granularity) for k, v in lsq_init(x, spec.config).items()}
+
+    def _full(self, spec, x, params):
+        gran, axis = spec.config.granularity, spec.config.axis
+        return {k: expand(v, x, gran, axis) for k, v in params.items()}
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return lsq(x, self._full(spec, x, params), spec.config)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_lsq
+
+        return quantize_lsq(x, self._full(spec, x, params), spec.config)
+
+    def params_from_codes(self, spec, q):
+        return {"step": q.scale}
+
+    def lowering(self, spec, role):
+        return "uniform"
+
+
+register_family(LSQFamily())

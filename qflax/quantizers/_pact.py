@@ -30,6 +30,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits
+from qflax.quantizers._family import QuantizerFamily, register_family
 
 __all__ = ["PACTConfig", "pact", "pact_init", "pact_l2"]
 
@@ -134,3 +135,43 @@ def pact(
 def pact_l2(params: Mapping[str, ArrayLike], weight: float) -> jax.Array:
     """The paper's L2 regulariser on the clipping level: ``weight · Σ α²``."""
     return weight * jnp.sum(jnp.square(jnp.asarray(params["alpha"])))
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class PACTFamily(QuantizerFamily):
+    """``"pact"``: :func:`pact` (learned activation clip ``α``, tagged ``"clip"``: the
+    optimizer's ``quant.clip_decay`` is its L2 term)."""
+
+    name = "pact"
+    config_types = (PACTConfig,)
+
+    def roles(self, spec):
+        return ("act",)
+
+    def learnable(self, spec) -> bool:
+        return True
+
+    def param_tags(self, spec):
+        return {"alpha": ("clip",)}
+
+    def init(self, spec, x):
+        return pact_init(x, spec.config)
+
+    def placeholder(self, spec, shape):
+        return pact_init(jnp.ones(()), spec.config)
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return pact(x, params, spec.config)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_pact
+
+        return quantize_pact(x, params, spec.config)
+
+    def lowering(self, spec, role):
+        return "uniform"
+
+
+register_family(PACTFamily())

@@ -42,6 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qflax.quantizers._binary import SCALINGS, BinaryConfig, binary_scale
+from qflax.quantizers._family import NotExportable, QuantizerFamily, register_family
+
 __all__ = [
     "BACKWARDS",
     "FORWARDS",
@@ -227,7 +230,7 @@ def poly_sign(x: jax.typing.ArrayLike) -> jax.Array:
 
 
 # Forward candidates: any function may be a forward (value of the quantizer).
-FORWARDS: Mapping[str, Elementwise] = types.MappingProxyType(
+_FORWARDS: dict[str, Elementwise] = dict(
     {
         "identity": identity,
         "sign": sign,
@@ -237,10 +240,11 @@ FORWARDS: Mapping[str, Elementwise] = types.MappingProxyType(
         "poly_sign": poly_sign,
     }
 )
+FORWARDS: Mapping[str, Elementwise] = types.MappingProxyType(_FORWARDS)
 
 # Backward candidates: only functions with a useful derivative (``sign`` has derivative 0
 # everywhere, so it would stop all gradients, and is left out).
-BACKWARDS: Mapping[str, Elementwise] = types.MappingProxyType(
+_BACKWARDS: dict[str, Elementwise] = dict(
     {
         "identity": identity,
         "hardtanh": hardtanh,
@@ -249,6 +253,7 @@ BACKWARDS: Mapping[str, Elementwise] = types.MappingProxyType(
         "poly_sign": poly_sign,
     }
 )
+BACKWARDS: Mapping[str, Elementwise] = types.MappingProxyType(_BACKWARDS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,8 +456,7 @@ def approx_sign() -> QuantizerPair:
     return pair(sign, poly_sign)
 
 
-# Name -> factory; each factory returns a callable q(x). Read-only.
-PAIRS: Mapping[str, Callable[..., QuantizerPair]] = types.MappingProxyType(
+_PAIRS: dict[str, Callable[..., QuantizerPair]] = dict(
     {
         "bc": bc,
         "pc": pc,
@@ -463,3 +467,320 @@ PAIRS: Mapping[str, Callable[..., QuantizerPair]] = types.MappingProxyType(
         "approx_sign": approx_sign,
     }
 )
+# Name -> factory; each factory returns a callable q(x). A read-only view: the catalogue above
+# and the pairs registered by user code (:func:`register_pair`).
+PAIRS: Mapping[str, Callable[..., QuantizerPair]] = types.MappingProxyType(_PAIRS)
+
+
+# --------------------------------------------------------------------------------------------
+# User registration: pairs, forwards and backwards defined outside qflax.
+
+
+def _check_new_name(name: Any, registry: Mapping[str, Any], what: str, replace: bool) -> None:
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"name={name!r} is not allowed for a {what}; allowed: a non-empty name")
+    if name in registry and not replace:
+        raise ValueError(
+            f"a {what} named {name!r} is already registered; allowed: a new name, or replace=True"
+        )
+
+
+def register_pair(
+    name: str, factory: Callable[..., QuantizerPair] | QuantizerPair, *, replace: bool = False
+) -> Callable[..., QuantizerPair]:
+    """Adds a pair to :data:`PAIRS` so configs and recipes can name it.
+
+    Args:
+      name: the name (``--config.pair.name=NAME``, ``recipes.binary(pair=NAME)``).
+      factory: a function of the pair's hyperparameters (keywords with defaults, e.g. ``mu``,
+        which runs may anneal) returning a :class:`QuantizerPair`, or a ready pair.
+      replace: allow replacing a registered name (a config file imported twice re-registers
+        its pair: the same function's qualified name is accepted without it).
+
+    Returns:
+      The factory.
+    """
+    if isinstance(factory, QuantizerPair):
+        ready = factory
+
+        def factory() -> QuantizerPair:
+            return ready
+
+        factory.__name__ = name
+    if not callable(factory):
+        raise ValueError(f"factory={factory!r} is not allowed; allowed: a pair factory or pair")
+    old = _PAIRS.get(name)
+    same = old is not None and getattr(old, "__qualname__", None) == getattr(
+        factory, "__qualname__", object()
+    )
+    _check_new_name(name, _PAIRS if not same else {}, "pair", replace)
+    _PAIRS[name] = factory
+    return factory
+
+
+def _register_elementwise(
+    registry: dict[str, Elementwise], name: str, fn: Elementwise, what: str, replace: bool
+) -> Elementwise:
+    if not callable(fn):
+        raise ValueError(f"fn={fn!r} is not allowed for a {what}; allowed: a function x -> y")
+    old = registry.get(name)
+    same = old is not None and getattr(old, "__qualname__", None) == getattr(fn, "__qualname__", 0)
+    _check_new_name(name, registry if not same else {}, what, replace)
+    registry[name] = fn
+    return fn
+
+
+def register_forward(name: str, fn: Elementwise, *, replace: bool = False) -> Elementwise:
+    """Adds an elementwise forward ``F(x, **kwargs)`` to :data:`FORWARDS`."""
+    return _register_elementwise(_FORWARDS, name, fn, "forward", replace)
+
+
+def register_backward(name: str, fn: Elementwise, *, replace: bool = False) -> Elementwise:
+    """Adds a differentiable elementwise backward ``B(x, **kwargs)`` to :data:`BACKWARDS`."""
+    return _register_elementwise(_BACKWARDS, name, fn, "backward", replace)
+
+
+def _keyword_defaults(fn: Callable[..., Any], skip_first: bool) -> dict[str, Any]:
+    import inspect
+
+    params = list(inspect.signature(fn).parameters.values())
+    if skip_first:
+        params = params[1:]
+    return {
+        p.name: p.default
+        for p in params
+        if p.default is not inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def composed_pair(forward: str, backward: str, **kwargs: Any) -> QuantizerPair:
+    """The pair ``(FORWARDS[forward], BACKWARDS[backward])``; each keyword goes to every one of
+    the two functions that takes it (``beta=`` reaches both SignSwishes).
+
+    >>> q = composed_pair("sign", "sign_swish", beta=3.0)
+    >>> q.forward is sign, q.backward_kwargs
+    (True, {'beta': 3.0})
+    """
+    check = {"forward": (forward, FORWARDS), "backward": (backward, BACKWARDS)}
+    for field, (name, registry) in check.items():
+        if name not in registry:
+            allowed = ", ".join(registry)
+            raise ValueError(f"{field}={name!r} is not allowed; allowed: {allowed}")
+    f, b = FORWARDS[forward], BACKWARDS[backward]
+    f_names, b_names = _keyword_defaults(f, True), _keyword_defaults(b, True)
+    unknown = sorted(set(kwargs) - set(f_names) - set(b_names))
+    if unknown:
+        allowed = ", ".join(sorted({*f_names, *b_names})) or "none"
+        raise TypeError(
+            f"arguments {unknown} are not taken by {forward}/{backward}; allowed: {allowed}"
+        )
+    for k, v in kwargs.items():
+        _check_positive(v, k)
+    return pair(
+        f,
+        b,
+        forward_kwargs={k: v for k, v in kwargs.items() if k in f_names},
+        backward_kwargs={k: v for k, v in kwargs.items() if k in b_names},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The pair as a quantizer family of layers and runs.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PairConfig:
+    """A ProxConnect++ pair in a layer: a named pair, or a forward and a backward by name.
+
+    >>> PairConfig(pair="bnn", scaling="channel").label
+    'bnn'
+    >>> PairConfig(forward="sign", backward="sign_swish", kwargs={"beta": 3.0}).label
+    'sign/sign_swish'
+    """
+
+    # A name in PAIRS (the catalogue or a registered pair); or None with forward and backward.
+    pair: str | None = None
+    # A name in FORWARDS and one in BACKWARDS: the composed pair (pair=None).
+    forward: str | None = None
+    backward: str | None = None
+    # Keyword arguments of the pair's factory (or of the composed functions), as sorted
+    # (name, number) tuples (a mapping is accepted and converted). Static: changing them
+    # recompiles; μ is annealed through the layer's state instead.
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    # Output scale: "none" (±1), "tensor" or "channel" (sg(mean|x|), per `axis`).
+    scaling: str = "none"
+    # The channel axis of scaling="channel".
+    axis: int = -1
+    # F and B act on x / sg(mean|x|) (per channel with scaling="channel", else per tensor), so
+    # μ/β are scale-free; False: on x itself (the pair's own definition).
+    normalize: bool = False
+
+    def __post_init__(self):
+        from qflax.numerics import check_choice
+
+        named = self.pair is not None
+        composed = self.forward is not None or self.backward is not None
+        if named == composed or (composed and (self.forward is None or self.backward is None)):
+            raise ValueError(
+                f"pair={self.pair!r}, forward={self.forward!r}, backward={self.backward!r} is not "
+                "allowed; allowed: a pair name, or a forward and a backward name (not both)"
+            )
+        if named:
+            check_choice(self.pair, "pair", tuple(PAIRS))
+        else:
+            check_choice(self.forward, "forward", tuple(FORWARDS))
+            check_choice(self.backward, "backward", tuple(BACKWARDS))
+        kwargs = self.kwargs
+        if isinstance(kwargs, Mapping):
+            kwargs = tuple(sorted(kwargs.items()))
+        kwargs = tuple(tuple(item) for item in kwargs)
+        for item in kwargs:
+            if len(item) != 2 or not isinstance(item[0], str):
+                raise ValueError(
+                    f"pair_kwargs={self.kwargs!r} is not allowed; allowed: a mapping or (name, "
+                    "value) pairs"
+                )
+            if not isinstance(item[1], (int, float, np.integer, np.floating)) or isinstance(
+                item[1], (bool, np.bool_)
+            ):
+                raise ValueError(
+                    f"pair_kwargs[{item[0]!r}]={item[1]!r} is not allowed; allowed: a number"
+                )
+        object.__setattr__(self, "kwargs", kwargs)
+        try:
+            self.make()  # validates the arguments now
+        except TypeError:
+            allowed = ", ".join(self.defaults()) or "none"
+            raise ValueError(
+                f"pair_kwargs={dict(kwargs)!r} are not arguments of pair {self.label!r}; "
+                f"allowed: {allowed}"
+            ) from None
+        check_choice(self.scaling, "scaling", SCALINGS)
+        if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)):
+            raise ValueError(f"axis={self.axis!r} is not an integer; allowed: an int axis")
+        if not isinstance(self.normalize, (bool, np.bool_)):
+            raise ValueError(f"normalize={self.normalize!r} is not allowed; allowed: True or False")
+
+    @property
+    def label(self) -> str:
+        """The pair's name, or ``forward/backward``."""
+        return self.pair if self.pair is not None else f"{self.forward}/{self.backward}"
+
+    def make(self, **overrides: Any) -> QuantizerPair:
+        """The :class:`QuantizerPair` (``overrides``: e.g. an annealed, traced ``mu``)."""
+        kwargs = {**dict(self.kwargs), **overrides}
+        if self.pair is not None:
+            return PAIRS[self.pair](**kwargs)
+        return composed_pair(self.forward, self.backward, **kwargs)
+
+    def defaults(self) -> dict[str, Any]:
+        """The keyword defaults of the pair's factory (of both functions, when composed)."""
+        if self.pair is not None:
+            return _keyword_defaults(PAIRS[self.pair], False)
+        f = _keyword_defaults(FORWARDS[self.forward], True)
+        return {**f, **_keyword_defaults(BACKWARDS[self.backward], True)}
+
+    @property
+    def relaxed(self) -> bool:
+        """Whether the forward is not a sign (``pc``, ``proxquant``, ``bnn++``, a composed or
+        user pair with another forward): its layers end training in the exact sign state."""
+        return self.make().forward is not sign
+
+
+class PairFamily(QuantizerFamily):
+    """``"pair"``: a ProxConnect++ pair (:class:`PairConfig`), times ``sg(mean|x|)`` per
+    tensor or per channel when ``scaling`` says so (XNOR-style); no learnable params. A
+    ``mu`` the pair's factory takes is a state the loop anneals (``anneal.mu_end``); a pair
+    whose forward is not a sign keeps a ``hard`` state, 0 while training and 1 for the
+    exact binary model (``sign`` forward, same scaling) training ends with."""
+
+    name = "pair"
+    config_types = (PairConfig,)
+
+    def bits(self, spec) -> int:
+        return 1
+
+    def granularity(self, spec) -> str:
+        return spec.config.scaling
+
+    def describe(self, spec) -> str:
+        gran = spec.config.scaling
+        return f"pair:{spec.config.label}1" + ("" if gran in ("tensor", "none") else f"/{gran}")
+
+    def stats_init(self, spec, x):
+        out = {}
+        if "mu" in spec.config.defaults():
+            out["mu"] = jnp.asarray(self.stat_start(spec, "mu"), jnp.float32)
+        if spec.config.relaxed:
+            out["hard"] = jnp.zeros((), jnp.float32)
+        return out
+
+    def stat_start(self, spec, name):
+        if name != "mu" or "mu" not in spec.config.defaults():
+            return super().stat_start(spec, name)
+        return float(dict(spec.config.kwargs).get("mu", spec.config.defaults()["mu"]))
+
+    def schedule(self, spec, *, epoch, epochs, anneal):
+        out = {}
+        end = float(getattr(anneal, "mu_end", 0.0) or 0.0)
+        if end and "mu" in spec.config.defaults():
+            start = self.stat_start(spec, "mu")
+            frac = min(epoch / max(epochs - 1, 1), 1.0)
+            out["mu"] = start * (end / start) ** frac
+        if spec.config.relaxed:
+            out["hard"] = float(epoch >= epochs)
+        return out
+
+    def ends_exact(self, spec) -> bool:
+        return spec.config.relaxed
+
+    def values(self, spec, x, stats=None):
+        """The forward before the output scale: ``(y, α)`` with ``apply(x) = α·y`` (α None
+        for ``scaling="none"``); ``y`` is the pair's forward of ``x`` (of ``x/α`` when
+        ``normalize``), or ``sign(x)`` where ``stats["hard"]`` is set (traceable)."""
+        cfg = spec.config
+        stats = dict(stats or {})
+        overrides = {"mu": stats["mu"]} if "mu" in stats else {}
+        q = cfg.make(**overrides)
+        alpha = None  # the output scale sg(mean|x|), also the normaliser of normalize=True
+        if cfg.scaling != "none":
+            alpha = binary_scale(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
+        if cfg.normalize:  # y = F(x/a), dy/dx = B′(x/a)/a for a no-gradient scale a
+            a = alpha
+            if a is None:
+                a = binary_scale(x, BinaryConfig(scaling="tensor"))
+            a = jnp.maximum(a, jnp.finfo(jnp.float32).tiny).astype(x.dtype)
+            y = q(x / a).astype(x.dtype)
+        else:
+            y = q(x).astype(x.dtype)
+        if "hard" in stats:  # the exact binary model: sign forward (no gradient)
+            y = jnp.where(jnp.asarray(stats["hard"]) > 0, sign(x).astype(x.dtype), y)
+        return y, alpha
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        y, alpha = self.values(spec, x, stats)
+        return y if alpha is None else alpha.astype(x.dtype) * y
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_binary
+
+        cfg = spec.config
+        if float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0:
+            y = sign(x)
+        else:
+            y = cfg.make()(x)
+        if not bool(jnp.all(jnp.abs(y) == 1.0)):
+            raise NotExportable(
+                f"pair={cfg.label!r} with {dict(cfg.kwargs)} has a forward that is not a "
+                "sign (values other than ±1), so it has no integer codes; allowed: a pair "
+                "whose forward is sign (bc, pc, bnn, bnn+), or its exact state (hard=1)"
+            )
+        q = quantize_binary(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
+        return dataclasses.replace(q, values=(y > 0).astype(jnp.uint8))
+
+    def lowering(self, spec, role):
+        return "binary"
+
+
+register_family(PairFamily())

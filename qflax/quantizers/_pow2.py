@@ -67,6 +67,7 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
 from qflax.quantizers._base import check_granularity, grouped, reduce_axes, ungrouped
+from qflax.quantizers._family import QuantizerFamily, register_family
 
 __all__ = [
     "POW2_GRADIENTS",
@@ -379,3 +380,31 @@ def pow2_levels(scale: float, config: PowerOfTwoConfig) -> np.ndarray:
     mags = float(scale) * np.exp2(-k)
     levels = np.concatenate([-mags, mags, [0.0] if config.zero else []])
     return np.sort(levels)
+
+
+# ---------------------------------------------------------------------------------- family
+
+
+class Pow2Family(QuantizerFamily):
+    """``"pow2"``: :func:`pow2` with the power-of-two scale recomputed from the tensor on every
+    call (:func:`pow2_init`); no learnable params."""
+
+    name = "pow2"
+    config_types = (PowerOfTwoConfig,)
+
+    def roles(self, spec):
+        return ("weight", "act", "grad")
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return pow2(x, pow2_init(jax.lax.stop_gradient(x), spec.config), spec.config)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_pow2
+
+        return quantize_pow2(x, pow2_init(x, spec.config), spec.config)
+
+    def lowering(self, spec, role):
+        return "pow2"
+
+
+register_family(Pow2Family())

@@ -59,6 +59,7 @@ from qflax.quantizers._base import (
     ungrouped,
     view_shape,
 )
+from qflax.quantizers._family import QuantizerFamily, compact, expand, register_family
 
 __all__ = [
     "UNIFORM_GRADIENTS",
@@ -445,3 +446,102 @@ def uniform_dequantize(
     view = grouped(q.astype(compute), config.granularity, config.axis, config.group_size)
     z = _integer_zero_point(config, zero_point)
     return ungrouped(scale * (view - z), q.shape).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------- families
+
+
+def _symmetric_only(params: dict[str, jax.Array], config: UniformConfig) -> dict[str, jax.Array]:
+    return {"scale": params["scale"]} if config.symmetric else params
+
+
+class AbsmaxFamily(QuantizerFamily):
+    """``"absmax"``: :func:`uniform` with the scale recomputed from the tensor on every call
+    (``uniform_init`` of ``stop_gradient(x)``); no learnable params."""
+
+    name = "absmax"
+    config_types = (UniformConfig,)
+
+    def roles(self, spec):
+        return ("weight", "act", "grad")
+
+    def check(self, spec) -> None:
+        if spec.config.learn_scale or spec.config.learn_zero_point:
+            raise ValueError(
+                "config.learn_scale/learn_zero_point=True is not allowed for kind='absmax' (its "
+                "scale is recomputed from the tensor); allowed: False, or kind='learned_step'"
+            )
+
+    def scale_count(self, spec, shape) -> int:
+        per = 1 if spec.config.symmetric else 2
+        return per * super().scale_count(spec, shape)
+
+    def _params(self, spec, x):
+        stats = jax.lax.stop_gradient(uniform_init(jax.lax.stop_gradient(x), spec.config))
+        return _symmetric_only(stats, spec.config)
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return uniform(x, self._params(spec, x), spec.config, key=key)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_uniform
+
+        return quantize_uniform(
+            x, _symmetric_only(uniform_init(x, spec.config), spec.config), spec.config
+        )
+
+    def lowering(self, spec, role):
+        return "uniform"
+
+
+class LearnedStepFamily(AbsmaxFamily):
+    """``"learned_step"``: :func:`uniform` with ``learn_scale=True``; the scale (and the zero
+    point when asymmetric) is a learnable param initialised from data by ``uniform_init``."""
+
+    name = "learned_step"
+
+    def roles(self, spec):
+        return ("weight", "act")
+
+    def default_config(self) -> UniformConfig:
+        return UniformConfig(learn_scale=True)
+
+    def check(self, spec) -> None:
+        if not spec.config.learn_scale:
+            raise ValueError(
+                "config.learn_scale=False is not allowed for kind='learned_step'; allowed: True"
+            )
+
+    def learnable(self, spec) -> bool:
+        return True
+
+    def init(self, spec, x):
+        params = _symmetric_only(uniform_init(x, spec.config), spec.config)
+        return {k: compact(v, spec.config.granularity) for k, v in params.items()}
+
+    def _full(self, spec, x, params):
+        if "scale" not in params:
+            raise ValueError(
+                "params is missing 'scale' for kind='learned_step'; allowed: the dict "
+                "returned by TensorQuant.init"
+            )
+        gran, axis = spec.config.granularity, spec.config.axis
+        return {k: expand(v, x, gran, axis) for k, v in params.items()}
+
+    def apply(self, spec, x, params, *, key=None, stats=None):
+        return uniform(x, self._full(spec, x, params), spec.config, key=key)
+
+    def codes(self, spec, x, params, stats):
+        from qflax.quantizers._qarray import quantize_uniform
+
+        return quantize_uniform(x, self._full(spec, x, params), spec.config)
+
+    def params_from_codes(self, spec, q):
+        out = {"scale": q.scale}
+        if q.zero_point is not None:
+            out["zero_point"] = q.zero_point
+        return out
+
+
+register_family(AbsmaxFamily())
+register_family(LearnedStepFamily())

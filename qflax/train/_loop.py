@@ -458,56 +458,26 @@ def _quant_layers(model: nnx.Module) -> list:
     return [node for _, node in nnx.iter_graph(model) if is_quant_layer(node)]
 
 
-def _has_stat(model: nnx.Module, name: str) -> bool:
-    return any(
-        name in dict(layer.stat_names).get(role, ())
-        for layer in _quant_layers(model)
-        for role in ("weight", "act")
-    )
-
-
-def _mu_schedule(config, epoch: int):
-    """``tq -> μ`` at ``epoch``: geometric from the recipe's μ to ``anneal.mu_end``."""
-    end = float(config.anneal.mu_end)
-    frac = min(epoch / max(config.epochs - 1, 1), 1.0)
-
-    def value(tq) -> float:
-        start = float(dict(tq.pair_kwargs).get("mu", tq.pair_defaults()["mu"]))
-        return start * (end / start) ** frac if end else start
-
-    return value
-
-
-def _set_stats(graphdef, state: TrainState, values: dict[str, Any]) -> TrainState:
-    """``state`` with the quantizer state ``name -> value`` set in every quant layer."""
+def _set_schedules(graphdef, state: TrainState, config, epoch: int) -> TrainState:
+    """``state`` with every quant layer's annealed quantizer state set for ``epoch`` (0-based)
+    by its family's schedule (DBSSQ's ε, an annealed pair μ, a relaxed pair's ``hard`` flag).
+    ``epoch = config.epochs`` is the exact model training ends with (ε = 0; sign forward)."""
     model = nnx.merge(graphdef, state.params, state.rest)
+    done = {}
     for layer in _quant_layers(model):
-        for name, value in values.items():
-            layer.set_stat(name, value)
+        done.update(
+            layer.apply_schedule(epoch=epoch, epochs=int(config.epochs), anneal=config.anneal)
+        )
+    if not done:
+        return state
     _, _, rest = split_model(model)
     return state.replace(rest=rest)
-
-
-def _schedules(config, model: nnx.Module, epoch: int) -> dict[str, Any]:
-    """The scheduled quantizer state for ``epoch`` (0-based): DBSSQ's ε, annealed pair μ, and
-    a relaxed pair's ``hard`` flag. ``epoch = config.epochs`` is the exact model training ends
-    with (ε = 0; sign forward for ``pc``/``proxquant``/``bnn++``)."""
-    values: dict[str, Any] = {}
-    if _has_stat(model, "epsilon"):
-        from qflax.quantizers import dbssq_epsilon_schedule
-
-        values["epsilon"] = float(dbssq_epsilon_schedule(epoch, config.epochs))
-    if config.anneal.mu_end and _has_stat(model, "mu"):
-        values["mu"] = _mu_schedule(config, epoch)
-    if _has_stat(model, "hard"):
-        values["hard"] = float(epoch >= config.epochs)
-    return values
 
 
 def _ends_exact(model: nnx.Module) -> bool:
     """Whether training ends by switching to an exact quantizer (DBSSQ ε = 0, a relaxed pair's
     sign forward), evaluated after the relaxed one."""
-    return _has_stat(model, "epsilon") or _has_stat(model, "hard")
+    return any(layer.ends_exact() for layer in _quant_layers(model))
 
 
 def _latent_clip_mask(model: nnx.Module) -> Any:
@@ -770,9 +740,7 @@ def train_and_evaluate(
     try:
         for epoch in range(start_epoch, config.epochs):
             bar.set_description(f"{workdir.name} epoch {epoch + 1}/{config.epochs}")
-            scheduled = _schedules(config, model, epoch)
-            if scheduled:
-                state = _set_stats(graphdef, state, scheduled)
+            state = _set_schedules(graphdef, state, config, epoch)
             shift_rng = np.random.default_rng((config.seed, epoch, 1))
             for x, y in data.batches(
                 dataset.train_x, dataset.train_y, config.batch_size, seed=config.seed, epoch=epoch
@@ -807,7 +775,7 @@ def train_and_evaluate(
                 # keep and evaluate the exact one (ε = 0; sign forward).
                 record.update(blended_test_accuracy=test["accuracy"])
                 blended_accuracy = test["accuracy"]
-                state = _set_stats(graphdef, state, _schedules(config, model, config.epochs))
+                state = _set_schedules(graphdef, state, config, config.epochs)
                 test = test_metrics(state)
                 record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
             stop = False

@@ -2,7 +2,9 @@
 
 Weights and quantizer parameters (``QuantParam``) are told apart by their variable type: both
 share the moment estimator, only weights get weight decay, and each group has its own learning
-rate schedule (``optimizer.learning_rate`` and ``quant.learning_rate``, same shape).
+rate schedule (``optimizer.learning_rate`` and ``quant.learning_rate``, same shape). Quantizer
+parameters with extra terms are found by the tags their family gives them
+(:meth:`qflax.quantizers.QuantizerFamily.param_tags`), never by name or kind.
 """
 
 from __future__ import annotations
@@ -18,24 +20,14 @@ from flax import nnx
 from qflax.layers._variables import QuantParam
 
 __all__ = [
-    "CLIP_PARAM_NAMES",
     "QUANT",
     "WEIGHTS",
-    "BITS_PARAM_NAMES",
-    "DEADZONE_PARAM_NAMES",
-    "clip_mask",
-    "name_mask",
     "project_to_box",
+    "tag_mask",
     "learning_rate_schedules",
     "make_optimizer",
     "param_labels",
 ]
-
-# QuantParam attribute names of learned clipping levels (PACT's α): `quant.clip_decay` applies.
-CLIP_PARAM_NAMES = ("act_alpha", "weight_alpha")
-# CoDeQ's dead-zone and bit-width parameters: `quant.deadzone_decay` / `quant.bits_decay`.
-DEADZONE_PARAM_NAMES = ("weight_theta_d",)
-BITS_PARAM_NAMES = ("weight_theta_b",)
 
 WEIGHTS = "weights"
 QUANT = "quant"
@@ -65,22 +57,17 @@ def param_labels(model_state: Any) -> Any:
     return jax.tree.map(label, model_state, is_leaf=_is_variable)
 
 
-def name_mask(model_state: Any, names: tuple[str, ...]) -> Any:
-    """A tree of bools, True for the ``QuantParam`` s whose attribute name is in ``names``,
-    False elsewhere (same structure as :func:`param_labels`)."""
+def tag_mask(model_state: Any, tag: str) -> Any:
+    """A tree of bools, True for the ``QuantParam`` s whose family tagged them ``tag``
+    (``"clip"``, ``"deadzone"``, ``"bits"``: :data:`qflax.quantizers.PARAM_TAGS`), False
+    elsewhere (same structure as :func:`param_labels`)."""
     if isinstance(model_state, nnx.Module):
         model_state = nnx.state(model_state, nnx.Param)
 
-    def match(path, x: Any) -> bool:
-        name = str(getattr(path[-1], "key", path[-1])) if path else ""
-        return isinstance(x, QuantParam) and name in names
+    def match(x: Any) -> bool:
+        return isinstance(x, QuantParam) and tag in (x.get_metadata().get("tags") or ())
 
-    return jax.tree_util.tree_map_with_path(match, model_state, is_leaf=_is_variable)
-
-
-def clip_mask(model_state: Any) -> Any:
-    """:func:`name_mask` of the learned clipping levels (:data:`CLIP_PARAM_NAMES`)."""
-    return name_mask(model_state, CLIP_PARAM_NAMES)
+    return jax.tree.map(match, model_state, is_leaf=_is_variable)
 
 
 def project_to_box(bound: float, mask: Any) -> optax.GradientTransformation:
@@ -145,11 +132,13 @@ def make_optimizer(
 ) -> optax.GradientTransformation:
     """Builds the optimizer of ``config`` as one ``optax.chain``.
 
-    The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to PACT's ``α``] -> [L2
+    The chain is: [L2 on clipping levels, ``quant.clip_decay``, masked to params tagged
+    ``"clip"`` (PACT's ``α``)] -> [L2
     weight decay, masked to weights (adam, sgd)] -> moment estimator (Adam's, or SGD momentum)
     -> [decoupled weight decay, masked to weights (adamw)] -> [each quantizer parameter's step
-    clipped to ``±quant.max_update`` (in units of its learning rate)] -> [CoDeQ's decoupled
-    decay of ``θ_d`` / ``θ_b``: ``quant.deadzone_decay`` / ``quant.bits_decay``] ->
+    clipped to ``±quant.max_update`` (in units of its learning rate)] -> [the decoupled decay
+    of params tagged ``"deadzone"`` / ``"bits"`` (CoDeQ's ``θ_d`` / ``θ_b``):
+    ``quant.deadzone_decay`` / ``quant.bits_decay``] ->
     ``optax.partition``
     scaling weights by ``-schedule(step)`` and quantizer parameters by ``-quant_schedule(step)``
     -> [projection of 1-bit layers' latent weights onto ``[−quant.latent_clip,
@@ -188,7 +177,9 @@ def make_optimizer(
     parts: list[optax.GradientTransformation] = []
     clip_decay = float(config.quant.clip_decay)
     if clip_decay:
-        parts.append(optax.masked(optax.add_decayed_weights(clip_decay), clip_mask(model_state)))
+        parts.append(
+            optax.masked(optax.add_decayed_weights(clip_decay), tag_mask(model_state, "clip"))
+        )
     if opt.name == "sgd":
         if decay:
             parts.append(weight_decay)
@@ -211,16 +202,16 @@ def make_optimizer(
         # when the bit-width penalty switches on (seen on mnist5k: activations fell to 0 bits).
         is_quant = jax.tree.map(lambda label: label == QUANT, labels)
         parts.append(optax.masked(optax.clip(max_update), is_quant))
-    for coefficient, names in (
-        (float(config.quant.deadzone_decay), DEADZONE_PARAM_NAMES),
-        (float(config.quant.bits_decay), BITS_PARAM_NAMES),
+    for coefficient, tag in (
+        (float(config.quant.deadzone_decay), "deadzone"),
+        (float(config.quant.bits_decay), "bits"),
     ):
         if coefficient:
             # Decoupled: added after the moment estimator and after the step clip (clipped with
             # Adam's step, a decay could move θ no more than lr per step, whatever its size),
             # then scaled by the quantizer learning rate.
             parts.append(
-                optax.masked(optax.add_decayed_weights(coefficient), name_mask(model_state, names))
+                optax.masked(optax.add_decayed_weights(coefficient), tag_mask(model_state, tag))
             )
     parts.append(
         optax.partition(

@@ -76,7 +76,7 @@ def _bn_bytes(model):
         TensorQuant(kind="pow2", config=qz.PowerOfTwoConfig(bits=4, granularity="channel")),
         TensorQuant(kind="binary", config=qz.BinaryConfig(scaling="channel")),
         TensorQuant(kind="ternary", config=qz.TernaryConfig(scaling="channel")),
-        TensorQuant(kind="pair", pair="bnn", scaling="channel"),
+        TensorQuant(kind="pair", config=qz.PairConfig(pair="bnn", scaling="channel")),
     ],
     ids=str,
 )
@@ -87,14 +87,14 @@ def test_quantize_tensor_matches_layer_quantizer(spec):
 
 
 def test_non_sign_pair_has_no_codes():
-    spec = TensorQuant(kind="pair", pair="bnn++", pair_kwargs={"mu": 1.0})
+    spec = TensorQuant(kind="pair", config=qz.PairConfig(pair="bnn++", kwargs={"mu": 1.0}))
     with pytest.raises(ValueError, match="not a sign"):
         quantize_tensor(spec, _x(1, (4, 3)))
 
 
 @pytest.mark.parametrize("pair", ["bnn++", "proxquant", "pc"])
 def test_relaxed_pair_in_its_exact_state_stores_binary_codes(pair):
-    spec = TensorQuant(kind="pair", pair=pair, scaling="channel")
+    spec = TensorQuant(kind="pair", config=qz.PairConfig(pair=pair, scaling="channel"))
     w = _x(1, (12, 6))
     stats = {**spec.stats_init(w), "hard": jnp.ones((), jnp.float32)}
     q = quantize_tensor(spec, w, {}, stats)

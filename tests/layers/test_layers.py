@@ -59,9 +59,11 @@ def test_tensor_quant_validation_names_the_field():
     with pytest.raises(ValueError, match="kind='absmax'"):
         TensorQuant(kind="absmax", config=qz.UniformConfig(learn_scale=True))
     with pytest.raises(ValueError, match="pair='nope'"):
-        TensorQuant(kind="pair", pair="nope")
-    with pytest.raises(ValueError, match="scaling='tensor' is only used"):
-        TensorQuant(kind="absmax", scaling="tensor")
+        TensorQuant(kind="pair", config=qz.PairConfig(pair="nope"))
+    with pytest.raises(ValueError, match="kind='nope' is not allowed; allowed: absmax"):
+        TensorQuant(kind="nope")
+    with pytest.raises(ValueError, match="role='weight' is only used"):
+        TensorQuant(kind="absmax", role="weight")
     with pytest.raises(ValueError, match="recipe='int9'"):
         recipes.build("int9")
     with pytest.raises(ValueError, match="weight_bits.*bits=40"):
@@ -104,7 +106,7 @@ def test_recipes_are_hashable_values_and_describe_themselves():
         TensorQuant(kind="pow2", config=qz.PowerOfTwoConfig(bits=3)),
         TensorQuant(kind="binary", config=qz.BinaryConfig(scaling="channel")),
         TensorQuant(kind="ternary"),
-        TensorQuant(kind="pair", pair="bnn", scaling="channel"),
+        TensorQuant(kind="pair", config=qz.PairConfig(pair="bnn", scaling="channel")),
     ],
     ids=str,
 )

@@ -90,7 +90,7 @@ def test_pair_mu_is_state_and_matches_the_factory():
         expected = pair(x) @ pair(layer.inner.kernel[...]) + layer.inner.bias[...]
         np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
     # a callable gets the role's TensorQuant (to read the recipe's start value)
-    layer.set_stat("mu", lambda tq: 3 * dict(tq.pair_kwargs)["mu"])
+    layer.set_stat("mu", lambda tq: 3 * dict(tq.config.kwargs)["mu"])
     assert float(layer.weight_mu[...]) == 6.0
     # pairs without μ keep no state
     assert _layer(recipes.binary("bnn")).stat_names == ()
@@ -113,7 +113,7 @@ def test_relaxed_pair_hard_stat_switches_to_the_exact_sign_forward(pair):
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
     assert float(jnp.abs(grads.inner.kernel[...]).sum()) > 0.0
     # pairs whose forward is a sign have nothing to switch
-    assert not recipes.binary("bnn+").weight.relaxed
+    assert not recipes.binary("bnn+").weight.config.relaxed
 
 
 def test_normalized_pair_acts_on_the_scaled_tensor_and_keeps_its_gradient():
@@ -133,12 +133,12 @@ def test_normalized_pair_acts_on_the_scaled_tensor_and_keeps_its_gradient():
     np.testing.assert_allclose(g, expected.reshape(w.shape), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="normalize"):
         recipes.binary(None, normalize=True)
-    with pytest.raises(ValueError, match="normalize=True is only used with kind='pair'"):
+    with pytest.raises(TypeError, match="normalize"):  # a pair's option (PairConfig) only
         TensorQuant(kind="binary", normalize=True)
 
 
 def test_binary_recipe_drops_unset_pair_arguments():
-    assert recipes.binary("bnn", mu=None).weight.pair_kwargs == ()
+    assert recipes.binary("bnn", mu=None).weight.config.kwargs == ()
     with pytest.raises(ValueError, match="not arguments of pair 'bnn'; allowed: none"):
         recipes.binary("bnn", mu=3.0)  # bnn takes no μ
     with pytest.raises(ValueError, match="allowed: beta"):

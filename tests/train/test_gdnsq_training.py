@@ -177,7 +177,7 @@ def test_penalty_with_a_cosine_warmup_schedule_under_strict_promotion(tmp_path):
 
 def test_recipe_kwargs_reach_a_pair_factory():
     recipe = _config.build_recipe("binary", 1, 1, {"pair": "bnn++", "mu": 3.0})
-    assert dict(recipe.weight.pair_kwargs) == {"mu": 3.0}
+    assert dict(recipe.weight.config.kwargs) == {"mu": 3.0}
     with pytest.raises(ValueError, match="not arguments of pair 'bnn'"):
         _config.build_recipe("binary", 1, 1, {"pair": "bnn", "mu": 3.0})
 

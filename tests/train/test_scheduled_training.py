@@ -13,7 +13,7 @@ from qflax import models
 from qflax.export import evaluate_integer
 from qflax.quantizers import dbssq_epsilon_schedule
 from qflax.train import _config, default_config, load_model, make_optimizer, train_and_evaluate
-from qflax.train._loop import _latent_clip_mask, _mu_schedule
+from qflax.train._loop import _latent_clip_mask
 from qflax.train._optimizer import project_to_box
 from tests.train.test_loop import read_metrics
 
@@ -55,10 +55,11 @@ def test_mu_schedule_is_geometric_and_off_by_default():
     config.epochs = 5
     config.anneal.mu_end = 80.0
     tq = ql.recipes.binary("bnn++", mu=5.0).weight
-    values = [_mu_schedule(config, e)(tq) for e in range(5)]
+    values = [tq.schedule(epoch=e, epochs=5, anneal=config.anneal)["mu"] for e in range(5)]
     np.testing.assert_allclose(values, [5, 10, 20, 40, 80], rtol=1e-6)
-    config.anneal.mu_end = 0.0
-    assert _mu_schedule(config, 3)(tq) == 5.0
+    config.anneal.mu_end = 0.0  # off: μ stays at its start (no schedule)
+    assert "mu" not in tq.schedule(epoch=3, epochs=5, anneal=config.anneal)
+    assert tq.stats_init(None)["mu"] == 5.0
 
 
 def test_dbssq_follows_the_schedule_and_ends_exact(tmp_path):

@@ -1,0 +1,360 @@
+"""The quantizer-family protocol and registry (DESIGN.md, core abstraction 7).
+
+A *family* is everything the rest of qflax needs to know about one kind of quantizer: its
+config type, the forward it applies (a module-level ``custom_vjp`` in the family's own module),
+its data-dependent init, the shapes and optimizer tags of its learnable parameters, its
+non-learned state, the integer bit-width it uses, its integer codes at rest (a
+:class:`~qflax.quantizers.QArray`) and how integer inference lowers it, or why it cannot.
+``qflax.layers``, ``qflax.export`` and ``qflax.train`` ask the family; they hold no per-kind
+branches. Each built-in family is a subclass of :class:`QuantizerFamily` defined at the bottom
+of its own module and registered with :func:`register_family`, exactly as a user's family is::
+
+    class MyFamily(qz.QuantizerFamily):
+        name = "my_sign"
+        config_types = (MyConfig,)
+
+        def apply(self, spec, x, params, *, key=None, stats=None):
+            return my_quantizer(x, spec.config)
+
+    qz.register_family(MyFamily())
+    recipe = Recipe(weight=TensorQuant(kind="my_sign", config=MyConfig()))
+
+Every method takes the :class:`~qflax.layers.TensorQuant` (``spec``: ``kind``, ``config``,
+``target_bits``, ``role``) first. Learnable params are kept in a *compact* layout that does not
+depend on the tensor's rank (``()`` per tensor, ``(C,)`` per channel, the quantizer's own shape
+per group); :func:`compact` and :func:`expand` convert.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "FAMILIES",
+    "PARAM_TAGS",
+    "ROLES",
+    "NotExportable",
+    "QuantizerFamily",
+    "compact",
+    "expand",
+    "get_family",
+    "register_family",
+]
+
+# The tensors a family can quantize.
+ROLES = ("weight", "act")
+
+# Optimizer tags a learnable quantizer param may carry (``QuantizerFamily.param_tags``):
+# ``"clip"``: a learned clipping level (``quant.clip_decay`` adds an L2 term, as PACT's α);
+# ``"deadzone"`` / ``"bits"``: CoDeQ-style dead-zone width and bit-width parameters, decayed
+# (decoupled) by ``quant.deadzone_decay`` / ``quant.bits_decay``.
+PARAM_TAGS = ("clip", "deadzone", "bits")
+
+
+class NotExportable(ValueError):
+    """A tensor or layer that has no integer codes or no integer lowering (the reason is the
+    message: it names the family and what is allowed)."""
+
+
+class QuantizerFamily:
+    """Base class of quantizer families: override what differs from these defaults.
+
+    Class attributes: ``name`` (the ``TensorQuant.kind`` it answers to) and ``config_types``
+    (the config classes a spec of this family may hold; the first one's ``()`` is the default
+    config). Only :meth:`apply` must be written; a stateless, non-exportable quantizer of any
+    tensor needs nothing else.
+    """
+
+    # The kind name (TensorQuant.kind).
+    name: str = ""
+    # Config classes a spec may hold (frozen dataclasses validated at construction).
+    config_types: tuple[type, ...] = ()
+    # Whether the family needs TensorQuant.role ("weight"/"act") to know its job (DBSSQ).
+    needs_role: bool = False
+
+    # ------------------------------------------------------------------ description
+
+    def default_config(self) -> Any:
+        """The config of ``TensorQuant(kind=name)`` without one."""
+        if not self.config_types:
+            return None
+        return self.config_types[0]()
+
+    def check(self, spec: Any) -> None:
+        """Extra validation of ``spec`` beyond its config type (raise ValueError)."""
+
+    def roles(self, spec: Any) -> tuple[str, ...]:
+        """The tensors a spec can quantize: a subset of :data:`ROLES`."""
+        return ROLES
+
+    def bits(self, spec: Any) -> int:
+        """Bits per value at rest (nominal: a learned bit-width reports its target)."""
+        return int(spec.config.bits)
+
+    def granularity(self, spec: Any) -> str:
+        """Which elements share a scale: ``"tensor"``, ``"channel"``, ``"group"``, ``"none"``."""
+        return str(getattr(spec.config, "granularity", "tensor"))
+
+    def channel_axis(self, spec: Any) -> int:
+        """The axis of per-channel scales and params."""
+        return int(getattr(spec.config, "axis", -1))
+
+    def describe(self, spec: Any) -> str:
+        """A short name for tables and ``str(recipe)``: ``name`` and bits, and the granularity
+        when it is neither per tensor nor none."""
+        gran = self.granularity(spec)
+        suffix = "" if gran in ("tensor", "none") else f"/{gran}"
+        return f"{self.name}{self.bits(spec)}{suffix}"
+
+    # ------------------------------------------------------------------ params and state
+
+    def learnable(self, spec: Any) -> bool:
+        """Whether :meth:`init` returns learnable params (``QuantParam`` s in the layer)."""
+        return False
+
+    def param_tags(self, spec: Any) -> Mapping[str, tuple[str, ...]]:
+        """Optimizer tags (from :data:`PARAM_TAGS`) of each learnable param name; untagged
+        params get only the quantizer learning rate and step clip."""
+        return {}
+
+    def init(self, spec: Any, x: jax.Array) -> dict[str, jax.Array]:
+        """Data-dependent learnable params of ``x`` (compact layout, float32)."""
+        return {}
+
+    def placeholder(self, spec: Any, shape: tuple[int, ...]) -> dict[str, jax.Array]:
+        """Params before any data is seen (activations before calibration): scale-like params
+        1.0, zero points and lower bounds 0."""
+        out = {}
+        for name, s in param_shapes(self, spec, shape).items():
+            fill = 0.0 if name in ("zero_point", "lower") else 1.0
+            out[name] = jnp.full(s, fill, jnp.float32)
+        return out
+
+    def stats_init(self, spec: Any, x: jax.Array | None) -> dict[str, jax.Array]:
+        """Non-learned quantizer state (``QuantStat`` s; float32, compact), e.g. a blend factor
+        the training loop anneals. ``x``: the kernel for weights, None for activations."""
+        return {}
+
+    def stat_start(self, spec: Any, name: str) -> float:
+        """The value the state ``name`` starts an annealing schedule from (e.g. a pair's μ)."""
+        raise ValueError(f"kind={self.name!r} has no annealed state {name!r}")
+
+    def schedule(self, spec: Any, *, epoch: int, epochs: int, anneal: Any) -> dict[str, Any]:
+        """Values of the annealed state for ``epoch`` (0-based) of ``epochs``; ``epoch =
+        epochs`` is the state training ends with (see :meth:`ends_exact`). ``anneal``: the
+        training config's ``anneal`` group (e.g. ``mu_end``). ``{}``: nothing scheduled."""
+        return {}
+
+    def ends_exact(self, spec: Any) -> bool:
+        """Whether training ends by switching this quantizer to an exact state (a blend at
+        ε = 0, a relaxed pair's sign forward), evaluated after the relaxed one."""
+        return False
+
+    def needs_key(self, spec: Any) -> bool:
+        """Whether :meth:`apply` needs a PRNG key (stochastic rounding or backward noise)."""
+        return False
+
+    # ------------------------------------------------------------------ quantize
+
+    def apply(
+        self,
+        spec: Any,
+        x: jax.Array,
+        params: Mapping[str, jax.Array],
+        *,
+        key: jax.Array | None = None,
+        stats: Mapping[str, jax.Array] | None = None,
+    ) -> jax.Array:
+        """The quantized ``x`` (shape and dtype kept), with the family's custom gradient."""
+        raise NotImplementedError(f"family {self.name!r} defines no apply")
+
+    # ------------------------------------------------------------------ bit-widths
+
+    def learns_bits(self, spec: Any) -> bool:
+        """Whether the bit-width is learned and driven to ``spec.target_bits`` by the penalty."""
+        return False
+
+    def bit_width(self, spec: Any, x: Any, params: Mapping[str, jax.Array]) -> jax.Array | None:
+        """The continuous, differentiable bit-width the penalty sees (learned-bit families)."""
+        return None
+
+    def reads_bits(self, spec: Any) -> bool:
+        """Whether the integer bit-width in use is read from the params (:meth:`used_bits`)."""
+        return self.learns_bits(spec)
+
+    def used_bits(self, spec: Any, x: Any, params: Mapping[str, jax.Array]) -> jax.Array | None:
+        """The integer bit-width the quantizer actually uses (summaries and the convergence
+        test of learned bit-widths); None: the nominal :meth:`bits`."""
+        return None
+
+    # ------------------------------------------------------------------ at rest
+
+    def scale_count(self, spec: Any, shape: tuple[int, ...]) -> int:
+        """Float values needed to decode a stored tensor of ``shape`` (scales, zero points)."""
+        gran = self.granularity(spec)
+        if gran == "none":
+            return 0
+        if gran == "tensor":
+            return 1
+        if gran == "group":
+            return math.prod(shape) // int(spec.config.group_size)
+        return int(shape[self.channel_axis(spec) % len(shape)])
+
+    def stored_scales(self, spec: Any, shape: tuple[int, ...]) -> int:
+        """Float values stored at rest besides the layer's ``QuantParam`` s (which summaries
+        count themselves): :meth:`scale_count` for stateless families, 0 for learned ones."""
+        return 0 if self.learnable(spec) else self.scale_count(spec, shape)
+
+    def codes(
+        self,
+        spec: Any,
+        x: jax.Array,
+        params: Mapping[str, jax.Array],
+        stats: Mapping[str, jax.Array] | None,
+    ) -> Any:
+        """The integer codes of ``apply(x)`` at rest: a :class:`~qflax.quantizers.QArray`
+        (unpacked) whose ``dequantize`` gives the forward's values. Raises
+        :class:`NotExportable` with the reason when the family has none."""
+        raise NotExportable(
+            f"kind={self.name!r} defines no integer codes (QuantizerFamily.codes); allowed: a "
+            "family that implements codes, or keep this tensor in float for export"
+        )
+
+    def params_from_codes(self, spec: Any, q: Any) -> dict[str, jax.Array]:
+        """The learned weight params held by an exported QArray (``import_model``): e.g. a
+        learned step is the QArray's scale. ``{}``: none (they are read from the tree)."""
+        return {}
+
+    def import_kernel(self, spec: Any, q: Any) -> jax.Array:
+        """A kernel the quantizer maps back to ``q``'s codes (``import_model``); the default
+        is the dequantized tensor, which quantizers with a grid from the tensor map to itself.
+        Raise :class:`NotExportable` when no kernel can (the reason names the family)."""
+        from qflax.quantizers._qarray import dequantize
+
+        return dequantize(q)
+
+    def check_importable(self, spec: Any, path: str) -> None:
+        """Raises :class:`NotExportable` when ``import_model`` cannot restore this family's
+        weights (checked for every layer before anything is written)."""
+
+    def lowering(self, spec: Any, role: str) -> Any:
+        """How integer inference runs this tensor: a lowering the integer planner knows
+        (see ``qflax.export``), or raise :class:`NotExportable` with the reason."""
+        raise NotExportable(
+            f"kind={self.name!r} has no integer lowering; allowed: the families that define "
+            "one (QuantizerFamily.lowering), or a float layer"
+        )
+
+    def __repr__(self) -> str:
+        return f"<quantizer family {self.name!r}>"
+
+
+def param_shapes(family: QuantizerFamily, spec: Any, shape: tuple[int, ...]) -> dict[str, tuple]:
+    """Shapes of ``family.init(spec, x)`` for a tensor of ``shape`` (no computation)."""
+    out = jax.eval_shape(
+        lambda x: family.init(spec, x), jax.ShapeDtypeStruct(tuple(shape), jnp.float32)
+    )
+    return {k: tuple(v.shape) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------- layouts
+
+
+def compact(v: jax.Array, granularity: str) -> jax.Array:
+    """A param in the quantizer's broadcast layout as the compact layout of a layer."""
+    if granularity == "tensor":
+        return jnp.reshape(v, ())
+    if granularity == "channel":
+        return jnp.reshape(v, (-1,))
+    return v
+
+
+def expand(v: Any, x: jax.Array, granularity: str, axis: int) -> jax.Array:
+    """A compact param in the layout the quantizer takes for ``x`` (``()`` -> all-ones shape,
+    ``(C,)`` -> ``C`` on ``axis``); checked against ``x``'s shape."""
+    v = jnp.asarray(v)
+    if granularity == "tensor":
+        return jnp.reshape(v, (1,) * x.ndim)
+    if granularity == "channel":
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(
+                f"axis={axis} is out of range for a tensor of rank {x.ndim}; allowed: "
+                f"{-x.ndim}..{x.ndim - 1}"
+            )
+        if v.ndim != 1 or v.shape[0] != x.shape[axis]:
+            raise ValueError(
+                f"a per-channel param of shape {v.shape} does not fit a tensor of shape "
+                f"{x.shape} on axis={axis}; allowed: shape ({x.shape[axis]},)"
+            )
+        shape = [1] * x.ndim
+        shape[axis % x.ndim] = x.shape[axis]
+        return v.reshape(shape)
+    return v
+
+
+def first_value(v: Any) -> float:
+    """A scalar state (e.g. a blend factor) as a Python float (eager)."""
+    return float(np.asarray(v, np.float64).reshape(-1)[0])
+
+
+# ---------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, QuantizerFamily] = {}
+
+# Name -> family, read-only view of the registry (built-in and user families).
+FAMILIES: Mapping[str, QuantizerFamily] = types.MappingProxyType(_REGISTRY)
+
+
+def register_family(family: QuantizerFamily, *, replace: bool = False) -> QuantizerFamily:
+    """Registers ``family`` under ``family.name`` (what ``TensorQuant(kind=...)`` names).
+
+    Built-in families register themselves this way when :mod:`qflax.quantizers` is imported.
+    Registering a name twice is an error unless ``replace=True`` (or it is the same object, so
+    a config file imported twice is fine).
+
+    Returns:
+      ``family`` (so it can decorate an instance expression).
+    """
+    if not isinstance(family, QuantizerFamily):
+        raise ValueError(
+            f"family={family!r} is not allowed; allowed: an instance of "
+            "qflax.quantizers.QuantizerFamily"
+        )
+    name = family.name
+    if not isinstance(name, str) or not name or not name.strip() == name:
+        raise ValueError(f"family.name={name!r} is not allowed; allowed: a non-empty name")
+    if not isinstance(family.config_types, tuple) or not all(
+        isinstance(t, type) for t in family.config_types
+    ):
+        raise ValueError(
+            f"family {name!r}: config_types={family.config_types!r} is not allowed; allowed: a "
+            "tuple of config classes"
+        )
+    old = _REGISTRY.get(name)
+    if old is not None and old is not family and not replace:
+        if type(old) is type(family) and type(old).__qualname__ == type(family).__qualname__:
+            # The same class re-created (a config file imported again): keep the newest.
+            _REGISTRY[name] = family
+            return family
+        raise ValueError(
+            f"a quantizer family named {name!r} is already registered ({old!r}); allowed: a new "
+            "name, or register_family(..., replace=True)"
+        )
+    _REGISTRY[name] = family
+    return family
+
+
+def get_family(name: Any) -> QuantizerFamily:
+    """The registered family ``name``; ValueError naming the registered ones otherwise."""
+    family = _REGISTRY.get(name) if isinstance(name, str) else None
+    if family is None:
+        allowed = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"kind={name!r} is not allowed; allowed: {allowed}")
+    return family
