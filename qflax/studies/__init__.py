@@ -2,12 +2,31 @@
 
 * :func:`decomposition_violation` tests numerically whether a forward ``F`` equals ``P∘B`` for a
   monotone ``P`` (our reading of ProxConnect++'s decomposition criterion, METHODS.md §4);
-  :func:`check_catalogue` runs it on every pair of :data:`qflax.quantizers.PAIRS`.
+  :func:`check_catalogue` runs it on every pair of :data:`qflax.quantizers.PAIRS`;
+  :func:`pair_criterion` says which condition of the construction a pair (catalogue, composed
+  or the user's own) fails and where, each marked [paper] or [inferred]; every pair run writes it
+  into ``summary.json``.
 * :func:`plot_pair` / :func:`plot_catalogue` draw ``F``, ``B`` and ``B′`` to PNG files
   (matplotlib is imported only when a plot is made).
 """
 
-from qflax.studies._decomposition import check_catalogue, decomposition_violation
+from qflax.studies._decomposition import (
+    CRITERION_CONDITIONS,
+    check_catalogue,
+    decomposition_violation,
+    pair_criterion,
+)
 from qflax.studies._plots import plot_catalogue, plot_pair
+from qflax.studies._reports import REPORTERS, register_reporter, run_reports
 
-__all__ = ["check_catalogue", "decomposition_violation", "plot_catalogue", "plot_pair"]
+__all__ = [
+    "CRITERION_CONDITIONS",
+    "check_catalogue",
+    "decomposition_violation",
+    "pair_criterion",
+    "plot_catalogue",
+    "plot_pair",
+    "REPORTERS",
+    "register_reporter",
+    "run_reports",
+]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_catalogue", "decomposition_violation"]
+__all__ = ["CRITERION_CONDITIONS", "check_catalogue", "decomposition_violation", "pair_criterion"]
 
 _GRID = (-3.0, 3.0, 2001)  # the default grid: jnp.linspace(-3, 3, 2001)
 
@@ -177,3 +177,112 @@ def check_catalogue(
             tol=tol,
         )
     return results
+
+
+# ------------------------------------------------------------------------------------ criterion
+
+# The conditions a (F, B) pair is checked against, with where each comes from: [paper] is
+# stated in the ProxConnect++ abstract (a decomposition criterion F = P∘B with P a proximal
+# quantizer); [inferred] is our reading of what that needs on the real line, not a quotation.
+CRITERION_CONDITIONS = (
+    ("f_function_of_b", "[paper]", "F = P∘B: F is constant wherever B is (F a function of B)"),
+    ("p_non_decreasing", "[inferred]", "P non-decreasing (a proximal map on ℝ is monotone)"),
+    ("b_passes_gradient", "[inferred]", "B′ ≠ 0 somewhere on the grid: gradients reach θ"),
+)
+
+
+def pair_criterion(
+    pair: Any = None,
+    *,
+    forward: Callable[..., Any] | None = None,
+    backward: Callable[..., Any] | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+    backward_kwargs: Mapping[str, Any] | None = None,
+    grid: jax.typing.ArrayLike | None = None,
+    tol: float = 1e-6,
+) -> dict[str, Any]:
+    """Which conditions of the ProxConnect++ construction a pair meets, and where it fails.
+
+    Give a :class:`~qflax.quantizers.QuantizerPair` (catalogue, composed or the user's own: its
+    forward, backward and their kwargs are used), or ``forward``/``backward`` functions. Each
+    of :data:`CRITERION_CONDITIONS` is checked on the grid (default ``linspace(-3, 3, 2001)``):
+
+    * ``f_function_of_b`` [paper]: points with equal ``B`` have equal ``F`` (the spread of
+      :func:`decomposition_violation`);
+    * ``p_non_decreasing`` [inferred]: ``F`` never decreases along increasing ``B``;
+    * ``b_passes_gradient`` [inferred]: ``B′`` is non-zero at some grid point (``B = sign``
+      passes no gradient at all).
+
+    Returns:
+      A JSON-ready dict: ``holds`` (all conditions), ``failed`` (names), ``conditions``
+      (``{name: {"holds", "source", "statement", "violation", "where"}}``; ``where`` gives the
+      witness ``x`` values, and ``b``/``f`` there), ``num_points`` and ``tol``; and, for
+      information only, ``b_monotone`` (whether ``B`` is non-decreasing on the grid: SignSwish,
+      the backward of BNN+ and BNN++, overshoots and is not, and the paper counts both pairs
+      in the construction, so monotone ``B`` is not required) with ``b_max_drop``.
+
+    >>> from qflax.quantizers import PAIRS, pair, sign, identity
+    >>> pair_criterion(PAIRS["bnn"]())["holds"]
+    True
+    >>> r = pair_criterion(pair(sign, lambda x: -x))
+    >>> r["failed"]  # a backward that flips the gradient's sign
+    ['p_non_decreasing']
+    """
+    if pair is not None:
+        if forward is not None or backward is not None:
+            raise ValueError("pair and forward/backward given; allowed: one of the two")
+        forward, backward = pair.forward, pair.backward
+        forward_kwargs, backward_kwargs = pair.forward_kwargs, pair.backward_kwargs
+    if forward is None or backward is None:
+        raise ValueError("forward/backward missing; allowed: a pair, or both functions")
+    x = _default_grid() if grid is None else jnp.asarray(grid, jnp.float32)
+    fk, bk = dict(forward_kwargs or {}), dict(backward_kwargs or {})
+    base = decomposition_violation(
+        forward, backward, grid=x, forward_kwargs=fk, backward_kwargs=bk, tol=tol
+    )
+    xs = np.sort(np.asarray(x, np.float64))
+    b = _evaluate(backward, jnp.asarray(xs, x.dtype), bk, "backward")
+    f = _evaluate(forward, jnp.asarray(xs, x.dtype), fk, "forward")
+    drops = b[:-1] - b[1:]  # B decreasing between neighbours
+    b_drop = float(max(np.max(drops), 0.0)) if len(drops) else 0.0
+    slope = jax.vmap(jax.grad(lambda v: jnp.asarray(backward(v, **bk), jnp.float32)))(
+        jnp.asarray(xs, jnp.float32)
+    )
+    slope = np.asarray(slope, np.float64)
+    max_slope = float(np.max(np.abs(slope))) if slope.size else 0.0
+
+    def where(kind: str) -> dict[str, Any] | None:
+        if base["kind"] != kind:
+            # the other kind's worst witness is not kept by decomposition_violation
+            return None
+        return {"x": base["x"], "b": base["b"], "f": base["f"]}
+
+    values = {
+        "f_function_of_b": (base["max_spread"], where("spread")),
+        "p_non_decreasing": (base["max_decrease"], where("decrease")),
+        "b_passes_gradient": (
+            0.0 if max_slope > tol else 1.0,
+            None if max_slope > tol else {"x": (float(xs[0]), float(xs[-1])), "max_abs_db": 0.0},
+        ),
+    }
+    del f
+    conditions = {}
+    for name, source, statement in CRITERION_CONDITIONS:
+        violation, witness = values[name]
+        conditions[name] = {
+            "holds": bool(violation <= tol),
+            "source": source,
+            "statement": statement,
+            "violation": float(violation),
+            "where": witness,
+        }
+    failed = [name for name, c in conditions.items() if not c["holds"]]
+    return {
+        "holds": not failed,
+        "failed": failed,
+        "conditions": conditions,
+        "b_monotone": bool(b_drop <= tol),
+        "b_max_drop": b_drop,
+        "num_points": int(len(xs)),
+        "tol": float(tol),
+    }

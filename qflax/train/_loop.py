@@ -823,6 +823,7 @@ def train_and_evaluate(
         "steps": step,
         **_summary.summarize_model(final_model, dataset.test_x[:1]),
         **(_bits_summary(final_model, converged_epoch, stopped_epoch) if penalty else {}),
+        **_quantizer_reports(final_model, workdir),
         "teacher_wall_seconds": teacher_wall,
         "wall_seconds": elapsed(),  # includes training the teacher in this job
     }
@@ -830,6 +831,15 @@ def train_and_evaluate(
     (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}")
     return state, summary
+
+
+def _quantizer_reports(model: nnx.Module, workdir: pathlib.Path) -> dict[str, Any]:
+    """What the families' reporters say about the quantizers in use (e.g. each pair's
+    ProxConnect++ criterion under ``pair_criterion``, with its plot in ``workdir``)."""
+    from qflax.studies import run_reports
+
+    specs = [tq for layer in _quant_layers(model) for tq in (layer.recipe.weight, layer.recipe.act)]
+    return run_reports(specs, workdir)
 
 
 def _bits_summary(model: nnx.Module, converged_epoch, stopped_epoch) -> dict[str, Any]:
