@@ -11,7 +11,7 @@
 """
 
 from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate
-from qflax.layers._recipes import RECIPES, Recipe, TensorQuant, recipes
+from qflax.layers._recipes import RECIPES, Recipe, TensorQuant, recipes, register_recipe
 from qflax.layers._rules import (
     QuantReport,
     Rule,
@@ -25,6 +25,7 @@ from qflax.layers._variables import QuantParam, QuantStat
 
 __all__ = [
     "RECIPES",
+    "register_recipe",
     "QuantConv",
     "QuantEinsum",
     "QuantLinear",

@@ -28,7 +28,7 @@ from jax.typing import ArrayLike
 from qflax import quantizers as qz
 from qflax.numerics import check_choice
 
-__all__ = ["RECIPES", "Recipe", "TensorQuant", "recipes"]
+__all__ = ["RECIPES", "Recipe", "TensorQuant", "recipes", "register_recipe"]
 
 ROLES = qz.ROLES
 
@@ -712,23 +712,49 @@ def codeq(
     return Recipe(weight=weight, act=_uniform("absmax", act_bits, "act_bits"))
 
 
-# Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``). Read-only.
-RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(
-    {
-        "float": float_recipe,
-        "absmax": absmax,
-        "learned_step": learned_step,
-        "pow2": pow2,
-        "binary": binary,
-        "ternary": ternary,
-        "lsq": lsq,
-        "pact": pact,
-        "dorefa": dorefa,
-        "gdnsq": gdnsq,
-        "dbssq": dbssq,
-        "codeq": codeq,
-    }
-)
+_RECIPES: dict[str, Callable[..., Recipe]] = {
+    "float": float_recipe,
+    "absmax": absmax,
+    "learned_step": learned_step,
+    "pow2": pow2,
+    "binary": binary,
+    "ternary": ternary,
+    "lsq": lsq,
+    "pact": pact,
+    "dorefa": dorefa,
+    "gdnsq": gdnsq,
+    "dbssq": dbssq,
+    "codeq": codeq,
+}
+# Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``): a read-only view of
+# the built-in factories and those registered by user code (:func:`register_recipe`).
+RECIPES: Mapping[str, Callable[..., Recipe]] = types.MappingProxyType(_RECIPES)
+
+
+def register_recipe(
+    name: str, factory: Callable[..., Recipe], *, replace: bool = False
+) -> Callable[..., Recipe]:
+    """Adds a recipe factory to :data:`RECIPES` (``--config.quant.recipe=NAME``).
+
+    The factory takes ``weight_bits`` and ``act_bits`` (None or 32: float) and any keywords
+    (``--config.recipe_kwargs.KEY=VALUE``), and returns a :class:`Recipe`. Registering a name
+    twice is an error unless ``replace=True`` or it is the same function re-created (a config
+    file imported again).
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"name={name!r} is not allowed for a recipe; allowed: a non-empty name")
+    if not callable(factory):
+        raise ValueError(f"factory={factory!r} is not allowed; allowed: a function -> Recipe")
+    old = _RECIPES.get(name)
+    same = old is not None and getattr(old, "__qualname__", None) == getattr(
+        factory, "__qualname__", 0
+    )
+    if old is not None and not same and not replace:
+        raise ValueError(
+            f"a recipe named {name!r} is already registered; allowed: a new name, or replace=True"
+        )
+    _RECIPES[name] = factory
+    return factory
 
 
 def build(name: str, **kwargs: Any) -> Recipe:
@@ -759,4 +785,5 @@ recipes = types.SimpleNamespace(
     dbssq=dbssq,
     codeq=codeq,
     build=build,
+    register=register_recipe,
 )
