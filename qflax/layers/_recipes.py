@@ -477,6 +477,7 @@ def binary(
     *,
     forward: str | None = None,
     backward: str | None = None,
+    learn_scale: bool = False,
     **pair_kwargs: Any,
 ) -> Recipe:
     """Binary weights (and activations): a ProxConnect++ pair, or the plain binary quantizer.
@@ -494,12 +495,16 @@ def binary(
         tensor's scale; the exact forward ``sign`` is unchanged.
       forward, backward: names in :data:`~qflax.quantizers.FORWARDS` /
         :data:`~qflax.quantizers.BACKWARDS` (with ``pair=None``): the composed pair.
+      learn_scale: learned output scales ``α`` (``y = α·pair(x/α)``; weights per ``scaling``,
+        activations per tensor) instead of ``sg(mean|x|)`` and unscaled ±1 activations; with
+        a multi-bit pair (``pair="multibit", bits=2``) the activations then have ``2^bits``
+        learned levels.
       **pair_kwargs: arguments of the pair's factory (``mu=``, ``beta=``); None values are
         dropped (the pair's default), so one config can name any pair.
     """
     pair_kwargs = {k: v for k, v in pair_kwargs.items() if v is not None}
     if pair is None and forward is None and backward is None:
-        if pair_kwargs or normalize:
+        if pair_kwargs or normalize or learn_scale:
             extra = {**pair_kwargs, **({"normalize": True} if normalize else {})}
             raise ValueError(f"{extra!r} need a pair; allowed: none with pair=None")
         weight = TensorQuant(kind="binary", config=qz.BinaryConfig(scaling=scaling))
@@ -511,13 +516,15 @@ def binary(
             "allowed: a pair name, or pair=None with a forward and a backward"
         )
     names = {"pair": pair, "forward": forward, "backward": backward}
+    common = {**names, "kwargs": pair_kwargs, "normalize": normalize}
     weight = TensorQuant(
         kind="pair",
-        config=qz.PairConfig(**names, kwargs=pair_kwargs, scaling=scaling, normalize=normalize),
+        config=qz.PairConfig(**common, scaling=scaling, learn_scale=learn_scale),
     )
     act_q = None
     if act:
-        cfg = qz.PairConfig(**names, kwargs=pair_kwargs, normalize=normalize)
+        act_scaling = "tensor" if learn_scale else "none"
+        cfg = qz.PairConfig(**common, scaling=act_scaling, learn_scale=learn_scale)
         act_q = TensorQuant(kind="pair", config=cfg)
     return Recipe(weight=weight, act=act_q)
 

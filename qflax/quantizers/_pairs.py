@@ -43,7 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from qflax.quantizers._binary import SCALINGS, BinaryConfig, binary_scale
-from qflax.quantizers._family import NotExportable, QuantizerFamily, register_family
+from qflax.quantizers._family import (
+    NotExportable,
+    QuantizerFamily,
+    compact,
+    expand,
+    register_family,
+)
 
 __all__ = [
     "BACKWARDS",
@@ -229,6 +235,52 @@ def poly_sign(x: jax.typing.ArrayLike) -> jax.Array:
     return jnp.where(x < -1, -one, jnp.where(x >= 1, one, 2 * x - x * jnp.abs(x)))
 
 
+def _levels_m(bits: jax.typing.ArrayLike, dtype: Any) -> jax.Array:
+    """``m = 2^bits − 1`` (the number of steps of a ``bits``-bit staircase on ``[−1, 1]``)."""
+    _check_positive(bits, "bits")
+    return jnp.exp2(jnp.round(jnp.asarray(bits, dtype))) - 1
+
+
+def staircase(x: jax.typing.ArrayLike, bits: jax.typing.ArrayLike = 2) -> jax.Array:
+    """The ``bits``-bit quantizer of ``[−1, 1]``: ``2^bits`` levels ``(2k − m)/m``,
+    ``m = 2^bits − 1`` (odd multiples of ``1/m``, no zero level), nearest level with ties
+    upward; ``bits = 1`` is :func:`sign` (``±1``, ``0 ↦ +1``). Derivative 0.
+
+    >>> staircase(jnp.array([-1.0, -0.2, 0.0, 0.34, 2.0]), bits=2).tolist()
+    [-1.0, -0.3333333432674408, 0.3333333432674408, 0.3333333432674408, 1.0]
+    """
+    x = _as_float(x)
+    m = _levels_m(bits, x.dtype)
+    v = (jnp.clip(x, -1, 1) + 1) / 2 * m
+    k = jnp.clip(jnp.floor(v + 0.5), 0, m)
+    return jnp.where(jnp.isnan(x), x, (2 * k - m) / m)
+
+
+def soft_staircase(
+    x: jax.typing.ArrayLike, bits: jax.typing.ArrayLike = 2, beta: jax.typing.ArrayLike = 5.0
+) -> jax.Array:
+    """A smooth, strictly increasing surrogate of :func:`staircase` on ``[−1, 1]`` (±1 outside).
+
+    With ``v = (x + 1)/2·m`` split as ``v = j + r`` (``j`` integer, ``0 ≤ r < 1``), each step is
+    a scaled ``tanh`` centred on the decision boundary: ``softround(v) = j + ½ +
+    ½·tanh(β(r − ½))/tanh(β/2)``, and ``B(x) = (2·softround(v) − m)/m`` — continuous, equal to
+    the levels' midpoints between steps only in the limit ``β → ∞`` (the staircase), and the
+    straight line ``clip(x, −1, 1)`` as ``β → 0`` (the clipped STE). Per-interval ``tanh`` steps
+    as in differentiable soft quantization (DSQ) [inferred]; ``bits = 1`` gives a soft sign.
+
+    >>> round(float(soft_staircase(0.0, bits=1, beta=1e-3)), 4), float(soft_staircase(-1.0))
+    (0.0, -1.0)
+    """
+    x = _as_float(x)
+    m = _levels_m(bits, x.dtype)
+    beta = _hyper(beta, "beta", x.dtype)
+    v = (jnp.clip(x, -1, 1) + 1) / 2 * m
+    j = jnp.clip(jnp.floor(v), 0, m - 1)
+    r = v - j
+    soft = j + 0.5 + 0.5 * jnp.tanh(beta * (r - 0.5)) / jnp.tanh(beta / 2)
+    return jnp.where(x > 1, 1.0, jnp.where(x < -1, -1.0, (2 * soft - m) / m)).astype(x.dtype)
+
+
 # Forward candidates: any function may be a forward (value of the quantizer).
 _FORWARDS: dict[str, Elementwise] = dict(
     {
@@ -238,9 +290,14 @@ _FORWARDS: dict[str, Elementwise] = dict(
         "sign_swish": sign_swish,
         "prox": prox,
         "poly_sign": poly_sign,
+        "staircase": staircase,
+        "soft_staircase": soft_staircase,
     }
 )
 FORWARDS: Mapping[str, Elementwise] = types.MappingProxyType(_FORWARDS)
+# Forwards whose values are already on a quantizer's grid (a pair with one of these as its
+# forward is exact; others are relaxed and end training in their exact state).
+_EXACT_FORWARDS: set[Any] = {sign, staircase}
 
 # Backward candidates: only functions with a useful derivative (``sign`` has derivative 0
 # everywhere, so it would stop all gradients, and is left out).
@@ -251,6 +308,7 @@ _BACKWARDS: dict[str, Elementwise] = dict(
         "sign_swish": sign_swish,
         "prox": prox,
         "poly_sign": poly_sign,
+        "soft_staircase": soft_staircase,
     }
 )
 BACKWARDS: Mapping[str, Elementwise] = types.MappingProxyType(_BACKWARDS)
@@ -456,6 +514,19 @@ def approx_sign() -> QuantizerPair:
     return pair(sign, poly_sign)
 
 
+def multibit(bits: int = 2, beta: jax.typing.ArrayLike = 5.0) -> QuantizerPair:
+    """A ``bits``-bit pair: forward :func:`staircase`, backward :func:`soft_staircase` (a smooth
+    surrogate whose steps sharpen with ``β``); ``bits = 1`` is a sign with a soft-sign
+    backward. F = P∘B with P the staircase of B's own levels (non-decreasing) [inferred]."""
+    _check_positive(beta, "beta")
+    return pair(
+        staircase,
+        soft_staircase,
+        forward_kwargs={"bits": bits},
+        backward_kwargs={"bits": bits, "beta": beta},
+    )
+
+
 _PAIRS: dict[str, Callable[..., QuantizerPair]] = dict(
     {
         "bc": bc,
@@ -465,6 +536,7 @@ _PAIRS: dict[str, Callable[..., QuantizerPair]] = dict(
         "bnn+": bnn_plus,
         "bnn++": bnn_plus_plus,
         "approx_sign": approx_sign,
+        "multibit": multibit,
     }
 )
 # Name -> factory; each factory returns a callable q(x). A read-only view: the catalogue above
@@ -530,9 +602,16 @@ def _register_elementwise(
     return fn
 
 
-def register_forward(name: str, fn: Elementwise, *, replace: bool = False) -> Elementwise:
-    """Adds an elementwise forward ``F(x, **kwargs)`` to :data:`FORWARDS`."""
-    return _register_elementwise(_FORWARDS, name, fn, "forward", replace)
+def register_forward(
+    name: str, fn: Elementwise, *, exact: bool = False, replace: bool = False
+) -> Elementwise:
+    """Adds an elementwise forward ``F(x, **kwargs)`` to :data:`FORWARDS`; ``exact=True``: its
+    values are quantized already (a pair with it is not relaxed, see
+    :attr:`PairConfig.relaxed`)."""
+    fn = _register_elementwise(_FORWARDS, name, fn, "forward", replace)
+    if exact:
+        _EXACT_FORWARDS.add(fn)
+    return fn
 
 
 def register_backward(name: str, fn: Elementwise, *, replace: bool = False) -> Elementwise:
@@ -615,6 +694,9 @@ class PairConfig:
     # F and B act on x / sg(mean|x|) (per channel with scaling="channel", else per tensor), so
     # μ/β are scale-free; False: on x itself (the pair's own definition).
     normalize: bool = False
+    # A learned output scale α (a QuantParam per tensor, or per channel on `axis`, as
+    # `scaling` says; initialised to mean|x|): y = α·pair(x/α). False: α = sg(mean|x|).
+    learn_scale: bool = False
 
     def __post_init__(self):
         from qflax.numerics import check_choice
@@ -659,8 +741,19 @@ class PairConfig:
         check_choice(self.scaling, "scaling", SCALINGS)
         if isinstance(self.axis, bool) or not isinstance(self.axis, (int, np.integer)):
             raise ValueError(f"axis={self.axis!r} is not an integer; allowed: an int axis")
-        if not isinstance(self.normalize, (bool, np.bool_)):
-            raise ValueError(f"normalize={self.normalize!r} is not allowed; allowed: True or False")
+        for field in ("normalize", "learn_scale"):
+            if not isinstance(getattr(self, field), (bool, np.bool_)):
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} is not allowed; allowed: True or False"
+                )
+        if self.learn_scale and self.scaling == "none":
+            raise ValueError(
+                "learn_scale=True with scaling='none' is not allowed (no scale to learn); "
+                "allowed: scaling='tensor' or 'channel'"
+            )
+        bits = dict(self.kwargs).get("bits", self.defaults().get("bits", 1))
+        if isinstance(bits, bool) or float(bits) != int(bits) or not 1 <= int(bits) <= 8:
+            raise ValueError(f"pair_kwargs['bits']={bits!r} is not allowed; allowed: 1..8")
 
     @property
     def label(self) -> str:
@@ -682,31 +775,52 @@ class PairConfig:
         return {**f, **_keyword_defaults(BACKWARDS[self.backward], True)}
 
     @property
+    def bits(self) -> int:
+        """Bits of the forward's levels: its ``bits`` argument (multi-bit pairs), else 1."""
+        return int(dict(self.kwargs).get("bits", self.defaults().get("bits", 1)))
+
+    @property
     def relaxed(self) -> bool:
-        """Whether the forward is not a sign (``pc``, ``proxquant``, ``bnn++``, a composed or
-        user pair with another forward): its layers end training in the exact sign state."""
-        return self.make().forward is not sign
+        """Whether the forward is not an exact quantizer (``pc``, ``proxquant``, ``bnn++``, a
+        composed or user pair with another forward): its layers end training in the exact
+        state (``sign``, or the ``bits``-bit :func:`staircase`)."""
+        return self.make().forward not in _EXACT_FORWARDS
+
+    def exact(self, x: jax.Array) -> jax.Array:
+        """The exact forward training ends with: ``sign`` (1 bit) or the staircase."""
+        return sign(x) if self.bits == 1 else staircase(x, bits=self.bits)
 
 
 class PairFamily(QuantizerFamily):
-    """``"pair"``: a ProxConnect++ pair (:class:`PairConfig`), times ``sg(mean|x|)`` per
-    tensor or per channel when ``scaling`` says so (XNOR-style); no learnable params. A
-    ``mu`` the pair's factory takes is a state the loop anneals (``anneal.mu_end``); a pair
-    whose forward is not a sign keeps a ``hard`` state, 0 while training and 1 for the
-    exact binary model (``sign`` forward, same scaling) training ends with."""
+    """``"pair"``: a ProxConnect++ pair (:class:`PairConfig`) times an output scale ``α``:
+    ``sg(mean|x|)`` per tensor or per channel when ``scaling`` says so (XNOR-style), or a
+    learned ``α`` (``learn_scale``: ``y = α·pair(x/α)``). A ``mu`` the pair's factory takes is
+    a state the loop anneals (``anneal.mu_end``); a pair whose forward is not an exact
+    quantizer keeps a ``hard`` state, 0 while training and 1 for the exact model (``sign``, or
+    the ``bits``-bit staircase, same scale) training ends with."""
 
     name = "pair"
     config_types = (PairConfig,)
 
     def bits(self, spec) -> int:
-        return 1
+        return spec.config.bits
 
     def granularity(self, spec) -> str:
         return spec.config.scaling
 
     def describe(self, spec) -> str:
         gran = spec.config.scaling
-        return f"pair:{spec.config.label}1" + ("" if gran in ("tensor", "none") else f"/{gran}")
+        suffix = "" if gran in ("tensor", "none") else f"/{gran}"
+        return f"pair:{spec.config.label}{spec.config.bits}{suffix}"
+
+    def learnable(self, spec) -> bool:
+        return spec.config.learn_scale
+
+    def init(self, spec, x):
+        cfg = spec.config
+        alpha = binary_scale(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
+        alpha = jnp.maximum(alpha, jnp.finfo(jnp.float32).tiny).astype(jnp.float32)
+        return {"scale": compact(alpha, cfg.scaling)}
 
     def stats_init(self, spec, x):
         out = {}
@@ -735,51 +849,98 @@ class PairFamily(QuantizerFamily):
     def ends_exact(self, spec) -> bool:
         return spec.config.relaxed
 
-    def values(self, spec, x, stats=None):
+    def _alpha(self, spec, x, params):
+        cfg = spec.config
+        if cfg.learn_scale:
+            return expand(params["scale"], x, cfg.scaling, cfg.axis)
+        if cfg.scaling == "none":
+            return None
+        return binary_scale(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
+
+    def values(self, spec, x, stats=None, params=None):
         """The forward before the output scale: ``(y, α)`` with ``apply(x) = α·y`` (α None
         for ``scaling="none"``); ``y`` is the pair's forward of ``x`` (of ``x/α`` when
-        ``normalize``), or ``sign(x)`` where ``stats["hard"]`` is set (traceable)."""
+        ``normalize`` or ``learn_scale``), or the exact forward where ``stats["hard"]`` is set
+        (traceable)."""
         cfg = spec.config
         stats = dict(stats or {})
         overrides = {"mu": stats["mu"]} if "mu" in stats else {}
         q = cfg.make(**overrides)
-        alpha = None  # the output scale sg(mean|x|), also the normaliser of normalize=True
-        if cfg.scaling != "none":
-            alpha = binary_scale(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
-        if cfg.normalize:  # y = F(x/a), dy/dx = B′(x/a)/a for a no-gradient scale a
+        alpha = self._alpha(spec, x, params or {})  # the output scale, also the normaliser
+        if cfg.normalize or cfg.learn_scale:  # y = F(x/a), dy/dx = B′(x/a)/a
             a = alpha
             if a is None:
                 a = binary_scale(x, BinaryConfig(scaling="tensor"))
             a = jnp.maximum(a, jnp.finfo(jnp.float32).tiny).astype(x.dtype)
-            y = q(x / a).astype(x.dtype)
+            z = x / a
         else:
-            y = q(x).astype(x.dtype)
-        if "hard" in stats:  # the exact binary model: sign forward (no gradient)
-            y = jnp.where(jnp.asarray(stats["hard"]) > 0, sign(x).astype(x.dtype), y)
+            z = x
+        y = q(z).astype(x.dtype)
+        if "hard" in stats:  # the exact model: sign / staircase forward (no gradient)
+            exact = jax.lax.stop_gradient(cfg.exact(z)).astype(x.dtype)
+            y = jnp.where(jnp.asarray(stats["hard"]) > 0, exact, y)
         return y, alpha
 
     def apply(self, spec, x, params, *, key=None, stats=None):
-        y, alpha = self.values(spec, x, stats)
+        y, alpha = self.values(spec, x, stats, params)
         return y if alpha is None else alpha.astype(x.dtype) * y
 
     def codes(self, spec, x, params, stats):
-        from qflax.quantizers._qarray import quantize_binary
+        from qflax.quantizers._qarray import QArray, quantize_binary
 
         cfg = spec.config
-        if float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0:
-            y = sign(x)
-        else:
-            y = cfg.make()(x)
-        if not bool(jnp.all(jnp.abs(y) == 1.0)):
+        hard = float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0
+        y, alpha = self.values(spec, x, {"hard": 1.0} if hard else {}, params)
+        m = 2.0**cfg.bits - 1.0
+        k = (y + 1.0) * (m / 2.0)  # the level index of (2k − m)/m
+        if not bool(jnp.all((jnp.abs(y) <= 1.0) & (jnp.abs(k - jnp.round(k)) < 1e-3))):
             raise NotExportable(
-                f"pair={cfg.label!r} with {dict(cfg.kwargs)} has a forward that is not a "
-                "sign (values other than ±1), so it has no integer codes; allowed: a pair "
-                "whose forward is sign (bc, pc, bnn, bnn+), or its exact state (hard=1)"
+                f"pair={cfg.label!r} with {dict(cfg.kwargs)} has a forward whose values are "
+                f"not on its {cfg.bits}-bit levels, so it has no integer codes; allowed: a "
+                "pair whose forward is sign or staircase (bc, pc, bnn, bnn+, multibit), or its "
+                "exact state (hard=1)"
             )
-        q = quantize_binary(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
-        return dataclasses.replace(q, values=(y > 0).astype(jnp.uint8))
+        a = jnp.ones((1,) * x.ndim, jnp.float32) if alpha is None else alpha
+        if cfg.bits == 1:
+            if cfg.learn_scale:
+                return QArray(
+                    values=(y > 0).astype(jnp.uint8),
+                    scale=jnp.asarray(a, jnp.float32),
+                    zero_point=None,
+                    bits=1,
+                    signed=False,
+                    shape=x.shape,
+                    packed=False,
+                    kind="binary",
+                )
+            q = quantize_binary(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
+            return dataclasses.replace(q, values=(y > 0).astype(jnp.uint8))
+        # x̂ = α·(2k − m)/m = (2α/m)·(k − m/2): unsigned codes k, a float zero point m/2
+        return QArray(
+            values=jnp.round(k).astype(jnp.uint8),
+            scale=jnp.asarray(2.0 * a / m, jnp.float32),
+            zero_point=jnp.full(jnp.shape(a), m / 2.0, jnp.float32),
+            bits=cfg.bits,
+            signed=False,
+            shape=x.shape,
+            packed=False,
+            kind="uniform",
+        )
+
+    def params_from_codes(self, spec, q):
+        if not spec.config.learn_scale:
+            return {}
+        m = 2.0**spec.config.bits - 1.0
+        alpha = q.scale if spec.config.bits == 1 else q.scale * (m / 2.0)
+        return {"scale": alpha}
 
     def lowering(self, spec, role):
+        if spec.config.bits != 1:
+            raise NotExportable(
+                f"pair {spec.config.label!r} has {spec.config.bits}-bit levels; integer "
+                "inference runs 1-bit pairs (XNOR/popcount); allowed: bits=1, or "
+                "`qflax eval` without --integer"
+            )
         return "binary"
 
 
