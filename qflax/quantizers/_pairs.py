@@ -274,11 +274,11 @@ def soft_staircase(
     x = _as_float(x)
     m = _levels_m(bits, x.dtype)
     beta = _hyper(beta, "beta", x.dtype)
-    v = (jnp.clip(x, -1, 1) + 1) / 2 * m
-    j = jnp.clip(jnp.floor(v), 0, m - 1)
+    v = (hardtanh(x) + 1) / 2 * m  # hardtanh: derivative 1 on the bounds (jnp.clip's is ½)
+    j = jax.lax.stop_gradient(jnp.clip(jnp.floor(v), 0, m - 1))
     r = v - j
     soft = j + 0.5 + 0.5 * jnp.tanh(beta * (r - 0.5)) / jnp.tanh(beta / 2)
-    return jnp.where(x > 1, 1.0, jnp.where(x < -1, -1.0, (2 * soft - m) / m)).astype(x.dtype)
+    return ((2 * soft - m) / m).astype(x.dtype)
 
 
 # Forward candidates: any function may be a forward (value of the quantizer).

@@ -81,7 +81,9 @@ def decomposition_violation(
       (``violation ≤ tol``), ``max_decrease`` and ``max_spread`` (floats ≥ 0), ``kind``
       (``"decrease"``, ``"spread"`` or ``None`` when the violation is 0), the witnesses ``x``,
       ``b`` and ``f`` (pairs ``(first, second)`` of grid points with ``b_first ≤ b_second`` and
-      ``f_first − f_second = violation``, or ``None``), ``tol`` and ``num_points``.
+      ``f_first − f_second = violation``, or ``None``), ``witnesses`` (the worst witness of
+      each kind, ``{"decrease": {"x", "b", "f"} | None, "spread": ...}``), ``tol`` and
+      ``num_points``.
 
     >>> from qflax.quantizers import sign, identity
     >>> decomposition_violation(sign, identity)["consistent"]
@@ -120,17 +122,26 @@ def decomposition_violation(
     max_spread = float(max(np.max(spreads), 0.0))
     max_decrease = float(max(np.max(decreases), 0.0))
     violation = max(max_spread, max_decrease)
-    kind, pair = None, None
+    pairs = {"decrease": None, "spread": None}  # the worst witness of each kind
+    if max_decrease > 0:
+        g = int(np.argmax(decreases))
+        pairs["decrease"] = (int(ends[run_arg[g - 1]]), int(starts[g]))
+    if max_spread > 0:
+        g = int(np.argmax(spreads))
+        pairs["spread"] = (int(ends[g]), int(starts[g]))
+    kind = None
     if violation > 0:
-        if max_decrease >= max_spread:
-            g = int(np.argmax(decreases))
-            kind, pair = "decrease", (int(ends[run_arg[g - 1]]), int(starts[g]))
-        else:
-            g = int(np.argmax(spreads))
-            kind, pair = "spread", (int(ends[g]), int(starts[g]))
+        kind = "decrease" if max_decrease >= max_spread else "spread"
+    pair = None if kind is None else pairs[kind]
 
-    def witness(values: np.ndarray):
-        return None if pair is None else (float(values[pair[0]]), float(values[pair[1]]))
+    def witness(values: np.ndarray, which=None):
+        which = pair if which is None else which
+        return None if which is None else (float(values[which[0]]), float(values[which[1]]))
+
+    witnesses = {
+        k: None if p is None else {"x": witness(xs, p), "b": witness(b, p), "f": witness(f, p)}
+        for k, p in pairs.items()
+    }
 
     return {
         "violation": float(violation),
@@ -141,6 +152,7 @@ def decomposition_violation(
         "x": witness(xs),
         "b": witness(b),
         "f": witness(f),
+        "witnesses": witnesses,
         "tol": float(tol),
         "num_points": int(len(xs)),
     }
@@ -252,10 +264,7 @@ def pair_criterion(
     max_slope = float(np.max(np.abs(slope))) if slope.size else 0.0
 
     def where(kind: str) -> dict[str, Any] | None:
-        if base["kind"] != kind:
-            # the other kind's worst witness is not kept by decomposition_violation
-            return None
-        return {"x": base["x"], "b": base["b"], "f": base["f"]}
+        return base["witnesses"][kind]
 
     values = {
         "f_function_of_b": (base["max_spread"], where("spread")),

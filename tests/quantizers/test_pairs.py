@@ -78,6 +78,22 @@ def _poly_sign_prime(x):
 MU = 3.0
 BETA = 2.0
 
+
+def _staircase(x, bits):
+    m = 2.0**bits - 1
+    k = np.clip(np.floor((np.clip(x, -1, 1) + 1) / 2 * m + 0.5), 0, m)
+    return (2 * k - m) / m
+
+
+def _soft_staircase_prime(x, bits, beta):
+    """d/dx of the per-interval tanh steps: ½β·sech²(β(r − ½))/tanh(β/2) on [−1, 1], else 0."""
+    m = 2.0**bits - 1
+    v = (np.clip(x, -1, 1) + 1) / 2 * m
+    r = v - np.clip(np.floor(v), 0, m - 1)
+    inside = 0.5 * beta / np.cosh(beta * (r - 0.5)) ** 2 / np.tanh(beta / 2)
+    return np.where(np.abs(x) <= 1, inside, 0.0)
+
+
 # name -> (factory kwargs, F(x), B'(x), (backward function, its kwargs)).
 CASES = {
     "bc": ({}, _sign, np.ones_like, (identity, {})),
@@ -102,7 +118,15 @@ CASES = {
         (sign_swish, {"beta": MU}),
     ),
     "approx_sign": ({}, _sign, _poly_sign_prime, (poly_sign, {})),
+    "multibit": (
+        {"bits": 2, "beta": BETA},
+        lambda x: _staircase(x, 2),
+        lambda x: _soft_staircase_prime(x, 2, BETA),
+        (_pairs.soft_staircase, {"bits": 2, "beta": BETA}),
+    ),
 }
+# The built-in catalogue (user code may register more names in the same process).
+CATALOGUE = {"bc", "pc", "proxquant", "bnn", "bnn+", "bnn++", "approx_sign", "multibit"}
 
 # Points with every edge case: the ±1 bounds, signed zeros, the ±0.5 interior, the outside.
 EDGES = np.array([-2.0, -1.0, -0.5, -0.0, 0.0, 0.5, 1.0, 2.0], np.float32)
@@ -146,8 +170,7 @@ def _check_case(name, x, g):
 
 
 def test_cases_cover_the_catalogue():
-    assert set(CASES) == set(PAIRS)
-    assert set(PAIRS) == {"bc", "pc", "proxquant", "bnn", "bnn+", "bnn++", "approx_sign"}
+    assert set(CASES) == CATALOGUE and CATALOGUE <= set(PAIRS)
     assert PAIRS["bnn+"] is bnn_plus and PAIRS["bnn++"] is bnn_plus_plus
 
 
@@ -444,8 +467,9 @@ def test_registries_are_read_only():
     for mapping in (PAIRS, FORWARDS, BACKWARDS):
         with pytest.raises(TypeError):
             mapping["new"] = identity
-    assert set(FORWARDS) == {"identity", "sign", "hardtanh", "sign_swish", "prox", "poly_sign"}
-    assert set(BACKWARDS) == set(FORWARDS) - {"sign"}
+    built_in = {"identity", "sign", "hardtanh", "sign_swish", "prox", "poly_sign"}
+    assert built_in | {"staircase", "soft_staircase"} <= set(FORWARDS)
+    assert built_in - {"sign"} | {"soft_staircase"} <= set(BACKWARDS)
     for name, backward in BACKWARDS.items():  # every backward passes some gradient
         assert float(jax.grad(backward)(0.1)) > 0, name
 

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from qflax.quantizers._pairs import PAIRS, bc, bnn, hardtanh, identity, pair, sign
-from qflax.studies import check_catalogue, decomposition_violation, plot_catalogue, plot_pair
+from qflax.studies import (
+    check_catalogue,
+    decomposition_violation,
+    pair_criterion,
+    plot_catalogue,
+    plot_pair,
+)
 
 
 def test_bc_is_consistent():
@@ -110,3 +116,52 @@ def test_plot_pair_and_catalogue(tmp_path):
     assert len({p.name for p in paths.values()}) == len(PAIRS)
     for p in paths.values():
         assert p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------ criterion
+
+
+def test_pair_criterion_passes_the_catalogue():
+    from qflax.quantizers import PAIRS as ALL
+
+    for name in ("bc", "pc", "proxquant", "bnn", "bnn+", "bnn++", "approx_sign", "multibit"):
+        r = pair_criterion(ALL[name]())
+        assert r["holds"] and r["failed"] == [], (name, r)
+        assert {c["source"] for c in r["conditions"].values()} <= {"[paper]", "[inferred]"}
+    # SignSwish overshoots: BNN+ passes the criterion with a non-monotone B (information only)
+    assert pair_criterion(ALL["bnn+"]())["b_monotone"] is False
+
+
+@pytest.mark.parametrize(
+    ("forward", "backward", "failed"),
+    [
+        # a backward that loses the sign of x: F is not a function of B
+        (sign, jnp.abs, ["f_function_of_b", "p_non_decreasing"]),
+        # a backward that flips the sign: P would have to decrease
+        (sign, lambda x: -x, ["p_non_decreasing"]),
+        # a decreasing P: F = −sign against B = identity
+        (lambda x: -sign(x), identity, ["p_non_decreasing"]),
+        # a backward with zero derivative everywhere passes no gradient
+        (sign, sign, ["b_passes_gradient"]),
+        # a backward that oscillates: F non-monotone in B
+        (sign, lambda x: jnp.sin(3 * x), ["p_non_decreasing"]),
+    ],
+)
+def test_pair_criterion_flags_negative_controls(forward, backward, failed):
+    r = pair_criterion(pair(forward, backward))
+    assert not r["holds"] and r["failed"] == failed
+    worst = r["conditions"][failed[0]]
+    assert worst["violation"] > 0 and worst["source"] in ("[paper]", "[inferred]")
+    if failed[0] != "b_passes_gradient":
+        # where it fails: two grid points with b_first <= b_second
+        (x1, x2), (b1, b2) = worst["where"]["x"], worst["where"]["b"]
+        assert b1 <= b2 and x1 != x2
+
+
+def test_pair_criterion_of_functions_and_errors():
+    r = pair_criterion(forward=sign, backward=hardtanh)
+    assert r["holds"] and r["num_points"] == 2001
+    with pytest.raises(ValueError, match="forward/backward missing"):
+        pair_criterion(forward=sign)
+    with pytest.raises(ValueError, match="one of the two"):
+        pair_criterion(bnn(), forward=sign)
