@@ -26,22 +26,6 @@ from qflax.export._export import (
     save_packed,
 )
 from qflax.export._fold import Identity, fold_batchnorm, fold_model_batchnorm, identity_variance
-from qflax.export._integer import (
-    ACTIVATIONS,
-    CALIBRATIONS,
-    BinaryLayer,
-    FloatLayer,
-    IntegerLayer,
-    IntegerProgram,
-    estimate_scale,
-    export_integer,
-    fake_quant_forward,
-    integer_forward,
-    quantize_input,
-    quantize_multiplier,
-    requantize,
-    static_act_scales,
-)
 from qflax.export._ptq import PTQ_KEYS, load_ptq, ptq, ptq_config
 from qflax.export._qarray import (
     QARRAY_KINDS,
@@ -64,6 +48,23 @@ from qflax.export._qarray import (
     quantize_uniform,
     unpack,
 )
+from qflax.export.integer import (
+    ACTIVATIONS,
+    CALIBRATIONS,
+    BinaryLayer,
+    Epilogue,
+    FloatLayer,
+    IntegerLayer,
+    IntegerProgram,
+    estimate_scale,
+    export_integer,
+    fake_quant_forward,
+    integer_forward,
+    quantize_input,
+    quantize_multiplier,
+    requantize,
+    static_act_scales,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -71,6 +72,7 @@ __all__ = [
     "PTQ_KEYS",
     "QARRAY_KINDS",
     "BinaryLayer",
+    "Epilogue",
     "FloatLayer",
     "Identity",
     "IntegerLayer",
