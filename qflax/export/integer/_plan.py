@@ -349,6 +349,15 @@ def input_grid(step: Step) -> InputGrid:
     return InputGrid(lo, hi, learned)
 
 
+def static_input(spec: Any) -> str | None:
+    """How the reference applies ``act_scales`` to an input quantizer: ``"required"`` (absmax:
+    its scale is dynamic, a static one must be given), ``"optional"`` (learned_step: a given
+    scale replaces the learned one), None (the quantizer's own, scales or not)."""
+    if spec is None or spec.kind not in UNIFORM_KINDS:
+        return None
+    return "optional" if spec.kind == "learned_step" else "required"
+
+
 def layer_lowering(step: Step) -> WeightLowering:
     """A layer's :class:`WeightLowering` (``"float"`` for a float layer), with its input checked
     (:func:`input_grid`) when it runs on codes; ValueError (naming the layer, its recipe and

@@ -16,7 +16,6 @@ from jax import lax
 from qflax import quantizers as qz
 from qflax.export.integer._arith import CONV_DIMS, max_pool
 from qflax.export.integer._plan import (
-    UNIFORM_KINDS,
     Step,
     act_spec,
     binary_weight,
@@ -28,6 +27,7 @@ from qflax.export.integer._plan import (
     params,
     plan,
     sign_valued,
+    static_input,
     stats,
 )
 from qflax.numerics import check_choice
@@ -111,10 +111,10 @@ def fake_quant_forward(
         layer, inner_layer = step.layer, inner(step.layer)
         spec = act_spec(step)
         if spec is not None:
-            static = act_scales is not None and spec.kind in UNIFORM_KINDS
+            static = None if act_scales is None else static_input(spec)
             if static and step.path in act_scales:
                 x = _static_act(x, spec, act_scales[step.path])
-            elif static and spec.kind != "learned_step":  # a learned scale is static already
+            elif static == "required":  # a learned scale is static already
                 raise ValueError(
                     f"act_scales has no scale for layer {step.path!r}; allowed: act_scales "
                     "from static_act_scales(model, batches)"
