@@ -269,3 +269,27 @@ def test_unsupported_activations_are_refused_before_any_work():
         static_act_scales(model, batches())
     with pytest.raises(ValueError, match=match):
         export_integer(model, {"stem": 1.0, "head": 1.0})
+
+
+def test_the_planner_reads_the_models_layer_sequence_not_its_class():
+    """Any module that describes its forward (``layer_sequence()``) runs; the class is not
+    looked at: a wrapper around an MLP gives the MLP's program and logits."""
+    model, _ = quantize_model(_mlp(0), [Rule(".*", recipes.absmax(8, 8))])
+
+    class Wrapper(nnx.Module):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def layer_sequence(self):
+            return self.inner.layer_sequence()
+
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    scales = static_act_scales(model, [x])
+    assert static_act_scales(Wrapper(model), [x]) == scales
+    want = integer_forward(export_integer(model, scales), x)
+    got = integer_forward(export_integer(Wrapper(model), scales), x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(fake_quant_forward(Wrapper(model), x, scales)),
+        np.asarray(fake_quant_forward(model, x, scales)),
+    )
