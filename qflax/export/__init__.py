@@ -26,10 +26,12 @@ from qflax.export._export import (
     save_packed,
 )
 from qflax.export._fold import Identity, fold_batchnorm, fold_model_batchnorm, identity_variance
-from qflax.export._integer import (
+from qflax.export._ptq import PTQ_KEYS, load_ptq, ptq, ptq_config
+from qflax.export.integer import (
     ACTIVATIONS,
     CALIBRATIONS,
     BinaryLayer,
+    Epilogue,
     FloatLayer,
     IntegerLayer,
     IntegerProgram,
@@ -42,7 +44,6 @@ from qflax.export._integer import (
     requantize,
     static_act_scales,
 )
-from qflax.export._ptq import PTQ_KEYS, load_ptq, ptq, ptq_config
 from qflax.quantizers import (
     QARRAY_KINDS,
     QArray,
@@ -71,6 +72,7 @@ __all__ = [
     "PTQ_KEYS",
     "QARRAY_KINDS",
     "BinaryLayer",
+    "Epilogue",
     "FloatLayer",
     "Identity",
     "IntegerLayer",

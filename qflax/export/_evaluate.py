@@ -14,7 +14,8 @@ import numpy as np
 from flax import nnx
 
 from qflax.export._export import export_model, packed_model_bytes
-from qflax.export._integer import (
+from qflax.export.integer import (
+    INTEGER_MODELS,
     export_integer,
     fake_quant_forward,
     integer_forward,
@@ -22,9 +23,6 @@ from qflax.export._integer import (
 )
 
 __all__ = ["evaluate_integer", "float32_bytes", "predict"]
-
-# Models (names in qflax.models.MODELS) integer inference runs.
-INTEGER_MODELS = ("mlp", "cnn")
 
 # Training batches whose layer inputs calibrate the static scales of absmax activations.
 CALIBRATION_BATCHES = 8

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qflax.export._evaluate import INTEGER_MODELS, _training_batches, float32_bytes, predict
+from qflax.export._evaluate import _training_batches, float32_bytes, predict
 from qflax.export._export import (
     export_model,
     import_model,
@@ -32,8 +32,9 @@ from qflax.export._export import (
     save_packed,
 )
 from qflax.export._fold import fold_model_batchnorm
-from qflax.export._integer import (
+from qflax.export.integer import (
     CALIBRATIONS,
+    INTEGER_MODELS,
     export_integer,
     integer_forward,
     static_act_scales,

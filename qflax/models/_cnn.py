@@ -12,6 +12,7 @@ from qflax.models._common import (
     BN_EPSILON,
     BN_MOMENTUM,
     ConvFactory,
+    LayerStep,
     LinearFactory,
     check_activation,
     check_image_shape,
@@ -132,3 +133,15 @@ class CNN(nnx.Module):
                 x = nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
         x = act(self.dense(x.reshape(x.shape[0], -1)))
         return self.head(x)
+
+    def layer_sequence(self) -> tuple[LayerStep, ...]:
+        """The forward as a chain of linear layers (:class:`~qflax.models.LayerStep`): each
+        convolution with its BatchNorm (None without ``use_bn``), activation and pool, then the
+        feature map flattened before ``dense``, and ``head``."""
+        convs = (("stem", self.stem, self.stem_norm), ("conv2", self.conv2, self.conv2_norm))
+        steps = tuple(
+            LayerStep(path, layer, "conv", norm, self.activation, pool)
+            for (path, layer, norm), pool in zip(convs, self.pools, strict=True)
+        )
+        dense = LayerStep("dense", self.dense, "dense", activation=self.activation, flatten=True)
+        return (*steps, dense, LayerStep("head", self.head, "dense"))

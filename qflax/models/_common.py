@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -18,6 +19,27 @@ BN_EPSILON = 1e-5
 # (BNN and the ProxConnect++ pairs) need ``"hardtanh"``: the sign of a ReLU output is +1
 # everywhere (``sign(0) = +1``), so a binarized input after a ReLU carries no information.
 ACTIVATIONS = MappingProxyType({"relu": jax.nn.relu, "hardtanh": jax.nn.hard_tanh})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStep:
+    """One linear layer of a model whose forward is a chain of them, and what follows it.
+
+    A model that is such a chain (MLP, CNN) describes its eval-mode forward as a tuple of these
+    (``model.layer_sequence()``), in execution order: ``flatten`` the input to ``(batch, -1)``
+    (if set), the layer (``op``: ``"dense"`` or ``"conv"``), ``norm`` (an eval-mode BatchNorm,
+    or None), ``activation`` (a name of :data:`ACTIVATIONS`, None after the last layer), then a
+    2x2/stride-2 max-pool (if ``pool``). Readers of the chain (integer inference) need no
+    knowledge of the model's class.
+    """
+
+    path: str  # the layer's module path ("stem", "blocks.0", ...)
+    layer: Any  # the dense layer or convolution (a float or quant layer)
+    op: str  # "dense" | "conv"
+    norm: Any = None
+    activation: str | None = None
+    pool: bool = False
+    flatten: bool = False
 
 
 class LinearFactory(Protocol):

@@ -11,6 +11,7 @@ from flax import nnx
 from qflax.models._common import (
     ACTIVATIONS,
     ConvFactory,
+    LayerStep,
     LinearFactory,
     check_activation,
     check_input,
@@ -81,3 +82,13 @@ class MLP(nnx.Module):
         for layer in self.blocks:
             x = act(layer(x))
         return self.head(x)
+
+    def layer_sequence(self) -> tuple[LayerStep, ...]:
+        """The forward as a chain of linear layers (:class:`~qflax.models.LayerStep`): the
+        input flattened before ``stem``, the activation after every layer but ``head``."""
+        layers = [("stem", self.stem)] + [(f"blocks.{i}", b) for i, b in enumerate(self.blocks)]
+        steps = tuple(
+            LayerStep(path, layer, "dense", activation=self.activation, flatten=i == 0)
+            for i, (path, layer) in enumerate(layers)
+        )
+        return (*steps, LayerStep("head", self.head, "dense"))

@@ -148,7 +148,7 @@ def test_integer_cnn_matches_fake_quant(bits):
         assert logits.dtype == np.int32
         differ[shift] = int(np.sum(logits.argmax(-1) != reference.argmax(-1)))
         if shift is None:
-            assert all(layer.acc_shift > 0 for layer in program.layers)
+            assert all(layer.epilogue.acc_shift > 0 for layer in program.layers)
             error = np.abs(logits * program.logit_scale - reference) / np.abs(reference).max()
             assert error.max() < 1e-4
     assert differ[None] == 0, differ
@@ -180,13 +180,14 @@ def test_mixed_first_last_float_equals_fake_quant(seed):
         "IntegerLayer",
         "FloatLayer",
     ]
-    assert [getattr(layer, "output", None) for layer in program.layers] == [
-        None,
+    # float stem -> codes, conv2 -> codes, dense -> float (the boundary back), float logits
+    assert [layer.epilogue.output for layer in program.layers] == [
+        "codes",
         "codes",
         "float",
-        None,
+        "float",
     ]
-    assert program.input_scale is None and program.layers[1].negate is not None
+    assert program.input_scale is None and program.layers[1].epilogue.negate is not None
     reference = np.asarray(nnx.jit(lambda m, x: m(x))(qmodel, x))  # what `qflax eval` computes
     logits = np.asarray(jax.jit(integer_forward)(program, x))
     assert logits.dtype == np.float32
@@ -208,10 +209,9 @@ def test_mixed_program_runs_integer_operands_inside():
         ([jnp.float32, jnp.float32], jnp.float32),  # head
     ]
     # The conversions: float -> int8 codes after the stem, int32 -> float after dense.
-    assert program.layers[0].out_dtype == "int8" and program.layers[0].out_scale is not None
-    np.testing.assert_allclose(
-        float(program.layers[0].out_scale), float(qmodel.conv2.act_scale[...]), rtol=0
-    )
+    stem = program.layers[0].epilogue
+    assert stem.out_dtype == "int8" and stem.out_scale is not None
+    np.testing.assert_allclose(float(stem.out_scale), float(qmodel.conv2.act_scale[...]), rtol=0)
 
 
 def test_integer_rejects_unsupported_recipes_and_models():
@@ -269,3 +269,27 @@ def test_unsupported_activations_are_refused_before_any_work():
         static_act_scales(model, batches())
     with pytest.raises(ValueError, match=match):
         export_integer(model, {"stem": 1.0, "head": 1.0})
+
+
+def test_the_planner_reads_the_models_layer_sequence_not_its_class():
+    """Any module that describes its forward (``layer_sequence()``) runs; the class is not
+    looked at: a wrapper around an MLP gives the MLP's program and logits."""
+    model, _ = quantize_model(_mlp(0), [Rule(".*", recipes.absmax(8, 8))])
+
+    class Wrapper(nnx.Module):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def layer_sequence(self):
+            return self.inner.layer_sequence()
+
+    x = jax.random.normal(jax.random.key(0), (32, 16))
+    scales = static_act_scales(model, [x])
+    assert static_act_scales(Wrapper(model), [x]) == scales
+    want = integer_forward(export_integer(model, scales), x)
+    got = integer_forward(export_integer(Wrapper(model), scales), x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(
+        np.asarray(fake_quant_forward(Wrapper(model), x, scales)),
+        np.asarray(fake_quant_forward(model, x, scales)),
+    )

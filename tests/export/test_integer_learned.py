@@ -38,12 +38,12 @@ def test_learned_uniform_cnn_equals_the_model(name):
     scales = static_act_scales(model, [x[:128]])
     assert set(scales) == {"conv2", "dense"}
     program = export_integer(model, scales)
-    kinds = [(type(layer).__name__, getattr(layer, "output", None)) for layer in program.layers]
+    kinds = [(type(layer).__name__, layer.epilogue.output) for layer in program.layers]
     assert kinds == [
-        ("FloatLayer", None),
+        ("FloatLayer", "codes"),
         ("IntegerLayer", "codes"),
         ("IntegerLayer", "float"),
-        ("FloatLayer", None),
+        ("FloatLayer", "float"),
     ]
     conv2 = program.layers[1]
     assert jnp.issubdtype(conv2.kernel.dtype, jnp.integer)

@@ -12,7 +12,7 @@ from jax import lax
 
 from qflax import quantizers as qz
 from qflax.export import export_integer, fake_quant_forward, integer_forward, static_act_scales
-from qflax.export._integer import _pack_words, _unpack_words, _xnor_dot
+from qflax.export.integer._arith import pack_words, unpack_words, xnor_dot
 from qflax.layers import (
     QuantConv,
     QuantLinear,
@@ -63,11 +63,11 @@ def _images(seed, n=256):
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 100])
 def test_pack_words_round_trip(n):
     bits = jnp.asarray(np.random.default_rng(n).integers(0, 2, (3, n)), jnp.uint8)
-    words = _pack_words(bits)
+    words = pack_words(bits)
     assert words.dtype == jnp.uint32 and words.shape == (3, -(-n // 32))
-    np.testing.assert_array_equal(_unpack_words(words, n), bits)
+    np.testing.assert_array_equal(unpack_words(words, n), bits)
     # bit j of word i is element 32·i + j; the tail bits are 0
-    assert int(_pack_words(jnp.eye(1, 33, 32, dtype=jnp.uint8))[0, 1]) == 1
+    assert int(pack_words(jnp.eye(1, 33, 32, dtype=jnp.uint8))[0, 1]) == 1
     assert int(jnp.sum(lax.population_count(words))) == int(jnp.sum(bits))
 
 
@@ -79,8 +79,8 @@ def test_xnor_dense_is_the_plus_minus_one_product():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, 2, (5, 70)), jnp.uint8)
     w = jnp.asarray(rng.integers(0, 2, (70, 6)), jnp.uint8)
-    words = _pack_words(w.T).T
-    got = _xnor_dot(x, words, (70, 6))
+    words = pack_words(w.T).T
+    got = xnor_dot(x, words, (70, 6))
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, np.asarray(_signs(x) @ _signs(w), np.int32))
 
@@ -93,8 +93,8 @@ def test_xnor_conv_counts_zero_padding_exactly(strides, padding):
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.integers(0, 2, (2, 7, 6, 5)), jnp.uint8)
     w = jnp.asarray(rng.integers(0, 2, (3, 3, 5, 4)), jnp.uint8)
-    words = _pack_words(w.reshape(45, 4).T).T
-    got = _xnor_dot(x, words, (3, 3, 5, 4), "conv", strides, padding)
+    words = pack_words(w.reshape(45, 4).T).T
+    got = xnor_dot(x, words, (3, 3, 5, 4), "conv", strides, padding)
     want = lax.conv_general_dilated(
         _signs(x), _signs(w), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -124,7 +124,7 @@ def test_binary_mlp_equals_fake_quant(pair):
     (thresholds), float32 logits out of the binary head — the fake-quant reference exactly."""
     model, _ = quantize_model(_mlp(0, "hardtanh"), [Rule(".*", recipes.binary(pair))])
     program = export_integer(model)
-    kinds = [(type(layer).__name__, layer.output) for layer in program.layers]
+    kinds = [(type(layer).__name__, layer.epilogue.output) for layer in program.layers]
     assert kinds == [("BinaryLayer", "bits")] * 2 + [("BinaryLayer", "float")]
     assert program.input_bits and all(layer.kernel.dtype == jnp.uint32 for layer in program.layers)
     x = jax.random.normal(jax.random.key(1), (256, 16))
@@ -150,15 +150,14 @@ def test_binary_cnn_with_batchnorm_and_pools_equals_fake_quant(seed):
     )
     _negate_half_gamma(model)
     program = export_integer(model)
-    kinds = [(type(layer).__name__, getattr(layer, "output", None)) for layer in program.layers]
+    kinds = [(type(layer).__name__, layer.epilogue.output) for layer in program.layers]
     assert kinds == [
-        ("FloatLayer", None),
+        ("FloatLayer", "bits"),
         ("BinaryLayer", "bits"),
         ("BinaryLayer", "float"),
-        ("FloatLayer", None),
+        ("FloatLayer", "float"),
     ]
-    assert program.layers[0].out_bits
-    direction = np.asarray(program.layers[1].direction)
+    direction = np.asarray(program.layers[1].epilogue.direction)
     assert (direction == -1).any() and (direction == 1).any()
     x = _images(seed)
     reference = np.asarray(fake_quant_forward(model, x))
@@ -172,7 +171,7 @@ def test_binary_cnn_all_binary_layers():
     """Every layer binary, input signs from the image: stem, conv2 and dense exchange bits."""
     model, _ = quantize_model(_cnn(2, "hardtanh"), [Rule(".*", recipes.binary(None))])
     program = export_integer(model)
-    assert [layer.output for layer in program.layers] == ["bits", "bits", "bits", "float"]
+    assert [layer.epilogue.output for layer in program.layers] == ["bits", "bits", "bits", "float"]
     x = _images(2)
     reference = np.asarray(fake_quant_forward(model, x))
     logits = np.asarray(jax.jit(integer_forward)(program, x))
