@@ -76,8 +76,10 @@ from qflax.quantizers._family import (
     FAMILIES,
     PARAM_TAGS,
     ROLES,
+    InputLowering,
     NotExportable,
     QuantizerFamily,
+    WeightLowering,
     compact,
     expand,
     get_family,
@@ -176,6 +178,8 @@ from qflax.quantizers._uniform import (
 
 __all__ = [
     "FAMILIES",
+    "InputLowering",
+    "WeightLowering",
     "PARAM_TAGS",
     "ROLES",
     "NotExportable",

@@ -37,7 +37,13 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_choice
 from qflax.quantizers._base import reduce_axes
-from qflax.quantizers._family import QuantizerFamily, register_family
+from qflax.quantizers._family import (
+    InputLowering,
+    NotExportable,
+    QuantizerFamily,
+    WeightLowering,
+    register_family,
+)
 
 __all__ = [
     "BINARY_GRADIENTS",
@@ -397,8 +403,24 @@ class BinaryFamily(QuantizerFamily):
 
         return quantize_binary(x, spec.config)
 
-    def lowering(self, spec, role):
-        return "binary"
+    def weight_lowering(self, spec, params, stats):
+        cfg = spec.config
+        if cfg.stochastic:
+            raise NotExportable("stochastic binary weights have no fixed signs to run")
+        return WeightLowering("binary", granularity=cfg.scaling, axis=cfg.axis)
+
+    def input_lowering(self, spec, params, stats):
+        cfg = spec.config
+        if cfg.stochastic or cfg.scaling != "none":
+            raise NotExportable(
+                f"binary inputs with stochastic={cfg.stochastic}, scaling={cfg.scaling!r}: "
+                "XNOR/popcount runs deterministic, unscaled signs"
+            )
+        return InputLowering("sign")
+
+    def sign_values(self, spec, x, params, stats):
+        y = jnp.where(x >= 0, jnp.float32(1.0), jnp.float32(-1.0))
+        return y, binary_scale(x, spec.config)
 
 
 class TernaryFamily(BinaryFamily):
@@ -418,8 +440,17 @@ class TernaryFamily(BinaryFamily):
 
         return quantize_ternary(x, spec.config)
 
-    def lowering(self, spec, role):
-        return "ternary"
+    def weight_lowering(self, spec, params, stats):
+        # codes {−1, 0, 1} at the scale α: a uniform layer
+        return WeightLowering(
+            "uniform", code_max=1, granularity=spec.config.scaling, axis=spec.config.axis
+        )
+
+    def input_lowering(self, spec, params, stats):
+        raise NotExportable("ternary inputs: integer inference runs ternary weights only")
+
+    def sign_values(self, spec, x, params, stats):
+        raise NotExportable("ternary weights are not signs")
 
 
 register_family(BinaryFamily())

@@ -63,7 +63,12 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
-from qflax.quantizers._family import NotExportable, QuantizerFamily, register_family
+from qflax.quantizers._family import (
+    NotExportable,
+    QuantizerFamily,
+    WeightLowering,
+    register_family,
+)
 from qflax.quantizers._pow2 import _F32, _check_float
 
 __all__ = [
@@ -473,8 +478,8 @@ class CoDeQFamily(QuantizerFamily):
             "scales, model_bytes) and integer inference are unaffected"
         )
 
-    def lowering(self, spec, role):
-        return "codeq"
+    def weight_lowering(self, spec, params, stats):
+        return WeightLowering("codeq")
 
 
 register_family(CoDeQFamily())

@@ -28,7 +28,12 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
-from qflax.quantizers._family import QuantizerFamily, register_family
+from qflax.quantizers._family import (
+    InputLowering,
+    QuantizerFamily,
+    WeightLowering,
+    register_family,
+)
 
 __all__ = [
     "DOREFA_ROLES",
@@ -283,8 +288,13 @@ class DoReFaFamily(QuantizerFamily):
         m = np.tanh(1.0)
         return jnp.asarray(np.arctanh((2.0 * codes / n - 1.0) * m), jnp.float32)
 
-    def lowering(self, spec, role):
-        return "uniform"
+    def weight_lowering(self, spec, params, stats):
+        return WeightLowering("uniform")
+
+    def input_lowering(self, spec, params, stats):
+        # q_k(clip(x, 0, 1)): codes round(clip(x, 0, 1)·n), n = 2^k − 1
+        n = 2**spec.config.bits - 1
+        return InputLowering("codes", 0, n, 1.0 / n)
 
 
 register_family(DoReFaFamily())

@@ -27,6 +27,7 @@ per group); :func:`compact` and :func:`expand` convert.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "InputLowering",
+    "WeightLowering",
     "FAMILIES",
     "PARAM_TAGS",
     "ROLES",
@@ -56,6 +59,38 @@ ROLES = ("weight", "act")
 # ``"deadzone"`` / ``"bits"``: CoDeQ-style dead-zone width and bit-width parameters, decayed
 # (decoupled) by ``quant.deadzone_decay`` / ``quant.bits_decay``.
 PARAM_TAGS = ("clip", "deadzone", "bits")
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightLowering:
+    """How integer inference runs a family's weights: ``kind`` is one of the integer formats
+    its planner knows — ``"uniform"`` (integer codes at a scale per tensor or output channel,
+    with an optional zero point), ``"pow2"`` (power-of-two codes: shifts), ``"codeq"``
+    (dead-zone codes: two planes) or ``"binary"`` (±1: XNOR/popcount, the values from
+    :meth:`QuantizerFamily.sign_values`); ``code_max`` bounds ``|code|`` when the spec fixes it
+    (None: read from the codes); ``granularity``/``axis``: where the scale lives (integer
+    inference needs it per tensor, per output channel or none)."""
+
+    kind: str
+    code_max: int | None = None
+    granularity: str = "tensor"
+    axis: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class InputLowering:
+    """How integer inference feeds a family's input quantizer: ``kind`` ``"codes"`` (uniform
+    codes ``[qmin, qmax]`` at a static scale per tensor: ``scale``, or None when it is
+    calibrated from data, as absmax's) or ``"sign"`` (±1 inputs of a binary layer).
+    ``static`` says how a fake-quant reference applies calibrated scales: ``"required"``
+    (the quantizer's scale is dynamic), ``"optional"`` (a given scale replaces the learned
+    one) or None (the quantizer's own)."""
+
+    kind: str
+    qmin: int = 0
+    qmax: int = 0
+    scale: float | None = None
+    static: str | None = None
 
 
 class NotExportable(ValueError):
@@ -244,13 +279,33 @@ class QuantizerFamily:
         """Raises :class:`NotExportable` when ``import_model`` cannot restore this family's
         weights (checked for every layer before anything is written)."""
 
-    def lowering(self, spec: Any, role: str) -> Any:
-        """How integer inference runs this tensor: a lowering the integer planner knows
-        (see ``qflax.export``), or raise :class:`NotExportable` with the reason."""
+    def weight_lowering(
+        self, spec: Any, params: Mapping[str, Any], stats: Mapping[str, Any]
+    ) -> WeightLowering:
+        """How integer inference runs this family's weights (:class:`WeightLowering`;
+        ``params``/``stats``: the layer's current values), or raise :class:`NotExportable`
+        with the reason (the default: none defined)."""
         raise NotExportable(
-            f"kind={self.name!r} has no integer lowering; allowed: the families that define "
-            "one (QuantizerFamily.lowering), or a float layer"
+            f"kind={self.name!r} defines no integer lowering of weights "
+            "(QuantizerFamily.weight_lowering); allowed: a family that does, or a float layer"
         )
+
+    def input_lowering(
+        self, spec: Any, params: Mapping[str, Any], stats: Mapping[str, Any]
+    ) -> InputLowering:
+        """How integer inference feeds this family's input quantizer (:class:`InputLowering`;
+        ``params``/``stats``: the layer's current values), or raise :class:`NotExportable`."""
+        raise NotExportable(
+            f"kind={self.name!r} defines no integer lowering of inputs "
+            "(QuantizerFamily.input_lowering); allowed: a family that does, or a float layer"
+        )
+
+    def sign_values(
+        self, spec: Any, x: jax.Array, params: Mapping[str, Any], stats: Mapping[str, Any]
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``(y, α)`` with ``apply(x) = α·y`` and ``y = ±1`` (traceable): the weights of a
+        ``"binary"`` lowering. Families whose weight lowering is binary define it."""
+        raise NotExportable(f"kind={self.name!r} defines no sign values")
 
     def __repr__(self) -> str:
         return f"<quantizer family {self.name!r}>"

@@ -57,7 +57,15 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_choice
 from qflax.quantizers._base import reduce_axes, sum_to_shape
-from qflax.quantizers._family import QuantizerFamily, compact, expand, register_family
+from qflax.quantizers._family import (
+    InputLowering,
+    NotExportable,
+    QuantizerFamily,
+    WeightLowering,
+    compact,
+    expand,
+    register_family,
+)
 
 __all__ = [
     "GDNSQ_BACKWARDS",
@@ -634,8 +642,23 @@ class GDNSQFamily(QuantizerFamily):
         # s = 2^ℓ (min_bits already applied when exported).
         return {"log_step": jnp.log2(jnp.asarray(q.scale, jnp.float32))}
 
-    def lowering(self, spec, role):
-        return "uniform"
+    def weight_lowering(self, spec, params, stats):
+        return WeightLowering("uniform", granularity=spec.config.granularity, axis=spec.config.axis)
+
+    def input_lowering(self, spec, params, stats):
+        if not self._is_act(spec):
+            raise NotExportable("GDNSQWeightConfig quantizes weights, not inputs")
+        lower = float(np.asarray(params["lower"]).reshape(())) if "lower" in params else 0.0
+        if lower != 0.0:
+            raise NotExportable(
+                f"its GDNSQ input has the lower bound β={lower:.6g} (a zero point on the "
+                "inputs); allowed: β = 0 (unsigned inputs, signed=False: inputs after a ReLU)"
+            )
+        big = jnp.asarray([-3.0e38, 3.0e38], jnp.float32)
+        lo, hi = (int(v) for v in np.asarray(gdnsq_act_codes(big, params, spec.config)))
+        # s = 2^ℓ_s in float32, as the quantizer computes it
+        step = float(jnp.exp2(jnp.asarray(params["log_step"], jnp.float32)).reshape(()))
+        return InputLowering("codes", lo, hi, step)
 
 
 register_family(GDNSQFamily())

@@ -49,7 +49,15 @@ from qflax.quantizers._base import (
     ungrouped,
     view_shape,
 )
-from qflax.quantizers._family import QuantizerFamily, compact, expand, register_family
+from qflax.quantizers._family import (
+    InputLowering,
+    NotExportable,
+    QuantizerFamily,
+    WeightLowering,
+    compact,
+    expand,
+    register_family,
+)
 
 __all__ = ["LSQConfig", "lsq", "lsq_init", "lsq_numel"]
 
@@ -248,8 +256,18 @@ class LSQFamily(QuantizerFamily):
     def params_from_codes(self, spec, q):
         return {"step": q.scale}
 
-    def lowering(self, spec, role):
-        return "uniform"
+    def weight_lowering(self, spec, params, stats):
+        return WeightLowering("uniform", granularity=spec.config.granularity, axis=spec.config.axis)
+
+    def input_lowering(self, spec, params, stats):
+        cfg = spec.config
+        if cfg.granularity != "tensor":
+            raise NotExportable(
+                f"lsq inputs with granularity={cfg.granularity!r}: integer inference runs "
+                "one step per tensor"
+            )
+        step = float(np.asarray(params["step"], np.float32).reshape(()))
+        return InputLowering("codes", -cfg.qn, cfg.qp, step)
 
 
 register_family(LSQFamily())

@@ -30,7 +30,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits
-from qflax.quantizers._family import QuantizerFamily, register_family
+from qflax.quantizers._family import InputLowering, QuantizerFamily, register_family
 
 __all__ = ["PACTConfig", "pact", "pact_init", "pact_l2"]
 
@@ -170,8 +170,11 @@ class PACTFamily(QuantizerFamily):
 
         return quantize_pact(x, params, spec.config)
 
-    def lowering(self, spec, role):
-        return "uniform"
+    def input_lowering(self, spec, params, stats):
+        # levels {0, α/n, ..., α}: codes round(clip(x, 0, α)·n/α)
+        n = spec.config.levels
+        alpha = float(np.asarray(params["alpha"], np.float32).reshape(()))
+        return InputLowering("codes", 0, n, alpha / n)
 
 
 register_family(PACTFamily())

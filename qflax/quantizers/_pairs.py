@@ -44,8 +44,10 @@ import numpy as np
 
 from qflax.quantizers._binary import SCALINGS, BinaryConfig, binary_scale
 from qflax.quantizers._family import (
+    InputLowering,
     NotExportable,
     QuantizerFamily,
+    WeightLowering,
     compact,
     expand,
     register_family,
@@ -895,8 +897,8 @@ class PairFamily(QuantizerFamily):
         k = (y + 1.0) * (m / 2.0)  # the level index of (2k − m)/m
         if not bool(jnp.all((jnp.abs(y) <= 1.0) & (jnp.abs(k - jnp.round(k)) < 1e-3))):
             raise NotExportable(
-                f"pair={cfg.label!r} with {dict(cfg.kwargs)} has a forward whose values are "
-                f"not on its {cfg.bits}-bit levels, so it has no integer codes; allowed: a "
+                f"pair={cfg.label!r} with {dict(cfg.kwargs)} has a forward that is not a sign "
+                f"or on its {cfg.bits}-bit levels, so it has no integer codes; allowed: a "
                 "pair whose forward is sign or staircase (bc, pc, bnn, bnn+, multibit), or its "
                 "exact state (hard=1)"
             )
@@ -934,14 +936,40 @@ class PairFamily(QuantizerFamily):
         alpha = q.scale if spec.config.bits == 1 else q.scale * (m / 2.0)
         return {"scale": alpha}
 
-    def lowering(self, spec, role):
-        if spec.config.bits != 1:
+    def _check_exact(self, spec, stats):
+        cfg = spec.config
+        if cfg.bits != 1:
             raise NotExportable(
-                f"pair {spec.config.label!r} has {spec.config.bits}-bit levels; integer "
-                "inference runs 1-bit pairs (XNOR/popcount); allowed: bits=1, or "
-                "`qflax eval` without --integer"
+                f"pair {cfg.label!r} has {cfg.bits}-bit levels; integer inference runs 1-bit "
+                "pairs (XNOR/popcount); allowed: bits=1, or `qflax eval` without --integer"
             )
-        return "binary"
+        hard = (stats or {}).get("hard")
+        if cfg.relaxed and not (hard is not None and float(np.asarray(hard)) > 0):
+            forward = getattr(cfg.make().forward, "__name__", "its forward")
+            raise NotExportable(
+                f"pair {cfg.label!r} is in its relaxed state (hard=0): the forward {forward} "
+                "is not a sign (BNN++'s SignSwish_μ lies strictly between −1 and +1 for every "
+                "finite μ; ProxConnect's prox and ProxQuant's identity are not ±1 either), so "
+                "its values have no bits for XNOR/popcount integer inference; allowed: the "
+                "exact state a finished run ends in (hard=1, set by training at its last "
+                "epoch), kind 'binary', or a pair whose forward is sign"
+            )
+
+    def weight_lowering(self, spec, params, stats):
+        self._check_exact(spec, stats)
+        return WeightLowering("binary", granularity=spec.config.scaling, axis=spec.config.axis)
+
+    def input_lowering(self, spec, params, stats):
+        self._check_exact(spec, stats)
+        if spec.config.scaling != "none":
+            raise NotExportable(
+                f"pair inputs with scaling={spec.config.scaling!r}: XNOR/popcount runs "
+                "unscaled signs"
+            )
+        return InputLowering("sign")
+
+    def sign_values(self, spec, x, params, stats):
+        return self.values(spec, x, stats, params)
 
 
 register_family(PairFamily())

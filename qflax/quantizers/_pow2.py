@@ -67,7 +67,7 @@ from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, check_choice
 from qflax.quantizers._base import check_granularity, grouped, reduce_axes, ungrouped
-from qflax.quantizers._family import QuantizerFamily, register_family
+from qflax.quantizers._family import QuantizerFamily, WeightLowering, register_family
 
 __all__ = [
     "POW2_GRADIENTS",
@@ -403,8 +403,8 @@ class Pow2Family(QuantizerFamily):
 
         return quantize_pow2(x, pow2_init(x, spec.config), spec.config)
 
-    def lowering(self, spec, role):
-        return "pow2"
+    def weight_lowering(self, spec, params, stats):
+        return WeightLowering("pow2", granularity=spec.config.granularity, axis=spec.config.axis)
 
 
 register_family(Pow2Family())

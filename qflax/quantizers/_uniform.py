@@ -59,7 +59,15 @@ from qflax.quantizers._base import (
     ungrouped,
     view_shape,
 )
-from qflax.quantizers._family import QuantizerFamily, compact, expand, register_family
+from qflax.quantizers._family import (
+    InputLowering,
+    NotExportable,
+    QuantizerFamily,
+    WeightLowering,
+    compact,
+    expand,
+    register_family,
+)
 
 __all__ = [
     "UNIFORM_GRADIENTS",
@@ -490,8 +498,35 @@ class AbsmaxFamily(QuantizerFamily):
             x, _symmetric_only(uniform_init(x, spec.config), spec.config), spec.config
         )
 
-    def lowering(self, spec, role):
-        return "uniform"
+    def weight_lowering(self, spec, params, stats):
+        cfg = spec.config
+        if not cfg.symmetric or cfg.bits > 8:
+            raise NotExportable(
+                f"{self.name} weights with symmetric={cfg.symmetric}, bits={cfg.bits}: integer "
+                "inference runs symmetric codes of <= 8 bits"
+            )
+        return WeightLowering(
+            "uniform",
+            code_max=max(abs(cfg.qmin), cfg.qmax),
+            granularity=cfg.granularity,
+            axis=cfg.axis,
+        )
+
+    def input_lowering(self, spec, params, stats):
+        cfg = spec.config
+        if not cfg.symmetric or cfg.granularity != "tensor":
+            raise NotExportable(
+                f"{self.name} inputs with symmetric={cfg.symmetric}, granularity="
+                f"{cfg.granularity!r}: integer inference runs symmetric codes per tensor"
+            )
+        if self.learnable(spec):  # learned_step: the learned scale (a given one replaces it)
+            scale = params.get("scale")
+            if scale is not None and not isinstance(scale, jax.core.Tracer):
+                scale = float(np.asarray(scale, np.float32).reshape(()))
+            else:  # traced (a reference under jit): only how scales apply is asked
+                scale = None
+            return InputLowering("codes", cfg.qmin, cfg.qmax, scale, static="optional")
+        return InputLowering("codes", cfg.qmin, cfg.qmax, None, static="required")
 
 
 class LearnedStepFamily(AbsmaxFamily):

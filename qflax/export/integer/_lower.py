@@ -30,7 +30,6 @@ from qflax.export.integer._plan import (
     CODE_KINDS,
     InputGrid,
     Step,
-    WeightLowering,
     binary_weight,
     inner,
     input_grid,
@@ -48,7 +47,7 @@ from qflax.export.integer._program import (
 )
 from qflax.export.integer._reference import post
 from qflax.export.integer._weights import lower_weights
-from qflax.quantizers import unpack
+from qflax.quantizers import WeightLowering, unpack
 
 __all__ = ["export_integer"]
 

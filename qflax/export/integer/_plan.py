@@ -1,10 +1,11 @@
 """The plan of integer inference: a model's chain of linear layers (read from its
 ``layer_sequence()`` description, :class:`~qflax.models.LayerStep`), and per layer what
-integer inference makes of it. The per-quantizer-kind knowledge is in two functions:
-:func:`weight_lowering` (a layer's weight spec → how its weights lower: float, uniform, pow2,
-codeq or binary, with the checks) and :func:`input_grid` (a layer's input spec → its integer
-codes and static scale, with the checks); :func:`layer_lowering` combines them. Depends on no
-other part of integer inference (no program types)."""
+integer inference makes of it. It knows no quantizer kind: each layer's weight and input
+specs are asked through their family (:meth:`~qflax.quantizers.QuantizerFamily.weight_lowering`,
+``input_lowering``, ``sign_values``) how they lower — an integer format (uniform, pow2, codeq,
+binary) or a refusal with the reason — and the planner checks what the engine needs (scales per
+tensor or output channel, code ranges, sign inputs not after a ReLU). Depends on no other part
+of integer inference (no program types)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from qflax import quantizers as qz
@@ -26,16 +26,6 @@ ACTIVATIONS = ("relu", "hardtanh")
 # Models (names in qflax.models.MODELS) integer inference runs: those that describe their
 # forward as a chain of linear layers (``layer_sequence()``).
 INTEGER_MODELS = tuple(name for name, cls in MODELS.items() if hasattr(cls, "layer_sequence"))
-# Input quantizers with static uniform codes (a scale per tensor).
-UNIFORM_KINDS = ("absmax", "learned_step")
-# Input quantizers whose codes are uniform at a static scale: absmax (a scale calibrated by
-# static_act_scales) and the learned ones (the scale is a parameter: learned_step's scale,
-# LSQ's step, PACT's α/(2^b − 1), GDNSQ's 2^ℓ_s with its lower bound β = 0), and DoReFa's
-# fixed grid 1/(2^b − 1) on [0, 1].
-_CODE_INPUTS = ("absmax", "learned_step", "lsq", "pact", "gdnsq", "dorefa")
-# Learned uniform weight quantizers whose codes (qflax.export.quantize_tensor) are integers at a
-# per-tensor / per-channel scale, GDNSQ's with a (non-integer) zero point per channel.
-_CODED_WEIGHTS = ("lsq", "dorefa", "gdnsq")
 # Weight lowerings whose input is uniform codes at a static scale.
 CODE_KINDS = ("uniform", "pow2", "codeq")
 
@@ -50,16 +40,6 @@ class Step:
     pool: bool
     flatten: bool  # flatten (batch, -1) before the layer
     prev_act: str | None  # the activation whose output is the layer's input (None: the input)
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightLowering:
-    """How a layer's weights lower: ``kind`` ``"float"``, ``"uniform"`` (integer codes; ternary
-    and the learned uniform kinds too), ``"pow2"``, ``"codeq"`` or ``"binary"``; ``code_max``
-    bounds ``|code|`` when the spec fixes it (None: read it from the codes)."""
-
-    kind: str
-    code_max: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +117,28 @@ def is_float_step(step: Step) -> bool:
 
 
 def _sign_pairs() -> str:
-    return ", ".join(n for n, f in qz.PAIRS.items() if f().forward is qz.sign)
+    names = []
+    for name in qz.PAIRS:
+        try:
+            if not qz.PairConfig(pair=name).relaxed and qz.PairConfig(pair=name).bits == 1:
+                names.append(name)
+        except ValueError:
+            continue
+    return ", ".join(names)
 
 
-SUPPORTED = (
-    "float layers (no quantizer); layers whose weight quantizer is absmax or learned_step "
-    "(uniform, symmetric, per tensor or per output channel, <= 8 bits), lsq, dorefa, gdnsq, "
-    "pow2 or ternary (per tensor or per output channel) or codeq AND whose input quantizer is "
-    "absmax or learned_step (uniform, symmetric), lsq, pact, dorefa or gdnsq (lower bound 0), per "
-    "tensor, <= 8 bits; binary layers whose weights AND inputs are signs (kind "
-    f"'binary', deterministic, a pair whose forward is sign: {_sign_pairs()}, or a relaxed "
-    "pair in the exact state a finished run ends in, hard=1), the weights scaled by mean|w| per "
-    "output channel or per tensor or not at all, the inputs not scaled"
-)
+def _supported() -> str:
+    return (
+        "float layers (no quantizer); layers whose families lower their weights to integer "
+        "codes (uniform per tensor or per output channel <= 8 bits: absmax, learned_step, lsq, "
+        "dorefa, gdnsq, ternary; pow2; codeq) AND their inputs to codes per tensor (absmax or "
+        "learned_step symmetric, lsq, pact, dorefa, gdnsq with lower bound 0); binary layers "
+        "whose weights AND inputs are signs (kind 'binary', deterministic, a pair whose forward "
+        f"is sign: {_sign_pairs()}, or a relaxed pair in the exact state a finished run ends "
+        "in, hard=1), the weights scaled per output channel, per tensor or not at all, the "
+        "inputs not scaled; and any registered family that defines weight_lowering and "
+        "input_lowering"
+    )
 
 
 def _scale_on_output_axis(layer: Any, granularity: str, axis: int) -> bool:
@@ -165,23 +154,53 @@ def _scale_on_output_axis(layer: Any, granularity: str, axis: int) -> bool:
 # ---------------------------------------------------------------------------------- binary layers
 
 
-def sign_valued(spec: Any, role: str) -> bool:
-    """Whether ``spec`` maps a tensor to ``α·sign`` (weights) or to ``sign`` (inputs) — for a
-    relaxed pair (:attr:`~qflax.layers.TensorQuant.relaxed`): in its exact state (``hard``
-    stat set), which :func:`_check_binary` checks on the concrete layer."""
+_ROLE_NAMES = {"weight": "weight quantizer", "act": "input quantizer, the act quantizer"}
+
+
+def _refusal(step: Step, role: str, spec: Any, error: Exception) -> ValueError:
+    layer = step.layer
+    recipe = str(layer.recipe) if is_quant(layer) else "float"
+    return ValueError(
+        f"layer {step.path!r} has recipe {recipe!r}: its {_ROLE_NAMES[role]} {spec} (family "
+        f"{getattr(spec, 'kind', None)!r}) cannot run in integer inference: {error}; "
+        f"integer inference supports {_supported()}"
+    )
+
+
+def _weight(step: Step) -> qz.WeightLowering:
+    """The family's weight lowering of a quant layer (ValueError naming layer and reason)."""
+    layer = step.layer
+    spec = layer.recipe.weight
+    try:
+        return spec.family.weight_lowering(spec, params(layer, "weight"), stats(layer, "weight"))
+    except qz.NotExportable as e:
+        raise _refusal(step, "weight", spec, e) from None
+
+
+def _input(step: Step, spec: Any) -> qz.InputLowering:
+    """The family's input lowering of a layer's input spec (ValueError naming the reason)."""
+    layer = step.layer
+    if spec is None:
+        raise _refusal(step, "act", spec, ValueError("its input is float"))
+    try:
+        return spec.family.input_lowering(spec, params(layer, "act"), stats(layer, "act"))
+    except qz.NotExportable as e:
+        raise _refusal(step, "act", spec, e) from None
+
+
+def sign_valued(spec: Any, role: str, layer: Any = None) -> bool:
+    """Whether ``spec`` maps a tensor to ``α·sign`` (weights) or to ``sign`` (inputs), as its
+    family's lowering says (a relaxed pair only in its exact state: ``layer``'s ``hard``)."""
     if spec is None:
         return False
-    if spec.kind == "binary":
-        return not spec.config.stochastic and (role == "weight" or spec.config.scaling == "none")
-    if spec.kind == "pair":
-        return role == "weight" or spec.scaling == "none"
-    return False
-
-
-def _binary_config(spec: Any) -> qz.BinaryConfig:
-    if spec.kind == "binary":
-        return spec.config
-    return qz.BinaryConfig(scaling=spec.scaling, axis=spec.axis)
+    p = {} if layer is None else params(layer, role)
+    s = {"hard": 1.0} if layer is None else stats(layer, role)
+    try:
+        if role == "weight":
+            return spec.family.weight_lowering(spec, p, s).kind == "binary"
+        return spec.family.input_lowering(spec, p, s).kind == "sign"
+    except qz.NotExportable:
+        return False
 
 
 def is_binary_step(step: Step) -> bool:
@@ -193,51 +212,37 @@ def is_binary_step(step: Step) -> bool:
     recipe = layer.recipe
     if not (sign_valued(recipe.weight, "weight") and sign_valued(recipe.act, "act")):
         return False
-    config = _binary_config(recipe.weight)
-    return _scale_on_output_axis(layer, config.scaling, config.axis)
+    lowering = _weight(step)
+    return _scale_on_output_axis(layer, lowering.granularity, lowering.axis)
 
 
 def binary_weight(layer: Any) -> tuple[jax.Array, jax.Array]:
-    """``(y, α)`` of a binary layer's kernel: ``ŵ = α·y`` with ``y = sign(w)`` (±1 float32;
-    ``sign(0) = +1``, as the quantizers and the pairs), α: (C,) or (1,) float32. A relaxed
-    pair gives its forward before scaling (:meth:`~qflax.layers.TensorQuant.pair_values`),
-    ``sign(w)`` in its exact state. Traceable (the fake-quant reference runs under jit)."""
+    """``(y, α)`` of a binary layer's kernel: ``ŵ = α·y`` with ``y = ±1`` (float32; the
+    family's :meth:`~qflax.quantizers.QuantizerFamily.sign_values`, e.g. a relaxed pair's sign
+    in its exact state), α: (C,) or (1,) float32 (1 when unscaled). Traceable (the fake-quant
+    reference runs under jit)."""
     kernel = layer_kernel(layer)
     spec = layer.recipe.weight
-    alpha = qz.binary_scale(kernel, _binary_config(spec))
-    if spec.kind == "pair":
-        y, pair_alpha = spec.pair_values(kernel, stats(layer, "weight"))
-        alpha = alpha if pair_alpha is None else pair_alpha
-    else:
-        y = jnp.where(kernel >= 0, jnp.float32(1.0), jnp.float32(-1.0))
-    return y.astype(jnp.float32), alpha.astype(jnp.float32).reshape(-1)
+    y, alpha = spec.family.sign_values(
+        spec, kernel, params(layer, "weight"), stats(layer, "weight")
+    )
+    if alpha is None:
+        alpha = jnp.ones((1,), jnp.float32)
+    return y.astype(jnp.float32), jnp.asarray(alpha, jnp.float32).reshape(-1)
 
 
 def _check_binary(step: Step) -> None:
     recipe = step.layer.recipe
     name = str(recipe)
-    for role, spec in (("weight", recipe.weight), ("act", recipe.act)):
-        hard = stats(step.layer, role).get("hard")
-        if spec.kind == "pair" and spec.relaxed and not float(np.asarray(hard)) > 0:
-            forward = qz.PAIRS[spec.pair](**dict(spec.pair_kwargs)).forward.__name__
-            raise ValueError(
-                f"layer {step.path!r} has recipe {name!r}: its {role} pair {spec.pair!r} is in "
-                f"its relaxed state (hard=0): the forward {forward} is not a sign (BNN++'s "
-                "SignSwish_μ lies strictly between −1 and +1 for every finite μ; ProxConnect's "
-                "prox and ProxQuant's identity are not ±1 either), so its values have no bits "
-                "for XNOR/popcount integer inference; allowed: the exact state a finished run "
-                "ends in (hard=1, set by training at its last epoch), kind 'binary', or a pair "
-                f"whose forward is sign ({_sign_pairs()})"
-            )
-        if not sign_valued(spec, role):
-            raise ValueError(
-                f"layer {step.path!r} has recipe {name!r} ({role} quantizer {spec}); integer "
-                f"inference supports {SUPPORTED}"
-            )
-    if not is_binary_step(step):
+    lowering = _weight(step)
+    if lowering.kind != "binary":
+        raise _refusal(step, "weight", recipe.weight, ValueError("its weights are not signs"))
+    if _input(step, recipe.act).kind != "sign":
+        raise _refusal(step, "act", recipe.act, ValueError("its inputs are not signs"))
+    if not _scale_on_output_axis(step.layer, lowering.granularity, lowering.axis):
         raise ValueError(
             f"layer {step.path!r} has recipe {name!r}: its weight scale is per channel on axis "
-            f"{_binary_config(recipe.weight).axis}; allowed: the output-channel axis (-1)"
+            f"{lowering.axis}; allowed: the output-channel axis (-1)"
         )
     if step.prev_act == "relu":
         raise ValueError(
@@ -247,128 +252,79 @@ def _check_binary(step: Step) -> None:
         )
 
 
-# ------------------------------------------------------------------------------ per quantizer kind
+# ------------------------------------------------------------------------------ asking families
 
 
-def weight_lowering(step: Step) -> WeightLowering:
-    """How a quant layer's weights lower, from its weight spec (and, for sign-valued layers, its
-    input spec): ValueError (naming the layer, its recipe and what is supported) for weights
-    integer inference cannot run. The one place (with :func:`input_grid`) that knows the
-    quantizer kinds."""
+def weight_lowering(step: Step) -> qz.WeightLowering:
+    """How a quant layer's weights lower, as its weight family says (and, for sign-valued
+    layers, its input family): ValueError (naming the layer, its recipe, the family's reason and
+    what is supported) for weights integer inference cannot run."""
     recipe = step.layer.recipe
-    spec = recipe.weight
-    if spec.kind in ("binary", "pair") or recipe.act.kind in ("binary", "pair"):
+    lowering = _weight(step)
+    act_sign = False
+    try:
+        act_sign = _input(step, recipe.act).kind == "sign"
+    except ValueError:
+        pass
+    if lowering.kind == "binary" or act_sign:
         _check_binary(step)
-        return WeightLowering("binary")
-    kind, config = spec.kind, spec.config
-    if kind in ("pow2", *_CODED_WEIGHTS):
-        # pow2 and the learned uniform weights: a scale per tensor or per output channel
-        # (DoReFa has one per tensor and no ``granularity`` field)
-        granularity = getattr(config, "granularity", "tensor")
-        axis = getattr(config, "axis", -1)
-        if not _scale_on_output_axis(step.layer, granularity, axis):
-            raise ValueError(
-                f"layer {step.path!r} has recipe {str(recipe)!r} (weight quantizer {spec}, "
-                f"granularity={granularity!r}, axis={axis}); integer inference supports "
-                f"{SUPPORTED}"
-            )
-        return WeightLowering("pow2" if kind == "pow2" else "uniform")
-    if kind == "ternary":  # codes {−1, 0, 1} at the scale α: a uniform layer
-        if not _scale_on_output_axis(step.layer, config.scaling, config.axis):
-            raise ValueError(
-                f"layer {step.path!r} has recipe {str(recipe)!r}: its ternary scale is per "
-                f"channel on axis {config.axis}; allowed: the output-channel axis (-1)"
-            )
-        return WeightLowering("uniform", code_max=1)
-    if kind == "codeq":
-        return WeightLowering("codeq")
-    if (
-        kind not in UNIFORM_KINDS
-        or not config.symmetric
-        or config.bits > 8
-        or not _scale_on_output_axis(step.layer, config.granularity, config.axis)
+        return lowering
+    if lowering.kind not in CODE_KINDS:
+        raise _refusal(
+            step, "weight", recipe.weight, ValueError(f"unknown lowering {lowering.kind!r}")
+        )
+    if lowering.kind != "codeq" and not _scale_on_output_axis(
+        step.layer, lowering.granularity, lowering.axis
     ):
         raise ValueError(
-            f"layer {step.path!r} has recipe {str(recipe)!r} (weight quantizer {spec}); "
-            f"integer inference supports {SUPPORTED}"
+            f"layer {step.path!r} has recipe {str(recipe)!r} (weight quantizer {recipe.weight}, "
+            f"granularity={lowering.granularity!r}, axis={lowering.axis}); integer inference "
+            f"supports {_supported()}"
         )
-    return WeightLowering("uniform", code_max=max(abs(config.qmin), config.qmax))
+    return lowering
 
 
 def input_grid(step: Step) -> InputGrid:
     """The uniform input codes of a layer and the static scale its quantizer keeps as a
-    parameter (:data:`_CODE_INPUTS`; GDNSQ's code range depends on its learned range, read
-    from the layer): ValueError (naming the layer and its recipe) for inputs integer inference
-    cannot run on codes."""
+    parameter, as its input family says: ValueError (naming the layer, its recipe and the
+    reason) for inputs integer inference cannot run on codes."""
     spec = act_spec(step)
-    layer = step.layer
-    recipe = str(layer.recipe) if is_quant(layer) else "float"
-    if spec is None or spec.kind not in _CODE_INPUTS:
-        raise ValueError(
-            f"layer {step.path!r} has recipe {recipe!r} (input quantizer {spec}); integer "
-            f"inference supports {SUPPORTED}"
+    lowering = _input(step, spec)
+    if lowering.kind != "codes" or lowering.qmin < -128 or lowering.qmax > 255:
+        raise _refusal(
+            step,
+            "act",
+            spec,
+            ValueError(f"its inputs lower to {lowering}, not to 8-bit codes"),
         )
-    kind, config = spec.kind, spec.config
-    learned = None
-    if kind == "gdnsq":
-        lower = float(np.asarray(layer.act_lower[...]))
-        if lower != 0.0:
-            raise ValueError(
-                f"layer {step.path!r} has recipe {recipe!r}: its GDNSQ input has the lower "
-                f"bound β={lower:.6g} (a zero point on the inputs); allowed: β = 0 (unsigned "
-                "inputs, signed=False: inputs after a ReLU)"
-            )
-        big = jnp.asarray([-3.0e38, 3.0e38], jnp.float32)
-        lo, hi = (int(v) for v in np.asarray(qz.gdnsq_act_codes(big, params(layer, "act"), config)))
-        # s = 2^ℓ_s in float32, as the quantizer computes it
-        learned = float(jnp.exp2(jnp.asarray(layer.act_log_step[...], jnp.float32)).reshape(()))
-    elif kind == "lsq":
-        lo, hi = -config.qn, config.qp
-        learned = float(np.asarray(layer.act_step[...], np.float32).reshape(()))
-    elif kind == "pact":  # levels {0, α/n, ..., α}: codes round(clip(x, 0, α)·n/α)
-        lo, hi = 0, config.levels
-        alpha = float(np.asarray(layer.act_alpha[...], np.float32).reshape(()))
-        learned = alpha / config.levels
-    elif kind == "dorefa":  # q_k(clip(x, 0, 1)): codes round(clip(x, 0, 1)·n), n = 2^k − 1
-        lo, hi = 0, 2**config.bits - 1
-        learned = 1.0 / (2**config.bits - 1)
-    else:
-        lo, hi = config.qmin, config.qmax
-        if kind == "learned_step":
-            learned = float(np.asarray(layer.act_scale[...], np.float32).reshape(()))
-    if (
-        (kind in UNIFORM_KINDS and not config.symmetric)
-        or getattr(config, "granularity", "tensor") != "tensor"
-        or lo < -128
-        or hi > 255
-    ):
-        raise ValueError(
-            f"layer {step.path!r} has recipe {recipe!r} (input config {config}); integer "
-            f"inference supports {SUPPORTED}"
-        )
-    return InputGrid(lo, hi, learned)
+    return InputGrid(lowering.qmin, lowering.qmax, lowering.scale)
 
 
-def static_input(spec: Any) -> str | None:
-    """How the reference applies ``act_scales`` to an input quantizer: ``"required"`` (absmax:
-    its scale is dynamic, a static one must be given), ``"optional"`` (learned_step: a given
-    scale replaces the learned one), None (the quantizer's own, scales or not)."""
-    if spec is None or spec.kind not in UNIFORM_KINDS:
+def static_input(spec: Any, layer: Any = None) -> str | None:
+    """How the reference applies ``act_scales`` to an input quantizer, as its family says:
+    ``"required"`` (absmax: its scale is dynamic, a static one must be given), ``"optional"``
+    (learned_step: a given scale replaces the learned one), None (the quantizer's own)."""
+    if spec is None:
         return None
-    return "optional" if spec.kind == "learned_step" else "required"
+    p = {} if layer is None else params(layer, "act")
+    s = {} if layer is None else stats(layer, "act")
+    try:
+        return spec.family.input_lowering(spec, p, s).static
+    except (qz.NotExportable, KeyError, TypeError):  # TypeError: a traced value read as float
+        return None
 
 
-def layer_lowering(step: Step) -> WeightLowering:
+def layer_lowering(step: Step) -> qz.WeightLowering:
     """A layer's :class:`WeightLowering` (``"float"`` for a float layer), with its input checked
     (:func:`input_grid`) when it runs on codes; ValueError (naming the layer, its recipe and
     what is supported) for a layer integer inference cannot run."""
     if is_float_step(step):
-        return WeightLowering("float")
+        return qz.WeightLowering("float")
     recipe = step.layer.recipe
     if recipe.weight is None or recipe.act is None:
         raise ValueError(
             f"layer {step.path!r} has recipe {str(recipe)!r} (only one of its weight and "
-            f"input quantized); integer inference supports {SUPPORTED}"
+            f"input quantized); integer inference supports {_supported()}"
         )
     lowering = weight_lowering(step)
     if lowering.kind in CODE_KINDS:

@@ -111,7 +111,7 @@ def fake_quant_forward(
         layer, inner_layer = step.layer, inner(step.layer)
         spec = act_spec(step)
         if spec is not None:
-            static = None if act_scales is None else static_input(spec)
+            static = None if act_scales is None else static_input(spec, layer)
             if static and step.path in act_scales:
                 x = _static_act(x, spec, act_scales[step.path])
             elif static == "required":  # a learned scale is static already
@@ -197,7 +197,7 @@ def static_act_scales(
     steps = [
         step
         for step in plan(model)
-        if not is_float_step(step) and not sign_valued(act_spec(step), "act")
+        if not is_float_step(step) and not sign_valued(act_spec(step), "act", step.layer)
     ]
     grids = {step.path: input_grid(step) for step in steps}
     if not grids:

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qflax.export.integer._arith import INT32_MAX, code_dtype, offset_fraction_bits
-from qflax.export.integer._plan import Step, WeightLowering
+from qflax.export.integer._plan import Step
+from qflax.quantizers import WeightLowering
 
 
 @dataclasses.dataclass(frozen=True)
