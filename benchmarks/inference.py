@@ -46,13 +46,16 @@ from qflax.export import (
     integer_forward,
     load_ptq,
     packed_model_bytes,
+    predict,
     ptq,
     static_act_scales,
 )
-from qflax.export._evaluate import _model_forward, predict
+from qflax.export import (
+    model_forward as fake_quant_model,
+)
 from qflax.layers import first_last_float_rules, quantize_model, recipes
+from qflax.runs import load_config_file
 from qflax.train import default_config, load_model, train_and_evaluate
-from qflax.train._config import load_config_file
 
 BATCHES = (1, 256)
 
@@ -88,7 +91,7 @@ def pow2_model(workdir: pathlib.Path, dataset, batch_size: int) -> dict:
     model, _ = quantize_model(model, first_last_float_rules(recipe))
     batches = [dataset.train_x[i : i + batch_size] for i in range(0, 8 * batch_size, batch_size)]
     scales = static_act_scales(model, batches)
-    forward, state = _model_forward(model, scales)  # what `qflax eval --integer` compares with
+    forward, state = fake_quant_model(model, scales)  # what `qflax eval --integer` compares with
     forward = jax.jit(forward)
     program = export_integer(model, scales)
     labels = np.asarray(dataset.test_y)

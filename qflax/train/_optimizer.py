@@ -15,7 +15,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from qflax.layers._variables import QuantParam
+from qflax.layers import QuantParam
 
 __all__ = [
     "CLIP_PARAM_NAMES",
