@@ -412,7 +412,8 @@ def train_and_evaluate(
     also holds ``converged``, ``converged_epoch``, ``stopped_epoch`` and ``learned_bits``.
 
     Args:
-      config: a training config (see :func:`default_config`); validated first.
+      config: a training config (see :func:`default_config`); validated first, unless it
+        passed :func:`validate_config` already and has not changed since.
       workdir: the run's directory (created when missing).
 
     Returns:
