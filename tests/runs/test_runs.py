@@ -22,7 +22,8 @@ FP = str(REPO / "experiments" / "mnist5k" / "fp.py")
 
 
 def _imported_after(statement: str) -> list[str]:
-    code = f"import sys; {statement}; print(sorted(m for m in sys.modules if m.startswith('qflax')))"
+    listing = "sorted(m for m in sys.modules if m.startswith('qflax'))"
+    code = f"import sys; {statement}; print({listing})"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
     )
