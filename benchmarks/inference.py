@@ -43,16 +43,19 @@ from qflax.export import (
     evaluate_integer,
     export_integer,
     export_model,
-    fake_quant_forward,
     integer_forward,
     load_ptq,
     packed_model_bytes,
+    predict,
     ptq,
     static_act_scales,
 )
+from qflax.export import (
+    model_forward as fake_quant_model,
+)
 from qflax.layers import first_last_float_rules, quantize_model, recipes
+from qflax.runs import load_config_file
 from qflax.train import default_config, load_model, train_and_evaluate
-from qflax.train._config import load_config_file
 
 BATCHES = (1, 256)
 
@@ -80,31 +83,6 @@ def train_binary_run(workdir: pathlib.Path, epochs: int) -> None:
     train_and_evaluate(config, workdir)
 
 
-def _reference_forward(model, scales):
-    """``(forward, state)``: the fake-quant forward with static scales, the model's arrays as an
-    argument (what ``qflax eval --integer`` compares with)."""
-    graphdef, state = nnx.split(model)
-
-    def forward(state, xb):
-        return fake_quant_forward(nnx.merge(graphdef, state), xb, scales)
-
-    return forward, state
-
-
-def predict(forward, args, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """``argmax(forward(args, x_batch))`` over ``x`` in batches (the last one padded)."""
-    batch_size = max(1, min(batch_size, len(x)))
-    jitted = jax.jit(forward)
-    out = []
-    for start in range(0, len(x), batch_size):
-        xb = np.asarray(x[start : start + batch_size])
-        n = len(xb)
-        if n < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
-        out.append(np.asarray(jitted(args, jnp.asarray(xb))).argmax(-1)[:n])
-    return np.concatenate(out)
-
-
 def pow2_model(workdir: pathlib.Path, dataset, batch_size: int) -> dict:
     """The float run with 4-bit power-of-two weights on int8 codes (first/last layers float),
     post-training: its fake-quant forward, integer program, accuracies and packed bytes."""
@@ -113,7 +91,7 @@ def pow2_model(workdir: pathlib.Path, dataset, batch_size: int) -> dict:
     model, _ = quantize_model(model, first_last_float_rules(recipe))
     batches = [dataset.train_x[i : i + batch_size] for i in range(0, 8 * batch_size, batch_size)]
     scales = static_act_scales(model, batches)
-    forward, state = _reference_forward(model, scales)  # what `qflax eval --integer` compares with
+    forward, state = fake_quant_model(model, scales)  # what `qflax eval --integer` compares with
     forward = jax.jit(forward)
     program = export_integer(model, scales)
     labels = np.asarray(dataset.test_y)

@@ -1,9 +1,9 @@
 """Training-step overhead of the quantization recipes against the float step, per model.
 
 Each variant is one jitted training step built exactly as ``qflax train`` builds it
-(``qflax.train.make_optimizer`` from a training config, ``create_train_state``,
+(``qflax.train.build_trainer`` from a training config: ``make_optimizer``, ``create_train_state``,
 ``make_train_step`` with the state donated; for GDNSQ the bit-width penalty's
-``PenaltySettings`` from ``qflax.train._loop._penalty_settings``): Adam, cross-entropy, the
+``PenaltySettings``): Adam, cross-entropy, the
 BatchNorm statistics and the optimizer update included. Every quantized variant keeps the first
 (``stem``) and last (``head``) layer float (``qflax.layers.first_last_float_rules``) and is
 calibrated on the benchmark batch, as the loop calibrates on the first training batch.
@@ -55,8 +55,7 @@ from flax import nnx
 
 from qflax import layers as ql
 from qflax import models
-from qflax.train import create_train_state, default_config, make_optimizer, make_train_step
-from qflax.train._loop import _latent_clip_mask, _penalty_settings
+from qflax.train import build_trainer, default_config
 
 # Training-set size behind the schedules' steps_per_epoch (mnist5k: 4,000 images, batch 128).
 STEPS_PER_EPOCH = 31
@@ -185,16 +184,8 @@ def prepare(spec: ModelSpec, variant: Variant, batch: tuple[jax.Array, jax.Array
         model, report = ql.quantize_model(model, rules, copy=False)
         quantized = tuple(report.quantized)
         ql.calibrate(model, batch[0])
-    params = nnx.state(model, nnx.Param)
-    tx = make_optimizer(
-        config,
-        params,
-        steps_per_epoch=STEPS_PER_EPOCH,
-        latent_clip_mask=_latent_clip_mask(model) if config.quant.latent_clip else None,
-    )
-    graphdef, state, _ = create_train_state(model, tx, seed=0)
-    penalty = _penalty_settings(config, model, STEPS_PER_EPOCH)
-    step = make_train_step(graphdef, tx, penalty=penalty)
+    trainer = build_trainer(config, model, steps_per_epoch=STEPS_PER_EPOCH)
+    step, state, penalty = trainer.train_step, trainer.state, trainer.penalty
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - start

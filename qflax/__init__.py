@@ -2,7 +2,8 @@
 
 Submodules are imported lazily so that ``import qflax`` stays cheap:
 ``qflax.numerics``, ``qflax.quantizers``, ``qflax.calibration`` (and, as they land,
-``qflax.layers``, ``qflax.models``, ``qflax.data``, ``qflax.train``, ``qflax.export``).
+``qflax.layers``, ``qflax.models``, ``qflax.data``, ``qflax.runs``, ``qflax.train``,
+``qflax.export``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ _SUBMODULES = (
     "layers",
     "models",
     "data",
+    "runs",
     "train",
     "export",
 )

@@ -61,11 +61,12 @@ def split_config_overrides(extra: list[str]) -> list[tuple[str, str]]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from qflax.train import _config, train_and_evaluate
+    from qflax.runs import apply_overrides, load_config_file, validate_config
+    from qflax.train import train_and_evaluate
 
-    config = _config.load_config_file(args.config)
-    config = _config.apply_overrides(config, args.overrides)
-    _config.validate_config(config)
+    config = load_config_file(args.config)
+    config = apply_overrides(config, args.overrides)
+    validate_config(config)  # train_and_evaluate does not check it again
     _, summary = train_and_evaluate(config, args.workdir)
     text = f"test_accuracy: {summary['test_accuracy']:.4f}"
     if "fp_test_accuracy" in summary:
@@ -105,9 +106,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _ptq(args: argparse.Namespace) -> int:
     from qflax.export import ptq, ptq_config
-    from qflax.train import _config
+    from qflax.runs import apply_overrides
 
-    options = _config.apply_overrides(ptq_config(), args.overrides)
+    options = apply_overrides(ptq_config(), args.overrides)
     result = ptq(args.workdir, args.out, **options.to_dict())
     print(f"test_accuracy: {result['test_accuracy']:.4f}")
     print(
@@ -127,10 +128,11 @@ def _load_summary(workdir: str) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     # No summary yet (an interrupted run): describe the latest checkpoint.
-    from qflax.train import _loop, summarize_model
+    from qflax.runs import load_dataset, load_model
+    from qflax.train import summarize_model
 
-    model, config, meta = _loop.load_model(workdir)
-    dataset = _loop._load_dataset(config)
+    model, config, meta = load_model(workdir)
+    dataset = load_dataset(config)
     summary = summarize_model(model, dataset.test_x[:1])
     print(f"{workdir}: no summary.json yet; the checkpoint of step {meta.get('step')}:")
     return summary

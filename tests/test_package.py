@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "qflax.ops",
     "qflax.layers",
     "qflax.export",
+    "qflax.runs",
     "qflax.train",
 ]
 

@@ -11,11 +11,12 @@
   and weights, relu or hardtanh models) as XNOR/popcount on packed bits, and float layers (a
   float first/last layer) in float32:
   :func:`static_act_scales`, :func:`fake_quant_forward`, :func:`export_integer`,
-  :func:`integer_forward`; :func:`evaluate_integer` (``qflax eval --integer``);
+  :func:`integer_forward`; :func:`evaluate_integer` (``qflax eval --integer``), with its
+  fake-quant reference :func:`model_forward` and batched :func:`predict`;
 * post-training quantization of a float run: :func:`ptq` (``qflax ptq``), :func:`load_ptq`.
 """
 
-from qflax.export._evaluate import evaluate_integer
+from qflax.export._evaluate import evaluate_integer, model_forward, predict
 from qflax.export._export import (
     export_model,
     import_model,
@@ -92,9 +93,11 @@ __all__ = [
     "integer_forward",
     "load_packed",
     "load_ptq",
+    "model_forward",
     "nbytes",
     "pack",
     "packed_model_bytes",
+    "predict",
     "ptq",
     "ptq_config",
     "quant_layers",

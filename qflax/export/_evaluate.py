@@ -22,7 +22,7 @@ from qflax.export.integer import (
     static_act_scales,
 )
 
-__all__ = ["evaluate_integer", "float32_bytes", "predict"]
+__all__ = ["evaluate_integer", "float32_bytes", "model_forward", "predict"]
 
 # Training batches whose layer inputs calibrate the static scales of absmax activations.
 CALIBRATION_BATCHES = 8
@@ -56,7 +56,12 @@ def float32_bytes(model: nnx.Module) -> int:
     return 4 * int(sum(np.size(x) for x in jax.tree.leaves(weights)))
 
 
-def _model_forward(model: nnx.Module, act_scales: dict[str, float] | None):
+def model_forward(model: nnx.Module, act_scales: dict[str, float] | None = None):
+    """``(forward, state)``: ``forward(state, x)`` is ``model``'s fake-quant forward pass
+    (:func:`~qflax.export.fake_quant_forward` with the static ``act_scales``; None: the
+    model's own activation quantizers), a pure function of its ``nnx`` state for
+    :func:`predict` and ``jax.jit``. It is the reference ``qflax eval --integer`` compares the
+    integer program with."""
     graphdef, state = nnx.split(model)
 
     def forward(state, xb):
@@ -80,7 +85,7 @@ def _training_batches(config, dataset, num_batches: int) -> Iterator[np.ndarray]
 def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
     """Evaluates the latest checkpoint of a quantized run through integer inference.
 
-    The model is loaded with :func:`qflax.train.load_model`, turned into an
+    The model is loaded with :func:`qflax.runs.load_model`, turned into an
     :class:`~qflax.export.IntegerProgram` (:func:`~qflax.export.export_integer`: float layers in
     float32; uniform layers (absmax / learned_step / lsq / pact / dorefa / gdnsq, ternary and
     codeq weights) on int8 codes with int32 accumulation;
@@ -105,7 +110,7 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
         what is supported).
     """
     from qflax import data
-    from qflax.train import load_config, load_model
+    from qflax.runs import load_config, load_model
 
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
@@ -132,7 +137,7 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
     scales = static_act_scales(model, _training_batches(config, dataset, CALIBRATION_BATCHES))
     program = export_integer(model, scales)
     batch = config.eval_batch_size
-    reference_fn, state = _model_forward(model, scales)
+    reference_fn, state = model_forward(model, scales)
     reference = predict(reference_fn, state, dataset.test_x, batch)
     integer = predict(integer_forward, program, dataset.test_x, batch)
     labels = np.asarray(dataset.test_y)

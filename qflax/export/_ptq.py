@@ -84,7 +84,7 @@ def _check_args(
     first_last_float: Any,
 ):
     """Every check that needs no model: raises ValueError naming the bad value."""
-    from qflax.train import load_config
+    from qflax.runs import load_config
 
     _check_bits(weight_bits, "weight_bits")
     _check_bits(act_bits, "act_bits")
@@ -185,7 +185,7 @@ def ptq(
 ) -> dict[str, Any]:
     """Post-training quantization of the float run in ``workdir``, saved into ``out``.
 
-    Steps: load the latest checkpoint (:func:`qflax.train.load_model`); fold every eval-mode
+    Steps: load the latest checkpoint (:func:`qflax.runs.load_model`); fold every eval-mode
     BatchNorm into the conv/dense before it (:func:`~qflax.export.fold_model_batchnorm`);
     calibrate one static scale per layer input on the first ``num_batches`` training batches
     (the inputs of the absmax fake-quant model, :func:`~qflax.export.static_act_scales` with
@@ -236,14 +236,14 @@ def ptq(
         first_last_float=bool(first_last_float),
     )
     from qflax import data
-    from qflax.export._evaluate import _model_forward
-    from qflax.train import load_model
+    from qflax.export._evaluate import model_forward
+    from qflax.runs import load_model
 
     model, config, meta = load_model(workdir)
     dataset = data.load(config.dataset, seed=config.seed, **dict(config.dataset_kwargs))
     batch = config.eval_batch_size
     labels = np.asarray(dataset.test_y)
-    float_fn, float_state = _model_forward(model, None)
+    float_fn, float_state = model_forward(model, None)
     fp_accuracy = float(np.mean(predict(float_fn, float_state, dataset.test_x, batch) == labels))
 
     folded = fold_model_batchnorm(model, remove=True)
@@ -260,7 +260,7 @@ def ptq(
     quantized = _quantized(folded, settings)
     rows = _set_scales(quantized, act_scales, calibration)
 
-    q_fn, q_state = _model_forward(quantized, None)
+    q_fn, q_state = model_forward(quantized, None)
     fake = predict(q_fn, q_state, dataset.test_x, batch)
     program = export_integer(quantized)
     integer = predict(integer_forward, program, dataset.test_x, batch)
@@ -299,7 +299,7 @@ def load_ptq(out: str | os.PathLike) -> nnx.Module:
       ValueError: ``out`` holds no PTQ result, or the source run is gone.
     """
     from qflax import data
-    from qflax.train import build_model, load_config
+    from qflax.runs import build_model, load_config
 
     out = pathlib.Path(out)
     path = out / SUMMARY_FILE

@@ -6,11 +6,11 @@
   ``nnx.Conv`` / ``nnx.Einsum`` (``.inner``) and inject the quantized ops of :mod:`qflax.ops`
   through its own hook; learnable quantizer params are :class:`QuantParam`.
 * :func:`quantize_model` with :class:`Rule` s (regex on "."-joined module paths) and its
-  :class:`QuantReport`; :func:`first_last_float_rules`; :func:`calibrate`.
+  :class:`QuantReport`; :func:`first_last_float_rules`; :func:`calibrate`; :func:`is_quant_layer`.
 * :func:`layer_summaries`, :func:`count_macs`, :func:`totals`: sizes, bits, BOPs, sparsity.
 """
 
-from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate
+from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate, is_quant_layer
 from qflax.layers._recipes import RECIPES, Recipe, TensorQuant, recipes, register_recipe
 from qflax.layers._rules import (
     QuantReport,
@@ -38,6 +38,7 @@ __all__ = [
     "calibrate",
     "count_macs",
     "first_last_float_rules",
+    "is_quant_layer",
     "layer_summaries",
     "quantize_model",
     "recipes",

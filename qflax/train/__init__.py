@@ -1,29 +1,29 @@
-"""Training: the config schema, the optimizer, the jitted steps and the loop behind ``qflax train``.
+"""Training: the optimizer, the jitted steps and the loop behind ``qflax train``.
 
 ``train_and_evaluate(config, workdir)`` is the whole job (what ``qflax train`` runs);
-``evaluate(workdir)`` re-evaluates its latest checkpoint; the pieces (``make_optimizer``,
-``make_train_step``, ``TrainState``, ...) are importable for notebooks and tests.
+``evaluate(workdir)`` re-evaluates its latest checkpoint; ``build_trainer(config, model)`` builds
+the optimizer, the train state and the jitted steps the way the loop does; the pieces
+(``make_optimizer``, ``make_train_step``, ``TrainState``, ...) are importable for notebooks and
+tests. The config schema and reading runs from disk live in :mod:`qflax.runs`; its main names
+(``default_config``, ``validate_config``, ``load_config``, ``load_model``, ``build_model``,
+``config_diff``, ...) are importable from here too.
 """
 
-from qflax.train._checkpoint import CheckpointError
-from qflax.train._config import (
+from qflax.runs import (
     DIVERGENCES,
     OPTIMIZERS,
     RESUMABLE_KEYS,
     SCHEDULES,
     TEACHER_MODES,
+    CheckpointError,
+    build_model,
     config_diff,
     default_config,
-    validate_config,
-)
-from qflax.train._loop import (
-    NonFiniteLossError,
-    build_model,
-    evaluate,
     load_config,
     load_model,
-    train_and_evaluate,
+    validate_config,
 )
+from qflax.train._loop import NonFiniteLossError, evaluate, train_and_evaluate
 from qflax.train._optimizer import learning_rate_schedules, make_optimizer, param_labels
 from qflax.train._penalty import (
     PENALTY_MARGIN,
@@ -46,6 +46,7 @@ from qflax.train._steps import (
     split_model,
 )
 from qflax.train._summary import format_table, summarize_model
+from qflax.train._trainer import Trainer, build_trainer
 
 __all__ = [
     "PENALTY_MARGIN",
@@ -63,7 +64,9 @@ __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
     "TrainState",
+    "Trainer",
     "build_model",
+    "build_trainer",
     "config_diff",
     "create_train_state",
     "cross_entropy",

@@ -1,20 +1,26 @@
-"""Orbax checkpoints of a :class:`TrainState` under ``workdir/checkpoints/<step>/``.
+"""Saving and restoring a :class:`TrainState` in the orbax checkpoints of a run.
 
-Each checkpoint holds three items: ``model`` (``params`` and ``rest``, enough to rebuild the
-trained model), ``train`` (step, optimizer state, key, teacher) and ``meta`` (JSON: epochs done,
-wall time). Orbax writes each checkpoint to a temporary directory and renames it when complete,
-so an interrupted save never shadows the previous checkpoint.
+The layout (``workdir/checkpoints/<step>/`` with the items ``model``, ``train`` and ``meta``),
+the manager and reading a run's model back live in :mod:`qflax.runs`; this module writes a
+train state and restores the whole of it on resume. Orbax writes each checkpoint to a temporary
+directory and renames it when complete, so an interrupted save never shadows the previous
+checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from qflax.runs import (
+    CheckpointError,
+    checkpoint_manager,
+    has_checkpoint,
+    restore_items,
+    restore_model_state,
+)
 from qflax.train._steps import TrainState
 
 __all__ = [
@@ -25,28 +31,6 @@ __all__ = [
     "restore_model_state",
     "save_checkpoint",
 ]
-
-ITEMS = ("model", "train", "meta")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read (corrupt, truncated, or from another model)."""
-
-
-def has_checkpoint(directory: str | os.PathLike) -> bool:
-    """True when ``directory`` holds at least one finished checkpoint (a ``<step>`` folder)."""
-    directory = pathlib.Path(directory)
-    return directory.is_dir() and any(p.is_dir() and p.name.isdigit() for p in directory.iterdir())
-
-
-def checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int) -> ocp.CheckpointManager:
-    """A synchronous orbax ``CheckpointManager`` keeping the newest ``max_to_keep`` steps."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
-    )
-    return ocp.CheckpointManager(
-        pathlib.Path(directory).absolute(), options=options, item_names=ITEMS
-    )
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> int:
@@ -71,19 +55,6 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dic
     return step
 
 
-def _abstract(tree: Any) -> Any:
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def _corrupt(manager: ocp.CheckpointManager, step: int, error: Exception) -> CheckpointError:
-    path = pathlib.Path(manager.directory) / str(step)
-    return CheckpointError(
-        f"the checkpoint {path} is corrupt or does not match this model "
-        f"({type(error).__name__}: {str(error)[:300]}); delete that folder to resume from an "
-        "earlier checkpoint, or train in a fresh workdir"
-    )
-
-
 def restore_checkpoint(
     manager: ocp.CheckpointManager, step: int, template: TrainState
 ) -> tuple[TrainState, dict[str, Any]]:
@@ -98,19 +69,12 @@ def restore_checkpoint(
         "rng": template.rng,
         "teacher": template.teacher,
     }
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(
-                    _abstract({"params": template.params, "rest": template.rest})
-                ),
-                train=ocp.args.StandardRestore(_abstract(train_template)),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-    except Exception as error:  # orbax raises many types for unreadable data
-        raise _corrupt(manager, step, error) from error
+    restored = restore_items(
+        manager,
+        step,
+        model={"params": template.params, "rest": template.rest},
+        train=train_template,
+    )
     model, train = restored["model"], restored["train"]
     state = TrainState(
         step=train["step"],
@@ -120,21 +84,4 @@ def restore_checkpoint(
         rng=train["rng"],
         teacher=train["teacher"],
     )
-    return state, dict(restored["meta"])
-
-
-def restore_model_state(
-    manager: ocp.CheckpointManager, step: int, params: Any, rest: Any
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Restores only the model item (``params``, ``rest``) and ``meta`` of the checkpoint."""
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardRestore(_abstract({"params": params, "rest": rest})),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-    except Exception as error:
-        raise _corrupt(manager, step, error) from error
-    return restored["model"]["params"], restored["model"]["rest"], dict(restored["meta"])
+    return state, restored["meta"]

@@ -7,7 +7,6 @@ checkpoints, and writes ``metrics.jsonl``, ``summary.json`` and ``curves.png``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -21,162 +20,35 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qflax.train import _checkpoint, _config, _summary
-from qflax.train._optimizer import learning_rate_schedules, make_optimizer
-from qflax.train._steps import (
-    PenaltySettings,
-    TrainState,
-    create_train_state,
-    make_eval_step,
-    make_train_step,
-    split_model,
+from qflax import runs
+from qflax.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    QUANTIZATION_FILE,
+    SUMMARY_FILE,
+    TEACHER_DIR,
+    build_model,
+    load_model,
+    quantize_for_config,
 )
+from qflax.train import _checkpoint, _summary
+from qflax.train._optimizer import learning_rate_schedules
+from qflax.train._steps import TrainState, make_eval_step, split_model
+from qflax.train._trainer import _learned_bits, build_trainer
 
 __all__ = [
     "NonFiniteLossError",
-    "build_model",
     "evaluate",
-    "load_config",
-    "load_model",
     "train_and_evaluate",
 ]
 
 logger = logging.getLogger("qflax.train")
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-CURVES_FILE = "curves.png"
-QUANTIZATION_FILE = "quantization.txt"
-CHECKPOINT_DIR = "checkpoints"
-TEACHER_DIR = "teacher"
-
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss (or the parameters) became NaN or infinite; names the step."""
-
-
-# --------------------------------------------------------------------------- config and data
-
-
-def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a run in ``workdir`` was started with (``workdir/config.json``), locked."""
-    path = pathlib.Path(workdir) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist; allowed: a workdir written by `qflax train`")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid JSON ({error}); it was not written by qflax"
-        ) from error
-    config = _config.default_config()
-    with config.unlocked():
-        for key, value in values.items():
-            if key not in config:
-                config[key] = value  # validate_config reports it with near matches
-            elif isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
-                if key in _config.OPEN_KEYS:
-                    config[key] = ml_collections.ConfigDict(value)
-                else:
-                    with config[key].unlocked():
-                        config[key].update(value)
-            else:
-                config[key] = value
-    return _config.lock_config(config)
-
-
-def _load_dataset(config: ml_collections.ConfigDict):
-    from qflax import data
-
-    return data.load(config.dataset, seed=config.seed, **dict(config.dataset_kwargs))
-
-
-def _first_batch(config: ml_collections.ConfigDict, dataset) -> np.ndarray:
-    """The inputs of the first training batch (epoch 0), used to calibrate quantizers."""
-    from qflax import data
-
-    x, _ = next(
-        data.batches(
-            dataset.train_x,
-            dataset.train_y,
-            min(config.batch_size, len(dataset.train_x)),
-            seed=config.seed,
-            epoch=0,
-        )
-    )
-    return x
-
-
-def quantization_rules(config: ml_collections.ConfigDict) -> list:
-    """The ``qflax.layers.Rule`` list of ``config.quant``: its ``rules`` first, then the default
-    recipe (with ``stem``/``head`` kept float when ``first_last_float``). ``recipe_kwargs`` go
-    to every recipe named ``quant.recipe``."""
-    from qflax import layers as ql
-
-    quant = config.quant
-
-    def recipe(name: str):
-        if name == _config.FLOAT_RECIPE:
-            return None
-        kwargs = dict(config.recipe_kwargs) if name == quant.recipe else {}
-        return _config.build_recipe(name, quant.weight_bits, quant.act_bits, kwargs)
-
-    rules = [ql.Rule(pattern, recipe(name)) for pattern, name in quant.rules]
-    main = recipe(quant.recipe)
-    if quant.first_last_float:
-        rules += list(ql.first_last_float_rules(main))
-    else:
-        rules.append(ql.Rule(".*", main))
-    return rules
-
-
-def build_model(
-    config: ml_collections.ConfigDict, dataset, *, calibrate: bool = True
-) -> tuple[nnx.Module, str | None]:
-    """Builds the model of ``config`` for ``dataset`` and applies its quantization rules.
-
-    The input shape and the number of classes come from the dataset (text: the vocabulary).
-    With ``quant.recipe != "none"`` the model goes through ``qflax.layers.quantize_model`` and
-    ``qflax.layers.calibrate`` on the first training batch.
-
-    Returns:
-      ``(model, report)``: the report of ``quantize_model`` as text, None for float models.
-    """
-    from qflax import models
-
-    kwargs = dict(config.model_kwargs)
-    try:
-        model = models.build_model(
-            config.model,
-            input_shape=dataset.input_shape,
-            num_classes=dataset.num_classes,
-            rngs=nnx.Rngs(config.seed),
-            **kwargs,
-        )
-    except TypeError as error:
-        raise ValueError(
-            f"model_kwargs={kwargs!r} are not accepted by model {config.model!r}: {error}"
-        ) from error
-    return quantize_for_config(config, model, dataset, calibrate=calibrate)
-
-
-def quantize_for_config(
-    config: ml_collections.ConfigDict, model: nnx.Module, dataset, *, calibrate: bool = True
-) -> tuple[nnx.Module, str | None]:
-    """Applies the quantization rules of ``config`` to a float ``model`` (in place) and
-    calibrates learned quantizer params on the first training batch; ``(model, None)`` for
-    float configs."""
-    if config.quant.recipe == _config.FLOAT_RECIPE and not config.quant.rules:
-        return model, None
-    from qflax import layers as ql
-
-    model, report = ql.quantize_model(model, quantization_rules(config), copy=False)
-    if getattr(report, "unmatched_rules", None):
-        logger.warning("quantization rules that matched no layer: %s", report.unmatched_rules)
-    if calibrate:
-        ql.calibrate(model, _first_batch(config, dataset))
-    return model, str(report)
 
 
 def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
@@ -189,47 +61,6 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -
     for i, (dy, dx) in enumerate(offsets):
         out[i] = padded[i, dy : dy + height, dx : dx + width]
     return out
-
-
-def _teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The float model of ``config``: same data, model and optimizer, no quantization."""
-    teacher = copy.deepcopy(config)
-    teacher.quant.recipe = _config.FLOAT_RECIPE
-    teacher.quant.rules = ()
-    teacher.teacher.mode = "none"
-    teacher.teacher.path = ""
-    teacher.teacher.init_student = False
-    return teacher
-
-
-# --------------------------------------------------------------------------- loading runs
-
-
-def load_model(
-    workdir: str | os.PathLike, *, step: int | None = None
-) -> tuple[nnx.Module, ml_collections.ConfigDict, dict[str, Any]]:
-    """Rebuilds the model of the run in ``workdir`` from its latest (or given) checkpoint.
-
-    Returns:
-      ``(model, config, meta)``; ``meta`` holds ``step`` and ``epoch`` of the checkpoint.
-
-    Raises:
-      ValueError: no config or no checkpoint in ``workdir``; CheckpointError (a ValueError)
-        when the checkpoint is corrupt.
-    """
-    workdir = pathlib.Path(workdir)
-    config = _config.validate_config(load_config(workdir))
-    directory = workdir / CHECKPOINT_DIR
-    if not _checkpoint.has_checkpoint(directory):
-        raise ValueError(f"{directory} holds no checkpoint; train first (`qflax train`)")
-    dataset = _load_dataset(config)
-    model, _ = build_model(config, dataset)
-    graphdef, params, rest = split_model(model)
-    manager = _checkpoint.checkpoint_manager(directory, max_to_keep=config.checkpoint.max_to_keep)
-    step = manager.latest_step() if step is None else step
-    params, rest, meta = _checkpoint.restore_model_state(manager, step, params, rest)
-    manager.close()
-    return nnx.merge(graphdef, params, rest), config, meta
 
 
 def _evaluate_arrays(
@@ -262,7 +93,7 @@ def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
       ``{"test_accuracy", "test_loss", "step", "epoch", "dataset", "model"}``.
     """
     model, config, meta = load_model(workdir)
-    dataset = _load_dataset(config)
+    dataset = runs.load_dataset(config)
     graphdef, params, rest = split_model(model)
     result = _evaluate_arrays(
         make_eval_step(graphdef),
@@ -288,25 +119,25 @@ def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
 def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     """Refuses a workdir holding checkpoints of another config; records this config."""
     path = workdir / CONFIG_FILE
-    if path.is_file() and _checkpoint.has_checkpoint(workdir / CHECKPOINT_DIR):
+    if path.is_file() and runs.has_checkpoint(workdir / CHECKPOINT_DIR):
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); use a fresh workdir") from error
         diff = {
             key: values
-            for key, values in _config.config_diff(old, config).items()
-            if key not in _config.RESUMABLE_KEYS
+            for key, values in runs.config_diff(old, config).items()
+            if key not in runs.RESUMABLE_KEYS
         }
         if diff:
             lines = "; ".join(f"{k}: {a!r} (saved) != {b!r} (now)" for k, (a, b) in diff.items())
             raise ValueError(
                 f"workdir {workdir} holds checkpoints of a different config; differing keys: "
                 f"{lines}. Use another workdir, or delete {workdir} to start over "
-                f"(keys that may change on resume: {', '.join(_config.RESUMABLE_KEYS)})"
+                f"(keys that may change on resume: {', '.join(runs.RESUMABLE_KEYS)})"
             )
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_config.config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(runs.config_to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -453,7 +284,7 @@ def _layer_bits(model: nnx.Module) -> dict[str, list[float]] | None:
 
 
 def _quant_layers(model: nnx.Module) -> list:
-    from qflax.layers._layers import is_quant_layer
+    from qflax.layers import is_quant_layer
 
     return [node for _, node in nnx.iter_graph(model) if is_quant_layer(node)]
 
@@ -480,26 +311,6 @@ def _ends_exact(model: nnx.Module) -> bool:
     return any(layer.ends_exact() for layer in _quant_layers(model))
 
 
-def _latent_clip_mask(model: nnx.Module) -> Any:
-    """True for the kernels (``inner.kernel``) of quant layers with 1-bit weights."""
-    from qflax.layers._layers import is_quant_layer
-
-    binary = {
-        path
-        for path, node in nnx.iter_graph(model)
-        if is_quant_layer(node) and node.recipe.weight is not None and node.recipe.weight.bits == 1
-    }
-
-    def is_latent(path, x) -> bool:
-        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
-        return len(keys) > 2 and keys[-2:] == ("inner", "kernel") and keys[:-2] in binary
-
-    params = nnx.state(model, nnx.Param)
-    return jax.tree_util.tree_map_with_path(
-        is_latent, params, is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
-
-
 class EarlyStopping:
     """Stop after ``patience`` updates in a row without a value below the best so far.
 
@@ -524,37 +335,12 @@ class EarlyStopping:
         return bool(self.patience) and self.stale >= self.patience
 
 
-def _learned_bits(model: nnx.Module) -> dict[str, dict[str, Any]]:
-    """Per layer with learned bit-widths: the integer bits used and the targets (eager)."""
-    from qflax.layers._layers import is_quant_layer
-
-    out = {}
-    for path, node in nnx.iter_graph(model):
-        if is_quant_layer(node) and node.bit_widths():
-            targets = {role: t for role, (_, t) in node.bit_widths().items()}
-            out[".".join(map(str, path))] = {"used": node.used_bits(), "target": targets}
-    return out
-
-
 def _within_target(learned: dict[str, dict[str, Any]]) -> bool:
     """Whether every learned integer bit-width is at or below its target."""
     return bool(learned) and all(
         used <= row["target"][role]
         for row in learned.values()
         for role, used in row["used"].items()
-    )
-
-
-def _penalty_settings(config, model: nnx.Module, steps_per_epoch: int):
-    """The train step's penalty settings when ``model`` learns bit-widths, else None."""
-    if not _learned_bits(model):
-        return None
-    _, quant_schedule = learning_rate_schedules(config, steps_per_epoch)
-    return PenaltySettings(
-        lr_schedule=quant_schedule,
-        warmup_steps=int(round(float(config.penalty.warmup_epochs) * steps_per_epoch)),
-        power=float(config.penalty.power),
-        lr_decay=float(config.penalty.lr_decay),
     )
 
 
@@ -596,7 +382,8 @@ def train_and_evaluate(
     also holds ``converged``, ``converged_epoch``, ``stopped_epoch`` and ``learned_bits``.
 
     Args:
-      config: a training config (see :func:`default_config`); validated first.
+      config: a training config (see :func:`default_config`); validated first, unless it
+        passed :func:`validate_config` already and has not changed since.
       workdir: the run's directory (created when missing).
 
     Returns:
@@ -609,10 +396,10 @@ def train_and_evaluate(
         checkpoint stays in place.
     """
     start_time = time.perf_counter()
-    _config.validate_config(config)
+    runs.ensure_valid(config)
     workdir = pathlib.Path(workdir)
     _check_workdir(config, workdir)
-    dataset = _load_dataset(config)
+    dataset = runs.load_dataset(config)
     if config.augment_shift and dataset.kind != "image":
         raise ValueError(
             f"augment_shift={config.augment_shift} needs an image dataset; {config.dataset!r} is "
@@ -634,7 +421,7 @@ def train_and_evaluate(
 
     teacher_model, fp_test_accuracy, teacher_wall = None, None, 0.0
     if config.teacher.mode == "train":
-        _, teacher_summary = train_and_evaluate(_teacher_config(config), workdir / TEACHER_DIR)
+        _, teacher_summary = train_and_evaluate(runs.teacher_config(config), workdir / TEACHER_DIR)
         teacher_model, _, _ = load_model(workdir / TEACHER_DIR)
         fp_test_accuracy = teacher_summary["test_accuracy"]
         teacher_wall = teacher_summary["wall_seconds"]
@@ -649,27 +436,11 @@ def train_and_evaluate(
     if report is not None:
         (workdir / QUANTIZATION_FILE).write_text(report + "\n")
 
-    params = nnx.state(model, nnx.Param)
-    tx = make_optimizer(
-        config,
-        params,
-        steps_per_epoch=steps_per_epoch,
-        latent_clip_mask=_latent_clip_mask(model) if config.quant.latent_clip else None,
+    trainer = build_trainer(
+        config, model, dataset=dataset, teacher=teacher_model, steps_per_epoch=steps_per_epoch
     )
-    graphdef, state, teacher_graphdef = create_train_state(
-        model, tx, seed=config.seed, teacher=teacher_model
-    )
-    penalty = _penalty_settings(config, model, steps_per_epoch)
-    train_step = make_train_step(
-        graphdef,
-        tx,
-        teacher_graphdef=teacher_graphdef,
-        divergence=config.teacher.divergence,
-        distill_weight=float(config.teacher.weight),
-        temperature=float(config.teacher.temperature),
-        penalty=penalty,
-    )
-    eval_step = make_eval_step(graphdef)
+    graphdef, state, penalty = trainer.graphdef, trainer.state, trainer.penalty
+    train_step, eval_step = trainer.train_step, trainer.eval_step
     if teacher_model is not None and fp_test_accuracy is None:
         tgraphdef, tparams, trest = split_model(teacher_model)
         fp_test_accuracy = _evaluate_arrays(
@@ -681,7 +452,7 @@ def train_and_evaluate(
             config.eval_batch_size,
         )["accuracy"]
 
-    manager = _checkpoint.checkpoint_manager(
+    manager = runs.checkpoint_manager(
         workdir / CHECKPOINT_DIR, max_to_keep=config.checkpoint.max_to_keep
     )
     metrics_path = workdir / METRICS_FILE

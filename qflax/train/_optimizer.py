@@ -17,7 +17,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from qflax.layers._variables import QuantParam
+from qflax.layers import QuantParam
 
 __all__ = [
     "QUANT",

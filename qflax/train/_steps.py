@@ -89,7 +89,7 @@ class PenaltySettings:
 def learned_bit_widths(model: nnx.Module) -> tuple[list, list, list, list]:
     """``(weight_bits, weight_targets, act_bits, act_targets)`` of every quant layer that learns
     its bit-width (lists with one entry per layer, bits differentiable); empty lists if none."""
-    from qflax.layers._layers import is_quant_layer
+    from qflax.layers import is_quant_layer
 
     w_bits, w_targets, a_bits, a_targets = [], [], [], []
     for _, node in nnx.iter_graph(model):

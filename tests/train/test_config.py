@@ -4,14 +4,15 @@ import pathlib
 
 import pytest
 
-from qflax.train import _config, config_diff, default_config, validate_config
+from qflax import runs
+from qflax.train import config_diff, default_config, validate_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_default_config_has_every_key_and_is_valid():
     config = default_config()
-    keys = set(_config.all_keys(config))
+    keys = set(runs.all_keys(config))
     for key in (
         "dataset",
         "model",
@@ -100,7 +101,7 @@ def test_unknown_key_in_a_handmade_config_lists_near_matches():
 
 def test_overrides_are_parsed_with_the_type_of_the_default():
     config = default_config()
-    _config.apply_overrides(
+    runs.apply_overrides(
         config,
         [
             ("epochs", "3"),
@@ -133,7 +134,7 @@ def test_overrides_are_parsed_with_the_type_of_the_default():
 )
 def test_bad_overrides_raise(key, text, message):
     with pytest.raises(ValueError, match=message):
-        _config.apply_overrides(default_config(), [(key, text)])
+        runs.apply_overrides(default_config(), [(key, text)])
 
 
 def test_config_diff_names_differing_keys():
@@ -145,18 +146,18 @@ def test_config_diff_names_differing_keys():
         "optimizer.learning_rate": (1e-3, 0.5),
         "model_kwargs": ({}, {"width": 2.0}),
     }
-    assert config_diff(a, _config.config_to_dict(a)) == {}
+    assert config_diff(a, runs.config_to_dict(a)) == {}
 
 
 def test_load_config_file_with_variant_and_errors(tmp_path):
     fp = REPO / "experiments" / "mnist5k" / "fp.py"
-    config = _config.load_config_file(str(fp))
-    smoke = _config.load_config_file(f"{fp}:smoke")
+    config = runs.load_config_file(str(fp))
+    smoke = runs.load_config_file(f"{fp}:smoke")
     assert config.dataset == "mnist5k" and smoke.dataset == "digits"
     assert smoke.epochs < config.epochs
     with pytest.raises(ValueError, match="does not exist"):
-        _config.load_config_file(str(tmp_path / "nope.py"))
+        runs.load_config_file(str(tmp_path / "nope.py"))
     empty = tmp_path / "empty.py"
     empty.write_text("x = 1\n")
     with pytest.raises(ValueError, match="defines no get_config"):
-        _config.load_config_file(str(empty))
+        runs.load_config_file(str(empty))

@@ -6,7 +6,8 @@ import pathlib
 
 import pytest
 
-from qflax.train import _config, validate_config
+from qflax import runs
+from qflax.train import validate_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
@@ -23,18 +24,18 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_config_is_valid_documented_and_has_a_smoke_variant(path):
-    config = validate_config(_config.load_config_file(str(path)))
-    smoke = validate_config(_config.load_config_file(f"{path}:smoke"))
+    config = validate_config(runs.load_config_file(str(path)))
+    smoke = validate_config(runs.load_config_file(f"{path}:smoke"))
     assert smoke.epochs <= 2 and smoke.dataset == "digits"
     module_doc = importlib.import_module(
         ".".join(path.relative_to(REPO).with_suffix("").parts)
     ).__doc__
     assert f"qflax train --config {path.relative_to(REPO).as_posix()}" in module_doc
     assert "Expected" in module_doc
-    _config.apply_overrides(config, [("dataset", "digits"), ("epochs", "2"), ("seed", "3")])
+    runs.apply_overrides(config, [("dataset", "digits"), ("epochs", "2"), ("seed", "3")])
     validate_config(config)
     with pytest.raises(ValueError, match="variant='nope' is not known"):
-        _config.load_config_file(f"{path}:nope")
+        runs.load_config_file(f"{path}:nope")
 
 
 def test_configs_import_as_a_package():

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from qflax import layers as ql
-from qflax import models
-from qflax.train import _config, default_config, make_optimizer, train_and_evaluate
+from qflax import models, runs
+from qflax.train import default_config, make_optimizer, train_and_evaluate
 from qflax.train._loop import EarlyStopping
 from tests.train.test_loop import read_metrics, tiny_config
 
@@ -20,8 +20,8 @@ from tests.train.test_loop import read_metrics, tiny_config
 def test_gdnsq_done_when_digits_ends_at_or_below_two_bits(tmp_path):
     # The command: gdnsq.py --config.target_bits=2 --config.dataset=digits
     # --config.epochs=5 (a float teacher is trained first in WORKDIR/teacher).
-    config = _config.load_config_file("experiments/mnist5k/gdnsq.py")
-    config = _config.apply_overrides(
+    config = runs.load_config_file("experiments/mnist5k/gdnsq.py")
+    config = runs.apply_overrides(
         config,
         [("target_bits", "2"), ("dataset", "digits"), ("epochs", "5"), ("progress_bar", "false")],
     )
@@ -148,19 +148,19 @@ def test_new_config_keys_are_checked(key, value, match):
         with config[group].unlocked():
             config[group][leaf] = value
     with pytest.raises(ValueError, match=match):
-        _config.validate_config(config)
+        runs.validate_config(config)
 
 
 def test_recipe_kwargs_reach_the_recipe_and_unknown_ones_are_named():
     config = default_config()
     config.quant.recipe = "gdnsq"
     config.recipe_kwargs.backward = "noise"
-    _config.validate_config(config)
-    recipe = _config.build_recipe("gdnsq", 2, 2, dict(config.recipe_kwargs))
+    runs.validate_config(config)
+    recipe = runs.build_recipe("gdnsq", 2, 2, dict(config.recipe_kwargs))
     assert recipe.weight.config.backward == recipe.act.config.backward == "noise"
     config.recipe_kwargs.bogus = 1
     with pytest.raises(ValueError, match=r"recipe_kwargs \['bogus'\].*allowed: .*backward"):
-        _config.validate_config(config)
+        runs.validate_config(config)
 
 
 def test_penalty_with_a_cosine_warmup_schedule_under_strict_promotion(tmp_path):
@@ -176,16 +176,16 @@ def test_penalty_with_a_cosine_warmup_schedule_under_strict_promotion(tmp_path):
 
 
 def test_recipe_kwargs_reach_a_pair_factory():
-    recipe = _config.build_recipe("binary", 1, 1, {"pair": "bnn++", "mu": 3.0})
+    recipe = runs.build_recipe("binary", 1, 1, {"pair": "bnn++", "mu": 3.0})
     assert dict(recipe.weight.config.kwargs) == {"mu": 3.0}
     with pytest.raises(ValueError, match="not arguments of pair 'bnn'"):
-        _config.build_recipe("binary", 1, 1, {"pair": "bnn", "mu": 3.0})
+        runs.build_recipe("binary", 1, 1, {"pair": "bnn", "mu": 3.0})
 
 
 def test_recipe_kwargs_bits_replace_the_quant_bits():
     # CoDeQ learns its weight bit-width when the recipe gets weight_bits=None
-    assert _config.build_recipe("codeq", 4, 8, {}).weight.config.fixed_bits == 4
-    recipe = _config.build_recipe("codeq", 4, 8, {"weight_bits": None})
+    assert runs.build_recipe("codeq", 4, 8, {}).weight.config.fixed_bits == 4
+    recipe = runs.build_recipe("codeq", 4, 8, {"weight_bits": None})
     assert recipe.weight.config.fixed_bits is None
     assert recipe.act.config.bits == 8
-    assert _config.build_recipe("lsq", 4, 4, {"act_bits": 2}).act.config.bits == 2
+    assert runs.build_recipe("lsq", 4, 4, {"act_bits": 2}).act.config.bits == 2

@@ -9,19 +9,19 @@ import pytest
 from flax import nnx
 
 from qflax import layers as ql
-from qflax import models
+from qflax import models, runs
 from qflax.export import evaluate_integer
 from qflax.quantizers import dbssq_epsilon_schedule
-from qflax.train import _config, default_config, load_model, make_optimizer, train_and_evaluate
-from qflax.train._loop import _latent_clip_mask
+from qflax.train import default_config, load_model, make_optimizer, train_and_evaluate
 from qflax.train._optimizer import project_to_box
+from qflax.train._trainer import _latent_clip_mask
 from tests.train.test_loop import read_metrics
 
 
 def _experiment(name, *overrides):
-    config = _config.load_config_file(f"experiments/mnist5k/{name}.py")
+    config = runs.load_config_file(f"experiments/mnist5k/{name}.py")
     base = [("dataset", "digits"), ("epochs", "2"), ("progress_bar", "false")]
-    return _config.apply_overrides(config, base + list(overrides))
+    return runs.apply_overrides(config, base + list(overrides))
 
 
 def test_pairs_bnnpp_runs_anneals_mu_and_clips_latent_weights(tmp_path):
@@ -140,10 +140,10 @@ def test_latent_clip_mask_marks_only_one_bit_kernels():
 
 
 def test_pair_shorthand_is_checked():
-    config = _config.load_config_file("experiments/mnist5k/pairs.py")
-    _config.apply_overrides(config, [("pair", "bc")])
+    config = runs.load_config_file("experiments/mnist5k/pairs.py")
+    runs.apply_overrides(config, [("pair", "bc")])
     assert config.recipe_kwargs.pair == "bc"
-    _config.validate_config(config)
+    runs.validate_config(config)
     config.pair = "xnor"
     with pytest.raises(ValueError, match="pair='xnor' is not allowed; allowed: 'bc'"):
-        _config.validate_config(config)
+        runs.validate_config(config)

@@ -1,0 +1,164 @@
+"""Building what a config describes: the recipes (``build_recipe``), the quantization rules
+(``quantization_rules``), the dataset (``load_dataset``), the model, quantized and calibrated
+(``build_model``, ``quantize_for_config``), and the float config of a distillation teacher
+(``teacher_config``)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from qflax.runs._schema import FLOAT_RECIPE
+
+__all__ = [
+    "build_model",
+    "build_recipe",
+    "first_batch",
+    "load_dataset",
+    "quantization_rules",
+    "quantize_for_config",
+    "teacher_config",
+]
+
+logger = logging.getLogger("qflax.train")
+
+
+def build_recipe(
+    name: str, weight_bits: int, act_bits: int, recipe_kwargs: Mapping[str, Any] | None = None
+):
+    """``qflax.layers.recipes.build(name, ...)`` with the bit-widths the recipe takes.
+
+    Recipes with fixed levels ignore what they do not take (``binary`` both bit-widths,
+    ``ternary`` the weight bits). ``recipe_kwargs`` go to the factory; a keyword it does not
+    take is a ValueError naming the ones it does. ``recipe_kwargs.weight_bits``/``act_bits``
+    replace the ``quant`` ones (CoDeQ: ``weight_bits=None`` learns the bit-width).
+    """
+    import inspect
+
+    from qflax import layers as ql
+
+    accepted = inspect.signature(ql.RECIPES[name]).parameters
+    extra = dict(recipe_kwargs or {})
+    bits = {"weight_bits": weight_bits, "act_bits": act_bits}
+    bits.update({k: extra.pop(k) for k in list(extra) if k in bits and k in accepted})
+    kwargs = {k: v for k, v in bits.items() if k in accepted}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    # (`binary` passes its extra keywords to the pair's factory, which checks them.)
+    unknown = [] if takes_any else sorted(set(extra) - set(accepted) - set(bits))
+    if unknown:
+        allowed = ", ".join(k for k in accepted if k not in bits) or "none"
+        raise ValueError(
+            f"recipe_kwargs {unknown} are not arguments of recipe {name!r}; allowed: {allowed}"
+        )
+    return ql.recipes.build(name, **kwargs, **{k: v for k, v in extra.items() if k not in bits})
+
+
+def load_dataset(config: ml_collections.ConfigDict):
+    """The dataset of ``config`` (:func:`qflax.data.load` with its seed and ``dataset_kwargs``)."""
+    from qflax import data
+
+    return data.load(config.dataset, seed=config.seed, **dict(config.dataset_kwargs))
+
+
+def first_batch(config: ml_collections.ConfigDict, dataset) -> np.ndarray:
+    """The inputs of the first training batch (epoch 0), used to calibrate quantizers."""
+    from qflax import data
+
+    x, _ = next(
+        data.batches(
+            dataset.train_x,
+            dataset.train_y,
+            min(config.batch_size, len(dataset.train_x)),
+            seed=config.seed,
+            epoch=0,
+        )
+    )
+    return x
+
+
+def quantization_rules(config: ml_collections.ConfigDict) -> list:
+    """The ``qflax.layers.Rule`` list of ``config.quant``: its ``rules`` first, then the default
+    recipe (with ``stem``/``head`` kept float when ``first_last_float``). ``recipe_kwargs`` go
+    to every recipe named ``quant.recipe``."""
+    from qflax import layers as ql
+
+    quant = config.quant
+
+    def recipe(name: str):
+        if name == FLOAT_RECIPE:
+            return None
+        kwargs = dict(config.recipe_kwargs) if name == quant.recipe else {}
+        return build_recipe(name, quant.weight_bits, quant.act_bits, kwargs)
+
+    rules = [ql.Rule(pattern, recipe(name)) for pattern, name in quant.rules]
+    main = recipe(quant.recipe)
+    if quant.first_last_float:
+        rules += list(ql.first_last_float_rules(main))
+    else:
+        rules.append(ql.Rule(".*", main))
+    return rules
+
+
+def build_model(
+    config: ml_collections.ConfigDict, dataset, *, calibrate: bool = True
+) -> tuple[nnx.Module, str | None]:
+    """Builds the model of ``config`` for ``dataset`` and applies its quantization rules.
+
+    The input shape and the number of classes come from the dataset (text: the vocabulary).
+    With ``quant.recipe != "none"`` the model goes through ``qflax.layers.quantize_model`` and
+    ``qflax.layers.calibrate`` on the first training batch.
+
+    Returns:
+      ``(model, report)``: the report of ``quantize_model`` as text, None for float models.
+    """
+    from qflax import models
+
+    kwargs = dict(config.model_kwargs)
+    try:
+        model = models.build_model(
+            config.model,
+            input_shape=dataset.input_shape,
+            num_classes=dataset.num_classes,
+            rngs=nnx.Rngs(config.seed),
+            **kwargs,
+        )
+    except TypeError as error:
+        raise ValueError(
+            f"model_kwargs={kwargs!r} are not accepted by model {config.model!r}: {error}"
+        ) from error
+    return quantize_for_config(config, model, dataset, calibrate=calibrate)
+
+
+def quantize_for_config(
+    config: ml_collections.ConfigDict, model: nnx.Module, dataset, *, calibrate: bool = True
+) -> tuple[nnx.Module, str | None]:
+    """Applies the quantization rules of ``config`` to a float ``model`` (in place) and
+    calibrates learned quantizer params on the first training batch; ``(model, None)`` for
+    float configs."""
+    if config.quant.recipe == FLOAT_RECIPE and not config.quant.rules:
+        return model, None
+    from qflax import layers as ql
+
+    model, report = ql.quantize_model(model, quantization_rules(config), copy=False)
+    if getattr(report, "unmatched_rules", None):
+        logger.warning("quantization rules that matched no layer: %s", report.unmatched_rules)
+    if calibrate:
+        ql.calibrate(model, first_batch(config, dataset))
+    return model, str(report)
+
+
+def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The float model of ``config``: same data, model and optimizer, no quantization."""
+    teacher = copy.deepcopy(config)
+    teacher.quant.recipe = FLOAT_RECIPE
+    teacher.quant.rules = ()
+    teacher.teacher.mode = "none"
+    teacher.teacher.path = ""
+    teacher.teacher.init_student = False
+    return teacher

@@ -1,0 +1,74 @@
+"""Config files: a ``.py`` file whose ``get_config()`` returns a training config
+(``experiments/mnist5k/w4a4.py``), loaded by ``load_config_file("path.py[:arg]")``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import ml_collections
+
+from qflax.runs._schema import lock_config
+
+__all__ = ["load_config_file"]
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads ``get_config()`` from a config file; ``"path.py:arg"`` calls ``get_config(arg)``.
+
+    Args:
+      spec: path of a ``.py`` file defining ``get_config()``, optionally followed by ``:arg``.
+
+    Returns:
+      The config, locked against new keys (see :func:`lock_config`).
+
+    Raises:
+      ValueError: the file does not exist or defines no ``get_config``, or it returns no
+        ``ConfigDict``.
+    """
+    import pathlib
+
+    path, arg = spec, None
+    if ":" in spec and not pathlib.Path(spec).is_file():
+        path, arg = spec.rsplit(":", 1)
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise ValueError(
+            f"config file {path!r} does not exist; allowed: a .py file with get_config()"
+        )
+    module = _import_config_module(file)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ValueError(f"config file {path!r} defines no get_config(); allowed: one that does")
+    config = get_config() if arg is None else get_config(arg)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(
+            f"get_config() of {path!r} returned {type(config).__name__}; allowed: a ConfigDict"
+        )
+    return lock_config(config)
+
+
+def _import_config_module(file: Any):
+    """Imports a config file; inside a package (``experiments/mnist5k/w4a4.py``) under its
+    dotted name with the package's root on ``sys.path``, so configs can import each other."""
+    import importlib
+    import importlib.util
+    import sys
+
+    file = file.resolve()
+    parts = [file.stem]
+    root = file.parent
+    while (root / "__init__.py").is_file():
+        parts.insert(0, root.name)
+        root = root.parent
+    if len(parts) > 1 and all(p.isidentifier() for p in parts):
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        return importlib.import_module(".".join(parts))
+    module_name = "_qflax_config_" + re.sub(r"\W", "_", str(file))
+    module_spec = importlib.util.spec_from_file_location(module_name, file)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"config file {str(file)!r} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
