@@ -77,7 +77,7 @@ def train_float_run(workdir: pathlib.Path, epochs: int) -> None:
 def train_binary_run(workdir: pathlib.Path, epochs: int) -> None:
     """The pairs study's W1A1 CNN (BNN pair, from scratch), shortened."""
     config = load_config_file("experiments/mnist5k/pairs.py:scratch")
-    config.pair = "bnn"
+    config.pair.name = "bnn"
     config.epochs = epochs
     config.progress_bar = False
     train_and_evaluate(config, workdir)

@@ -1,8 +1,13 @@
 """ProxConnect++ pair study on mnist5k: W1A1 with any forward/backward pair (METHODS.md 4).
 
 Weights and activations of conv2 and dense binarized by the pair ``--config.pair`` (``bc``,
-``pc``, ``proxquant``, ``bnn``, ``bnn+``, ``bnn++``, ``approx_sign``), weights scaled per output
-channel by ``sg(mean|w|)`` (``--config.recipe_kwargs.scaling=none`` for plain ±1), stem and head
+``pc``, ``proxquant``, ``bnn``, ``bnn+``, ``bnn++``, ``approx_sign``, ``multibit``, or a pair
+registered by the user's code), or by a forward and a backward chosen separately
+(``--config.pair.forward=sign --config.pair.backward=sign_swish``: any names in
+``qflax.quantizers.FORWARDS`` / ``BACKWARDS``); each run writes the pair's ProxConnect++
+criterion into ``summary.json`` (``pair_criterion``) and its plot (``pair_*.png``). Weights
+scaled per output channel by ``sg(mean|w|)`` (``--config.recipe_kwargs.scaling=none`` for plain
+±1), stem and head
 in float, latent weights kept in [-1, 1] (BinaryConnect), hardtanh in place of the model's ReLUs
 (the sign of a ReLU output is +1 everywhere, so a binarized input after a ReLU carries nothing;
 the float model it starts from is built the same way). Pairs with a ``μ`` anneal it
@@ -19,13 +24,13 @@ initialisation. 15 epochs, Adam 1e-3.
     qflax train --config experiments/mnist5k/pairs.py:scratch --config.pair=bnn --workdir DIR
     qflax train --config experiments/mnist5k/pairs.py --config.pair=bnn++ \\
         --config.dataset=digits --config.epochs=5 --workdir /tmp/pairs       # under a minute
+    qflax train --config experiments/mnist5k/pairs.py --config.pair.forward=sign \\
+        --config.pair.backward=sign_swish --config.dataset=digits --config.epochs=2 --workdir DIR
 
 Expected (mnist5k, 3 seeds, exact W1A1; float hardtanh CNN 97.37): fine-tuned BNN 96.33,
 BNN+ 96.43, BC 96.60, PC 96.57, BNN++ 92.80, ProxQuant 76.83 (table and MLP rows in
 experiments/mnist5k/README.md).
 """
-
-import ml_collections
 
 from experiments.mnist5k import fp
 
@@ -43,9 +48,8 @@ def get_config(variant: str | None = None):
     config.quant.first_last_float = True
     config.quant.latent_clip = 1.0
     config.model_kwargs.activation = "hardtanh"  # sign(relu(x)) would be +1 everywhere
+    config.pair.name = "bnn++"  # --config.pair=NAME, or --config.pair.forward/backward
     with config.unlocked():  # (re-locks every group on exit, open ones too: set them inside)
-        config.pair = ml_collections.FieldReference("bnn++")
-        config.recipe_kwargs.pair = config.get_ref("pair")
         config.recipe_kwargs.scaling = "channel"
     config.anneal.mu_end = 50.0
     if variant != "scratch":

@@ -19,6 +19,9 @@ from qflax.runs._schema import FLOAT_RECIPE
 __all__ = [
     "build_model",
     "build_recipe",
+    "import_extensions",
+    "pair_selection",
+    "recipe_kwargs_for",
     "first_batch",
     "load_dataset",
     "quantization_rules",
@@ -59,6 +62,66 @@ def build_recipe(
     return ql.recipes.build(name, **kwargs, **{k: v for k, v in extra.items() if k not in bits})
 
 
+def pair_selection(pair: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The recipe keywords the config's ``pair`` group selects: ``{"pair": name}``, or
+    ``{"pair": None, "forward": F, "backward": B}`` when both are given (they win over a
+    name); ``{}`` when the group is empty."""
+    pair = dict(pair or {})
+    forward, backward = pair.get("forward") or "", pair.get("backward") or ""
+    if forward and backward:
+        return {"pair": None, "forward": forward, "backward": backward}
+    return {"pair": pair["name"]} if pair.get("name") else {}
+
+
+def recipe_kwargs_for(config: ml_collections.ConfigDict, name: str) -> dict[str, Any]:
+    """The keywords recipe ``name`` is built with: ``recipe_kwargs`` for the main recipe, and the
+    ``pair`` group's selection for every recipe whose factory takes a pair (explicit
+    ``recipe_kwargs`` keep precedence)."""
+    import inspect
+
+    from qflax import layers as ql
+
+    kwargs = dict(config.recipe_kwargs) if name == config.quant.recipe else {}
+    if name in ql.RECIPES and "pair" in config:
+        accepted = inspect.signature(ql.RECIPES[name]).parameters
+        for key, value in pair_selection(config.pair).items():
+            if key in accepted and key not in kwargs:
+                kwargs[key] = value
+    return kwargs
+
+
+def import_extensions(config: ml_collections.ConfigDict) -> list[str]:
+    """Imports ``config.imports`` (Python files or module names that register the user's own
+    quantizer families, pairs or recipes) so the config's names resolve; a file imported
+    again is not re-run. Returns what was imported; ValueError names an entry that fails."""
+    import importlib
+    import pathlib
+
+    from qflax.runs._files import _import_config_module
+
+    done = []
+    for entry in tuple(config.get("imports", ()) or ()):
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(
+                f"imports entry {entry!r} is not allowed; allowed: a .py path or a module name"
+            )
+        try:
+            if entry.endswith(".py") or "/" in entry:
+                file = pathlib.Path(entry)
+                if not file.is_file():
+                    raise FileNotFoundError(f"{entry} does not exist")
+                _import_config_module(file)
+            else:
+                importlib.import_module(entry)
+        except Exception as error:  # the user's code: report any failure with its entry
+            raise ValueError(
+                f"imports entry {entry!r} failed to import ({type(error).__name__}: {error}); "
+                "allowed: a .py file or module that imports cleanly"
+            ) from error
+        done.append(entry)
+    return done
+
+
 def load_dataset(config: ml_collections.ConfigDict):
     """The dataset of ``config`` (:func:`qflax.data.load` with its seed and ``dataset_kwargs``)."""
     from qflax import data
@@ -93,8 +156,9 @@ def quantization_rules(config: ml_collections.ConfigDict) -> list:
     def recipe(name: str):
         if name == FLOAT_RECIPE:
             return None
-        kwargs = dict(config.recipe_kwargs) if name == quant.recipe else {}
-        return build_recipe(name, quant.weight_bits, quant.act_bits, kwargs)
+        return build_recipe(
+            name, quant.weight_bits, quant.act_bits, recipe_kwargs_for(config, name)
+        )
 
     rules = [ql.Rule(pattern, recipe(name)) for pattern, name in quant.rules]
     main = recipe(quant.recipe)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 from typing import Any
 
@@ -10,7 +11,7 @@ import ml_collections
 
 from qflax.runs._schema import lock_config
 
-__all__ = ["load_config_file"]
+__all__ = ["extension_files", "load_config_file"]
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -26,8 +27,6 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
       ValueError: the file does not exist or defines no ``get_config``, or it returns no
         ``ConfigDict``.
     """
-    import pathlib
-
     path, arg = spec, None
     if ":" in spec and not pathlib.Path(spec).is_file():
         path, arg = spec.rsplit(":", 1)
@@ -45,7 +44,47 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise ValueError(
             f"get_config() of {path!r} returned {type(config).__name__}; allowed: a ConfigDict"
         )
+    if "imports" in config:
+        # files that register the user's own families/pairs/recipes (the config file itself or
+        # modules it imports): a later `qflax eval` of the run imports them again first
+        new = [f for f in extension_files(module) if f not in tuple(config.imports)]
+        if new:
+            with config.unlocked():
+                config.imports = (*tuple(config.imports), *new)
     return lock_config(config)
+
+
+def _registered_modules() -> set[str]:
+    """The modules that define the registered families, pairs, forwards, backwards and recipes
+    (built-in ones included)."""
+    from qflax import layers as ql
+    from qflax import quantizers as qz
+
+    out = {type(f).__module__ for f in qz.FAMILIES.values()}
+    for registry in (qz.PAIRS, qz.FORWARDS, qz.BACKWARDS, ql.RECIPES):
+        out |= {getattr(fn, "__module__", None) for fn in registry.values()}
+    return {m for m in out if m and m != "qflax" and not m.startswith("qflax.")}
+
+
+def extension_files(module: Any) -> list[str]:
+    """The files of the user's modules among ``module`` and what it imports that define
+    registered quantizer families, pairs or recipes (absolute paths, sorted)."""
+    import sys
+    import types
+
+    names = {module.__name__}
+    for value in vars(module).values():
+        if isinstance(value, types.ModuleType):
+            names.add(value.__name__)
+        else:
+            names.add(getattr(value, "__module__", None) or "")
+    files = set()
+    for name in names & _registered_modules():
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None)
+        if path:
+            files.add(str(pathlib.Path(path).resolve()))
+    return sorted(files)
 
 
 def _import_config_module(file: Any):

@@ -93,6 +93,14 @@ def apply_overrides(
             hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
             raise ValueError(f"unknown config key {key!r}{hint} (known keys: {', '.join(known)})")
         current = node[leaf] if leaf in node else None
+        if (
+            isinstance(current, ml_collections.ConfigDict)
+            and leaf not in OPEN_KEYS
+            and "name" in current
+            and isinstance(current.name, str)
+        ):  # a group with a name: --config.pair=bnn sets pair.name
+            current.name = text
+            continue
         if isinstance(current, ml_collections.ConfigDict) and leaf not in OPEN_KEYS:
             raise ValueError(
                 f"--config.{key} names a group; set its keys instead: "

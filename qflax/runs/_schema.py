@@ -44,9 +44,8 @@ OPEN_KEYS = ("dataset_kwargs", "model_kwargs", "recipe_kwargs")
 
 # Optional top-level keys a config file may add as ``ml_collections.FieldReference`` s that
 # other keys point to: ``target_bits`` sets ``quant.weight_bits`` and ``quant.act_bits`` at once
-# (``--config.target_bits=2``; an integer 1..32); ``pair`` names the ProxConnect++ pair of a
-# binary recipe (``--config.pair=bnn++``; a name in ``qflax.quantizers.PAIRS``).
-SHORTHAND_KEYS = ("target_bits", "pair")
+# (``--config.target_bits=2``; an integer 1..32).
+SHORTHAND_KEYS = ("target_bits",)
 
 # Keys that may differ when a run is resumed in the same workdir: they change how long it runs
 # and how often it logs or saves, never what one step computes. (With a cosine schedule a new
@@ -102,6 +101,15 @@ def default_config() -> ml_collections.ConfigDict:
       exact quantizer) for the final evaluation and checkpoint.
     - ``recipe_kwargs``: further arguments of the recipe factory (e.g. ``backward`` of
       ``gdnsq``, ``weight_granularity``); open.
+    - ``pair.{name, forward, backward}``: the ProxConnect++ pair of every recipe that takes one
+      (``binary``): ``name`` in ``qflax.quantizers.PAIRS`` (the catalogue or a registered pair;
+      ``--config.pair=NAME`` sets it), or ``forward`` in ``FORWARDS`` and ``backward`` in
+      ``BACKWARDS`` together (a composed pair, which replaces the name); "" = the recipe's
+      default. Every run with a pair writes its criterion (``pair_criterion`` in
+      ``summary.json``) and its plot (``pair_*.png``).
+    - ``imports``: Python files or module names imported before anything is built (and when
+      the run is evaluated or exported later), so a config can use the user's own quantizer
+      families, pairs and recipes; a config file that registers any is added by itself.
     - ``penalty.{warmup_epochs, power, lr_decay, patience}``: the exterior-point bit-width
       penalty, added to the loss whenever the model has learned bit-widths (GDNSQ): weight 0
       for ``warmup_epochs``, then growing by ``2·lr`` per step (``lr`` the quantizer
@@ -162,6 +170,8 @@ def default_config() -> ml_collections.ConfigDict:
         dict(warmup_epochs=1.0, power=1.0, lr_decay=0.9985, patience=0)
     )
     config.anneal = ml_collections.ConfigDict(dict(mu_end=0.0))
+    config.pair = ml_collections.ConfigDict(dict(name="", forward="", backward=""))
+    config.imports = ()
     config.teacher = ml_collections.ConfigDict(
         dict(
             mode="none",

@@ -14,7 +14,7 @@ from typing import Any
 
 import ml_collections
 
-from qflax.runs._build import build_recipe
+from qflax.runs._build import build_recipe, import_extensions, recipe_kwargs_for
 from qflax.runs._schema import (
     DIVERGENCES,
     FLOAT_RECIPE,
@@ -82,7 +82,7 @@ def _check_recipe(name: Any, field: str, config: ml_collections.ConfigDict) -> N
         )
     _check_choice(name, field, (FLOAT_RECIPE, *names))
     try:
-        kwargs = dict(config.recipe_kwargs) if name == config.quant.recipe else {}
+        kwargs = recipe_kwargs_for(config, name)
         build_recipe(name, config.quant.weight_bits, config.quant.act_bits, kwargs)
     except ValueError as error:
         raise ValueError(f"{field}={name!r}: {error}") from error
@@ -160,6 +160,12 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             f"config of type {type(config).__name__} is not allowed; allowed: "
             "an ml_collections.ConfigDict (see qflax.train.default_config)"
         )
+    imports = config.get("imports", ())
+    if not isinstance(imports, (list, tuple)) or not all(isinstance(i, str) for i in imports):
+        raise ValueError(
+            f"imports={imports!r} is not allowed; allowed: a tuple of .py paths or module names"
+        )
+    import_extensions(config)  # the user's families, pairs and recipes, before names are checked
     schema = _schema_keys()
     present = _config_keys(config)
     unknown = [k for k in present if k not in schema and k not in SHORTHAND_KEYS]
@@ -256,10 +262,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"target_bits={value!r} is out of range; allowed: integers {MIN_BITS}..{MAX_BITS}"
             )
-    if "pair" in config:
-        from qflax.quantizers import PAIRS
+    pair = config.pair
+    from qflax.quantizers import BACKWARDS, FORWARDS, PAIRS
 
-        _check_choice(config.pair, "pair", tuple(PAIRS))
+    for field, registry in (("name", PAIRS), ("forward", FORWARDS), ("backward", BACKWARDS)):
+        value = pair[field]
+        if not isinstance(value, str) or (value and value not in registry):
+            allowed = "'' or " + ", ".join(map(repr, registry))
+            raise ValueError(f"pair.{field}={value!r} is not allowed; allowed: {allowed}")
+    if bool(pair.forward) != bool(pair.backward):
+        raise ValueError(
+            f"pair.forward={pair.forward!r} with pair.backward={pair.backward!r} is not "
+            "allowed; allowed: both (a composed pair, which replaces pair.name) or neither"
+        )
     for key in ("clip_decay", "deadzone_decay", "bits_decay", "latent_clip", "max_update"):
         _check_number(quant[key], f"quant.{key}", 0.0)
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)

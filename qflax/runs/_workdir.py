@@ -54,6 +54,8 @@ def load_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         raise ValueError(
             f"{path} is not valid JSON ({error}); it was not written by qflax"
         ) from error
+    if isinstance(values.get("pair"), str):  # runs before the pair group: the name alone
+        values["pair"] = {"name": values["pair"]}
     config = default_config()
     with config.unlocked():
         for key, value in values.items():

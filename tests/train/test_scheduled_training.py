@@ -139,11 +139,30 @@ def test_latent_clip_mask_marks_only_one_bit_kernels():
     assert marked == ["['conv2']['inner']['kernel']"]
 
 
-def test_pair_shorthand_is_checked():
+def test_pair_group_and_shorthand_are_checked():
     config = runs.load_config_file("experiments/mnist5k/pairs.py")
-    runs.apply_overrides(config, [("pair", "bc")])
-    assert config.recipe_kwargs.pair == "bc"
+    runs.apply_overrides(config, [("pair", "bc")])  # the shorthand sets pair.name
+    assert config.pair.name == "bc"
+    assert runs.recipe_kwargs_for(config, "binary")["pair"] == "bc"
     runs.validate_config(config)
-    config.pair = "xnor"
-    with pytest.raises(ValueError, match="pair='xnor' is not allowed; allowed: 'bc'"):
+    runs.apply_overrides(config, [("pair.forward", "sign"), ("pair.backward", "sign_swish")])
+    assert runs.recipe_kwargs_for(config, "binary") | {"scaling": 0} == {
+        "pair": None,
+        "forward": "sign",
+        "backward": "sign_swish",
+        "scaling": 0,
+    }
+    assert str(runs.quantization_rules(config)[0].recipe) == (
+        "w:pair:sign/sign_swish1/channel a:pair:sign/sign_swish1"
+    )
+    runs.validate_config(config)
+    config.pair.name = "xnor"
+    with pytest.raises(ValueError, match="pair.name='xnor' is not allowed; allowed: '' or 'bc'"):
+        runs.validate_config(config)
+    config.pair.name = "bc"
+    config.pair.backward = ""
+    with pytest.raises(ValueError, match="pair.forward='sign' with pair.backward='' is not"):
+        runs.validate_config(config)
+    config.pair.backward = "sign"  # not a backward (no gradient)
+    with pytest.raises(ValueError, match="pair.backward='sign' is not allowed"):
         runs.validate_config(config)
