@@ -23,9 +23,13 @@ from qflax.runs._build import (
     build_model,
     build_recipe,
     first_batch,
+    import_extension,
+    import_extensions,
     load_dataset,
+    pair_selection,
     quantization_rules,
     quantize_for_config,
+    recipe_kwargs_for,
     teacher_config,
 )
 from qflax.runs._checkpoint import (
@@ -36,7 +40,7 @@ from qflax.runs._checkpoint import (
     restore_items,
     restore_model_state,
 )
-from qflax.runs._files import load_config_file
+from qflax.runs._files import extension_files, load_config_file
 from qflax.runs._overrides import apply_overrides, parse_value
 from qflax.runs._schema import (
     DIVERGENCES,
@@ -69,6 +73,11 @@ from qflax.runs._workdir import (
 )
 
 __all__ = [
+    "extension_files",
+    "import_extension",
+    "import_extensions",
+    "pair_selection",
+    "recipe_kwargs_for",
     "CHECKPOINT_DIR",
     "CHECKPOINT_ITEMS",
     "CONFIG_FILE",

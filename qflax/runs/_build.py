@@ -19,6 +19,7 @@ from qflax.runs._schema import FLOAT_RECIPE
 __all__ = [
     "build_model",
     "build_recipe",
+    "import_extension",
     "import_extensions",
     "pair_selection",
     "recipe_kwargs_for",
@@ -90,36 +91,40 @@ def recipe_kwargs_for(config: ml_collections.ConfigDict, name: str) -> dict[str,
     return kwargs
 
 
-def import_extensions(config: ml_collections.ConfigDict) -> list[str]:
-    """Imports ``config.imports`` (Python files or module names that register the user's own
-    quantizer families, pairs or recipes) so the config's names resolve; a file imported
-    again is not re-run. Returns what was imported; ValueError names an entry that fails."""
+def import_extension(entry: str) -> None:
+    """Imports one extension: a ``.py`` file (by path; inside a package under its dotted name,
+    so it is not run twice) or a module name. ValueError names an entry that fails."""
     import importlib
     import pathlib
 
     from qflax.runs._files import _import_config_module
 
-    done = []
-    for entry in tuple(config.get("imports", ()) or ()):
-        if not isinstance(entry, str) or not entry:
-            raise ValueError(
-                f"imports entry {entry!r} is not allowed; allowed: a .py path or a module name"
-            )
-        try:
-            if entry.endswith(".py") or "/" in entry:
-                file = pathlib.Path(entry)
-                if not file.is_file():
-                    raise FileNotFoundError(f"{entry} does not exist")
-                _import_config_module(file)
-            else:
-                importlib.import_module(entry)
-        except Exception as error:  # the user's code: report any failure with its entry
-            raise ValueError(
-                f"imports entry {entry!r} failed to import ({type(error).__name__}: {error}); "
-                "allowed: a .py file or module that imports cleanly"
-            ) from error
-        done.append(entry)
-    return done
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(
+            f"imports entry {entry!r} is not allowed; allowed: a .py path or a module name"
+        )
+    try:
+        if entry.endswith(".py") or "/" in entry:
+            file = pathlib.Path(entry)
+            if not file.is_file():
+                raise FileNotFoundError(f"{entry} does not exist")
+            _import_config_module(file)
+        else:
+            importlib.import_module(entry)
+    except Exception as error:  # the user's code: report any failure with its entry
+        raise ValueError(
+            f"imports entry {entry!r} failed to import ({type(error).__name__}: {error}); "
+            "allowed: a .py file or module that imports cleanly"
+        ) from error
+
+
+def import_extensions(config: ml_collections.ConfigDict) -> list[str]:
+    """Imports ``config.imports`` (Python files or module names that register the user's own
+    quantizer families, pairs or recipes) so the config's names resolve. Returns them."""
+    entries = list(tuple(config.get("imports", ()) or ()))
+    for entry in entries:
+        import_extension(entry)
+    return entries
 
 
 def load_dataset(config: ml_collections.ConfigDict):
