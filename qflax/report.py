@@ -125,7 +125,10 @@ def _pair_entry(pair_name: str, levels: int | None, **hyper) -> Entry:
         alpha = jnp.maximum(jnp.mean(jnp.abs(x)), 1e-12)
         q = qz.PAIRS[pair_name](**hyper)
         x_hat = alpha * q(x / alpha)
-        codes = jnp.sign(x_hat).astype(jnp.int32) if levels else None
+        # the level index of y = F(x/α) ∈ {(2k − m)/m}: k = (y + 1)·m/2, m = levels − 1
+        codes = None
+        if levels:
+            codes = jnp.round((x_hat / alpha + 1) * (levels - 1) / 2).astype(jnp.int32)
         return x_hat, codes, levels
 
     label = pair_name + "".join(f" {k}={v:g}" for k, v in hyper.items())
@@ -164,6 +167,7 @@ def entries() -> list[Entry]:
         _pair_entry("pc", None, mu=1.0),
         _pair_entry("proxquant", None, mu=1.0),
         _pair_entry("bnn++", None, mu=5.0),
+        _pair_entry("multibit", 4, bits=2),
     ]
     return rows
 

@@ -34,7 +34,18 @@ HELPER_SUFFIXES = (
     "_level_set",
     "_transform",
 )
+# The registry, codes at rest and pair composition: not quantizers.
+HELPER_PREFIXES = ("register_", "quantize_")
 HELPERS = {
+    "composed_pair",
+    "compact",
+    "container_bits",
+    "dequantize",
+    "expand",
+    "get_family",
+    "nbytes",
+    "pack",
+    "unpack",
     "dbssq_quantize",  # the hard level function Q of dbssq (no custom gradient)
     "dorefa",  # dispatches on its config's role to dorefa_weights / dorefa_activations (rows)
     "pair",
@@ -62,6 +73,8 @@ def _quantizer_entry_points() -> set[str]:
     for name in quantizers.__all__:
         obj = getattr(quantizers, name)
         if not inspect.isfunction(obj) or name in HELPERS or name.endswith(HELPER_SUFFIXES):
+            continue
+        if name.startswith(HELPER_PREFIXES):
             continue
         names.add(name)
     return names | {f"pair:{key}" for key in quantizers.PAIRS}
