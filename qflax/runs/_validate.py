@@ -220,6 +220,19 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             "allowed: True, False"
         )
     _check_number(quant.learning_rate, "quant.learning_rate", 0.0, open_lo=True)
+    pair = config.pair
+    from qflax.quantizers import BACKWARDS, FORWARDS, PAIRS
+
+    for field, registry in (("name", PAIRS), ("forward", FORWARDS), ("backward", BACKWARDS)):
+        value = pair[field]
+        if not isinstance(value, str) or (value and value not in registry):
+            allowed = "'' or " + ", ".join(map(repr, registry))
+            raise ValueError(f"pair.{field}={value!r} is not allowed; allowed: {allowed}")
+    if bool(pair.forward) != bool(pair.backward):
+        raise ValueError(
+            f"pair.forward={pair.forward!r} with pair.backward={pair.backward!r} is not "
+            "allowed; allowed: both (a composed pair, which replaces pair.name) or neither"
+        )
     _check_recipe(quant.recipe, "quant.recipe", config)
     rules = quant.rules
     if not isinstance(rules, (list, tuple)):
@@ -262,19 +275,6 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(
                 f"target_bits={value!r} is out of range; allowed: integers {MIN_BITS}..{MAX_BITS}"
             )
-    pair = config.pair
-    from qflax.quantizers import BACKWARDS, FORWARDS, PAIRS
-
-    for field, registry in (("name", PAIRS), ("forward", FORWARDS), ("backward", BACKWARDS)):
-        value = pair[field]
-        if not isinstance(value, str) or (value and value not in registry):
-            allowed = "'' or " + ", ".join(map(repr, registry))
-            raise ValueError(f"pair.{field}={value!r} is not allowed; allowed: {allowed}")
-    if bool(pair.forward) != bool(pair.backward):
-        raise ValueError(
-            f"pair.forward={pair.forward!r} with pair.backward={pair.backward!r} is not "
-            "allowed; allowed: both (a composed pair, which replaces pair.name) or neither"
-        )
     for key in ("clip_decay", "deadzone_decay", "bits_decay", "latent_clip", "max_update"):
         _check_number(quant[key], f"quant.{key}", 0.0)
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
