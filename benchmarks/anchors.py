@@ -62,7 +62,7 @@ from flax import nnx
 
 from qflax import data, models
 from qflax import layers as ql
-from qflax.models._common import BN_EPSILON, BN_MOMENTUM
+from qflax.models import BN_EPSILON, BN_MOMENTUM
 from qflax.train import (
     create_train_state,
     cross_entropy,

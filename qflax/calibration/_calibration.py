@@ -31,9 +31,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits, int_range
-from qflax.quantizers._base import check_granularity, grouped, reduce_axes, reduce_stat
-from qflax.quantizers._uniform import affine_params as _affine_params
-from qflax.quantizers._uniform import symmetric_params as _symmetric_params
+from qflax.quantizers import affine_params as _affine_params
+from qflax.quantizers import check_granularity, grouped, reduce_axes, reduce_stat
+from qflax.quantizers import symmetric_params as _symmetric_params
 
 __all__ = [
     "MIN_SCALE",

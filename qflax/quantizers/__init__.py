@@ -25,7 +25,14 @@ init, param tags, state, bits used, integer codes (:class:`QArray`), integer low
 defined in its own module. A user's family registers the same way.
 """
 
-from qflax.quantizers._base import GRANULARITIES
+from qflax.quantizers._base import (
+    GRANULARITIES,
+    check_granularity,
+    grouped,
+    reduce_axes,
+    reduce_stat,
+    ungrouped,
+)
 from qflax.quantizers._binary import (
     BINARY_GRADIENTS,
     SCALINGS,
@@ -170,6 +177,8 @@ from qflax.quantizers._qarray import (  # noqa: E402 (after the families it deco
 from qflax.quantizers._uniform import (
     UNIFORM_GRADIENTS,
     UniformConfig,
+    affine_params,
+    symmetric_params,
     uniform,
     uniform_codes,
     uniform_dequantize,
@@ -177,6 +186,13 @@ from qflax.quantizers._uniform import (
 )
 
 __all__ = [
+    "affine_params",
+    "check_granularity",
+    "grouped",
+    "reduce_axes",
+    "reduce_stat",
+    "symmetric_params",
+    "ungrouped",
     "FAMILIES",
     "InputLowering",
     "WeightLowering",

@@ -174,7 +174,7 @@ def check_catalogue(
     True
     """
     if catalogue is None:
-        from qflax.quantizers._pairs import PAIRS
+        from qflax.quantizers import PAIRS
 
         catalogue = PAIRS
     results = {}

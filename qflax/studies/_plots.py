@@ -100,7 +100,7 @@ def plot_catalogue(
     created if needed. Returns ``{name: path}``.
     """
     if catalogue is None:
-        from qflax.quantizers._pairs import PAIRS
+        from qflax.quantizers import PAIRS
 
         catalogue = PAIRS
     directory = pathlib.Path(directory)

@@ -37,6 +37,13 @@ HELPER_SUFFIXES = (
 # The registry, codes at rest and pair composition: not quantizers.
 HELPER_PREFIXES = ("register_", "quantize_")
 HELPERS = {
+    "affine_params",
+    "check_granularity",
+    "grouped",
+    "reduce_axes",
+    "reduce_stat",
+    "symmetric_params",
+    "ungrouped",
     "composed_pair",
     "compact",
     "container_bits",

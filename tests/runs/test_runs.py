@@ -42,17 +42,8 @@ def test_runs_imports_neither_train_nor_export():
     assert not bad, bad
 
 
-# Private modules of qflax.quantizers that other packages share (the quantizers' parameter
-# derivations that calibration and the packed export must match exactly). Known, not to grow.
-KNOWN_PRIVATE_IMPORTS = {
-    ("calibration", "qflax.quantizers._base"),
-    ("calibration", "qflax.quantizers._uniform"),
-    ("export", "qflax.quantizers._base"),
-    ("export", "qflax.quantizers._codeq"),
-    ("export", "qflax.quantizers._dbssq"),
-    ("export", "qflax.quantizers._gdnsq"),
-    ("studies", "qflax.quantizers._pairs"),
-}
+# Private modules another package may import (none: shared helpers are public names).
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str]] = set()
 
 
 def _private_imports(path: pathlib.Path):
