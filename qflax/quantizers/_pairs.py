@@ -888,7 +888,7 @@ class PairFamily(QuantizerFamily):
         return y if alpha is None else alpha.astype(x.dtype) * y
 
     def codes(self, spec, x, params, stats):
-        from qflax.quantizers._qarray import QArray, quantize_binary
+        from qflax.quantizers._qarray import _binary_qarray, _uniform_qarray, quantize_binary
 
         cfg = spec.config
         hard = float(jnp.asarray((stats or {}).get("hard", 0.0))) > 0
@@ -905,29 +905,12 @@ class PairFamily(QuantizerFamily):
         a = jnp.ones((1,) * x.ndim, jnp.float32) if alpha is None else alpha
         if cfg.bits == 1:
             if cfg.learn_scale:
-                return QArray(
-                    values=(y > 0).astype(jnp.uint8),
-                    scale=jnp.asarray(a, jnp.float32),
-                    zero_point=None,
-                    bits=1,
-                    signed=False,
-                    shape=x.shape,
-                    packed=False,
-                    kind="binary",
-                )
+                return _binary_qarray(y > 0, a)
             q = quantize_binary(x, BinaryConfig(scaling=cfg.scaling, axis=cfg.axis))
             return dataclasses.replace(q, values=(y > 0).astype(jnp.uint8))
         # x̂ = α·(2k − m)/m = (2α/m)·(k − m/2): unsigned codes k, a float zero point m/2
-        return QArray(
-            values=jnp.round(k).astype(jnp.uint8),
-            scale=jnp.asarray(2.0 * a / m, jnp.float32),
-            zero_point=jnp.full(jnp.shape(a), m / 2.0, jnp.float32),
-            bits=cfg.bits,
-            signed=False,
-            shape=x.shape,
-            packed=False,
-            kind="uniform",
-        )
+        zero_point = jnp.full(jnp.shape(a), m / 2.0, jnp.float32)
+        return _uniform_qarray(jnp.round(k), 2.0 * a / m, zero_point, cfg.bits, False)
 
     def params_from_codes(self, spec, q):
         if not spec.config.learn_scale:

@@ -165,3 +165,26 @@ def test_optimizer_tags_replace_attribute_names():
     pact = ql.QuantLinear(4, 3, recipe=ql.recipes.pact(4, 4), rngs=nnx.Rngs(0))
     assert pact.act_alpha.get_metadata()["tags"] == ("clip",)
     assert optax is not None
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3])
+@pytest.mark.parametrize("learn_scale", [False, True])
+def test_multibit_pair_codes_levels_and_learned_scale(bits, learn_scale):
+    cfg = qz.PairConfig(
+        pair="multibit", kwargs={"bits": bits}, scaling="channel", learn_scale=learn_scale
+    )
+    spec = ql.TensorQuant(kind="pair", config=cfg)
+    assert spec.bits == bits and spec.learnable == learn_scale and not cfg.relaxed
+    x = _x(3, (16, 4)) * 0.05
+    params = spec.init(x)
+    y = spec.apply(x, params)
+    # at most 2^bits levels per channel, symmetric: α·(2k − m)/m
+    for c in range(4):
+        assert len(np.unique(np.asarray(y[:, c]))) <= 2**bits
+    q = quantize_tensor(spec, x, params)
+    assert q.bits == bits
+    np.testing.assert_allclose(dequantize(q), y, rtol=0, atol=1e-7)
+    if learn_scale:  # the scale gets a gradient through the pair: F(x/α) − (x/α)·B′(x/α)
+        g = jax.grad(lambda p: jnp.sum(spec.apply(x, p) ** 2))(params)
+        assert g["scale"].shape == (4,) and bool(jnp.all(jnp.isfinite(g["scale"])))
+        assert float(jnp.abs(g["scale"]).sum()) > 0
