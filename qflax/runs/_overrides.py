@@ -11,7 +11,10 @@ import ml_collections
 
 from qflax.runs._schema import OPEN_KEYS, all_keys, near_matches
 
-__all__ = ["apply_overrides", "parse_value"]
+__all__ = ["NAMED_GROUPS", "apply_overrides", "parse_value"]
+
+# Groups whose ``name`` a bare ``--config.GROUP=VALUE`` sets (``--config.pair=bnn+``).
+NAMED_GROUPS = ("pair",)
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -93,12 +96,7 @@ def apply_overrides(
             hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
             raise ValueError(f"unknown config key {key!r}{hint} (known keys: {', '.join(known)})")
         current = node[leaf] if leaf in node else None
-        if (
-            isinstance(current, ml_collections.ConfigDict)
-            and leaf not in OPEN_KEYS
-            and "name" in current
-            and isinstance(current.name, str)
-        ):  # a group with a name: --config.pair=bnn sets pair.name
+        if len(parts) == 1 and leaf in NAMED_GROUPS:  # --config.pair=bnn sets pair.name
             current.name = text
             continue
         if isinstance(current, ml_collections.ConfigDict) and leaf not in OPEN_KEYS:

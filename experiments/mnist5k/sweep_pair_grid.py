@@ -9,8 +9,8 @@ grid resumes. The table gives, per pair, the ProxConnect++ criterion (which cond
 and the exact and blended test accuracies (mean ± std over seeds), and is written to
 ``ROOT/table.md``.
 
-    python -m experiments.mnist5k.pair_grid --dataset digits --epochs 2 --root runs/pair-grid
-    python -m experiments.mnist5k.pair_grid --forwards sign staircase --backwards identity \\
+    python -m experiments.mnist5k.sweep_pair_grid --dataset digits --epochs 2 --root runs/pair-grid
+    python -m experiments.mnist5k.sweep_pair_grid --forwards sign staircase --backwards identity \\
         hardtanh sign_swish soft_staircase --set recipe_kwargs.bits=1 --seeds 0 1 2 \\
         --dataset mnist5k --root runs/pair-grid-mnist5k
 """
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(results)
     root = pathlib.Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    command = "python -m experiments.mnist5k.pair_grid " + " ".join(argv or sys.argv[1:])
+    command = "python -m experiments.mnist5k.sweep_pair_grid " + " ".join(argv or sys.argv[1:])
     (root / "table.md").write_text(f"`{command}`\n\n{text}")
     print(text)
     return 0
