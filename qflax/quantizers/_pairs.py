@@ -878,8 +878,8 @@ class PairFamily(QuantizerFamily):
         else:
             z = x
         y = q(z).astype(x.dtype)
-        if "hard" in stats:  # the exact model: sign / staircase forward (no gradient)
-            exact = jax.lax.stop_gradient(cfg.exact(z)).astype(x.dtype)
+        if "hard" in stats:  # the exact model: sign (scale-free: of x) / staircase forward
+            exact = cfg.exact(x if cfg.bits == 1 else z).astype(x.dtype)
             y = jnp.where(jnp.asarray(stats["hard"]) > 0, exact, y)
         return y, alpha
 
