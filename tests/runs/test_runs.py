@@ -98,9 +98,6 @@ def test_train_keeps_the_old_names():
         "CheckpointError",
     ):
         assert getattr(qflax.train, name) is getattr(runs, name), name
-    from qflax.train import _config
-
-    assert _config.load_config_file is runs.load_config_file
 
 
 def test_ensure_valid_checks_a_config_once_until_it_changes(monkeypatch):
