@@ -125,6 +125,7 @@ def test_eval_integer_of_a_w4a4_run(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads((tmp_path / "w4a4" / "eval.json").read_text())
     assert result["integer"] and result["test_examples"] == 359
+    assert result["integer_layers"] >= 1 and result["float_layers"] == 2  # stem, head float
     assert lines[0] == f"test_accuracy: {result['test_accuracy']:.4f}"
     assert lines[1] == (
         f"fake_quant_test_accuracy: {result['fake_quant_test_accuracy']:.4f}  "
@@ -178,3 +179,16 @@ def test_bad_train_input_is_one_clear_line(override, message, tmp_path, capsys):
 def test_eval_of_an_empty_workdir_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["eval", "--workdir", str(tmp_path)]) == 1
     assert "config.json does not exist" in capsys.readouterr().err
+
+
+def test_eval_integer_refuses_a_run_that_keeps_every_layer_float(tmp_path, capsys):
+    # absmax at 32 bits keeps every layer float: "integer": true would be a mislabel
+    workdir = str(tmp_path / "w32a32")
+    argv = ["train", "--config", f"{FP}:smoke", "--config.progress_bar=false"]
+    bits = ["--config.quant.weight_bits=32", "--config.quant.act_bits=32"]
+    assert cli.main([*argv, "--config.quant.recipe=absmax", *bits, "--workdir", workdir]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", workdir, "--integer"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "keeps every layer float" in err
+    assert not (tmp_path / "w32a32" / "eval.json").exists()

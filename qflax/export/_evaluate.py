@@ -16,6 +16,7 @@ from flax import nnx
 from qflax.export._export import export_model, packed_model_bytes
 from qflax.export.integer import (
     INTEGER_MODELS,
+    FloatLayer,
     export_integer,
     fake_quant_forward,
     integer_forward,
@@ -102,10 +103,13 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
       ``"differing_predictions"`` (test examples whose integer and fake-quant predictions
       differ), ``"test_examples"``, ``"model_bytes"`` (the packed export, as
       :func:`~qflax.export.save_packed` stores it), ``"float32_bytes"``, ``"compression"``,
-      ``"integer": True``, ``"step"``, ``"epoch"``, ``"dataset"``, ``"model"``, ``"recipe"}``.
+      ``"integer": True``, ``"integer_layers"`` and ``"float_layers"`` (how many layers run
+      on codes or bits, and in float32), ``"step"``, ``"epoch"``, ``"dataset"``, ``"model"``,
+      ``"recipe"}``.
 
     Raises:
-      ValueError: no run or no checkpoint in ``workdir``, a float run (nothing quantized), or
+      ValueError: no run or no checkpoint in ``workdir``, a float run (nothing quantized, also
+        when every layer's bit-widths are 32, which means float), or
         a layer whose recipe integer inference cannot run (naming the layer, the recipe and
         what is supported).
     """
@@ -136,6 +140,14 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
     dataset = data.load(config.dataset, seed=config.seed, **dict(config.dataset_kwargs))
     scales = static_act_scales(model, _training_batches(config, dataset, CALIBRATION_BATCHES))
     program = export_integer(model, scales)
+    on_codes = sum(not isinstance(layer, FloatLayer) for layer in program.layers)
+    if not on_codes:
+        raise ValueError(
+            f"{workdir} (quant.recipe={recipe!r}, weight_bits={config.quant.weight_bits}, "
+            f"act_bits={config.quant.act_bits}) keeps every layer float (a bit-width of 32 "
+            "means float): integer inference would run nothing on integers; allowed: a "
+            "run with at least one layer quantized to 8 bits or fewer"
+        )
     batch = config.eval_batch_size
     reference_fn, state = model_forward(model, scales)
     reference = predict(reference_fn, state, dataset.test_x, batch)
@@ -152,6 +164,8 @@ def evaluate_integer(workdir: str | os.PathLike) -> dict[str, Any]:
         "float32_bytes": int(floats),
         "compression": floats / packed if packed else 1.0,
         "integer": True,
+        "integer_layers": int(on_codes),
+        "float_layers": int(len(program.layers) - on_codes),
         "step": int(meta.get("step", -1)),
         "epoch": int(meta.get("epoch", -1)),
         "dataset": config.dataset,

@@ -234,6 +234,12 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             "allowed; allowed: both (a composed pair, which replaces pair.name) or neither"
         )
     _check_recipe(quant.recipe, "quant.recipe", config)
+    if quant.recipe == FLOAT_RECIPE and len(config.recipe_kwargs):
+        raise ValueError(
+            f"recipe_kwargs {sorted(config.recipe_kwargs)} are not arguments of recipe "
+            f"{FLOAT_RECIPE!r}, which takes none; allowed: no recipe_kwargs, or a quant.recipe "
+            "that takes them"
+        )
     rules = quant.rules
     if not isinstance(rules, (list, tuple)):
         raise ValueError(f"quant.rules={rules!r} is not allowed; allowed: (pattern, recipe) pairs")

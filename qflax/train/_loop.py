@@ -398,12 +398,17 @@ def train_and_evaluate(
     start_time = time.perf_counter()
     runs.ensure_valid(config)
     workdir = pathlib.Path(workdir)
-    _check_workdir(config, workdir)
     dataset = runs.load_dataset(config)
     if config.augment_shift and dataset.kind != "image":
         raise ValueError(
             f"augment_shift={config.augment_shift} needs an image dataset; {config.dataset!r} is "
             f"{dataset.kind}; allowed: augment_shift=0"
+        )
+    if config.augment_shift and config.augment_shift >= min(dataset.train_x.shape[1:3]):
+        height, width = dataset.train_x.shape[1:3]
+        raise ValueError(
+            f"augment_shift={config.augment_shift} would shift {config.dataset!r}'s {height}x"
+            f"{width} images out of the frame; allowed: 0..{min(height, width) - 1}"
         )
     steps_per_epoch = len(dataset.train_x) // config.batch_size
     if steps_per_epoch == 0:
@@ -418,6 +423,7 @@ def train_and_evaluate(
             "'checkpoint', or init_student=False"
         )
     model, report = build_model(config, dataset)
+    _check_workdir(config, workdir)  # every check above passed: now files are written
 
     teacher_model, fp_test_accuracy, teacher_wall = None, None, 0.0
     if config.teacher.mode == "train":

@@ -175,6 +175,14 @@ def test_penalty_with_a_cosine_warmup_schedule_under_strict_promotion(tmp_path):
     assert steps[-1]["train_penalty_weight"] > 0
 
 
+def test_recipe_kwargs_of_the_float_recipe_are_refused():
+    config = default_config()
+    assert config.quant.recipe == "none"
+    config.recipe_kwargs.bogus = 1
+    with pytest.raises(ValueError, match=r"recipe_kwargs \['bogus'\] .* recipe 'none'"):
+        runs.validate_config(config)
+
+
 def test_recipe_kwargs_reach_a_pair_factory():
     recipe = runs.build_recipe("binary", 1, 1, {"pair": "bnn++", "mu": 3.0})
     assert dict(recipe.weight.config.kwargs) == {"mu": 3.0}

@@ -259,3 +259,10 @@ def test_random_shift_translates_with_zero_fill():
 def test_augment_shift_needs_images(tmp_path):
     with pytest.raises(ValueError, match=r"augment_shift=1 needs an image dataset"):
         train_and_evaluate(tiny_config("char_transformer", augment_shift=1), tmp_path)
+
+
+def test_augment_shift_must_leave_part_of_the_image(tmp_path):
+    # digits are 8x8: a shift of 8 or more can move every pixel out of the frame
+    with pytest.raises(ValueError, match=r"augment_shift=8 .* 8x8 images .* allowed: 0\.\.7"):
+        train_and_evaluate(tiny_config("mlp", augment_shift=8), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
