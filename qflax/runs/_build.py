@@ -227,6 +227,7 @@ def teacher_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     teacher = copy.deepcopy(config)
     teacher.quant.recipe = FLOAT_RECIPE
     teacher.quant.rules = ()
+    teacher.recipe_kwargs = ml_collections.ConfigDict()  # the student's recipe's keywords
     teacher.teacher.mode = "none"
     teacher.teacher.path = ""
     teacher.teacher.init_student = False
