@@ -57,19 +57,25 @@ def check_finite(x: Any, where: str, name: str = "x") -> None:
 
 
 def check_positive(x: Any, where: str, name: str = "scale") -> None:
-    """Raises ValueError if a concrete ``x`` holds a value ``<= 0``, NaN or ±inf (not traced)."""
+    """Raises ValueError if a concrete ``x`` holds a value that is not a positive normal float.
+
+    Refused: ``<= 0``, NaN, ±inf, and positive subnormals (below the smallest normal of ``x``'s
+    float dtype, float32 for other dtypes), which XLA:CPU flushes to 0 in arithmetic, so that
+    they would divide by zero. Nothing is checked when ``x`` is traced.
+    """
     if not is_concrete(x):
         return
-    x = jnp.asarray(x)
-    if x.size == 0:
+    host = np.asarray(x)
+    if host.size == 0:
         return
-    ok = jnp.isfinite(x) & (x > 0)
-    bad = int(x.size - jnp.count_nonzero(ok))
-    if bad:
-        host = np.asarray(x)
-        index = _first_index(~(np.isfinite(host) & (host > 0)))
+    dtype = host.dtype if np.issubdtype(host.dtype, np.floating) else np.dtype(np.float32)
+    tiny = float(np.finfo(dtype).tiny)
+    ok = np.isfinite(host) & (host >= tiny)
+    if not ok.all():
+        index = _first_index(~ok)
         value = host[index] if isinstance(index, tuple) else host.reshape(-1)[index]
         raise ValueError(
-            f"{where}: {name} holds {bad} value(s) <= 0 or non-finite, the first {float(value)!r} "
-            f"at index {index}; allowed: finite values > 0"
+            f"{where}: {name} holds {int((~ok).sum())} value(s) that are not positive normal "
+            f"floats, the first {float(value)!r} at index {index}; allowed: finite values "
+            f">= {tiny!r} (smaller ones are 0 to XLA)"
         )
