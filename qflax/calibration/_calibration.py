@@ -390,6 +390,7 @@ def ema_init(
     check_granularity(granularity, axis, group_size)
     shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    check_nonempty(spec, "ema_init")  # no range of nothing
     stat = jax.eval_shape(lambda v: reduce_stat(jnp.max, v, granularity, axis, group_size), spec)
     zeros = jnp.zeros(stat.shape, jnp.float32)
     return EmaRange(min=zeros, max=zeros, count=jnp.zeros((), jnp.int32))

@@ -23,8 +23,9 @@ def is_concrete(x: Any) -> bool:
 
 
 def check_nonempty(x: Any, where: str, name: str = "x") -> None:
-    """Raises ValueError naming ``where`` and the shape if ``x`` has no elements (static)."""
-    shape = tuple(np.shape(x))
+    """Raises ValueError naming ``where`` and the shape if ``x`` (an array, or anything with a
+    ``shape``) has no elements; shapes are static, so this runs under ``jit`` too."""
+    shape = tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
     if int(np.prod(shape, dtype=np.int64)) == 0:
         raise ValueError(
             f"{where}: {name} has shape {shape} with no elements; allowed: a non-empty array"

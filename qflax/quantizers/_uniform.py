@@ -427,11 +427,20 @@ def uniform(
     [0.0, 1.0, 1.0, 3.5]
     """
     del key
+    return _uniform_impl(x, params, config, check=True)
+
+
+def _uniform_impl(
+    x: ArrayLike, params: Mapping[str, ArrayLike], config: UniformConfig, *, check: bool
+) -> jax.Array:
+    """:func:`uniform`; ``check=False`` skips the scale's value check (a dynamic scale computed
+    from ``x``, where a NaN must propagate)."""
     x = jnp.asarray(x)
     _check_floating(x, "x")
     dtype = _compute_dtype(x.dtype)
     scale, zero_point = _prepare_params(params, x.shape, config, dtype)
-    check_positive(params["scale"], "uniform", "params['scale']")
+    if check:
+        check_positive(params["scale"], "uniform", "params['scale']")
     view = grouped(x.astype(dtype), config.granularity, config.axis, config.group_size)
     y = _uniform_view(config, view, scale, zero_point)
     return ungrouped(y, x.shape).astype(x.dtype)
@@ -530,7 +539,7 @@ class AbsmaxFamily(QuantizerFamily):
         return _symmetric_only(stats, spec.config)
 
     def apply(self, spec, x, params, *, key=None, stats=None):
-        return uniform(x, self._params(spec, x), spec.config, key=key)
+        return _uniform_impl(x, self._params(spec, x), spec.config, check=False)
 
     def codes(self, spec, x, params, stats):
         from qflax.quantizers._qarray import quantize_uniform
