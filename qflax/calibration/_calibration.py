@@ -17,6 +17,12 @@ Symmetric estimators need a positive code: signed 1-bit codes are ``{-1, 0}``, w
 grid can make symmetric, so they raise; use ``signed=False`` or an asymmetric estimator.
 
 All functions are pure and work under ``jax.jit`` (with the keyword arguments static).
+
+Data that cannot give a range is refused with a one-line ValueError naming the function: an
+empty ``x`` (always: shapes are static), and, when ``x`` is concrete (not traced by ``jit``),
+an ``x`` holding NaN or ±inf (one ``inf`` makes an infinite scale, and the tensor quantized with
+it NaN), with the count of such values. A traced ``x`` is not checked: its non-finite values give
+a non-finite scale.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits, int_range
+from qflax.numerics import check_bits, check_finite, check_nonempty, int_range
 from qflax.quantizers import affine_params as _affine_params
 from qflax.quantizers import check_granularity, grouped, reduce_axes, reduce_stat
 from qflax.quantizers import symmetric_params as _symmetric_params
@@ -100,8 +106,12 @@ def _check_number(value: Any, field: str, lo: float, hi: float, lo_open: bool, h
 # -------------------------------------------------------------------------- scale / zero point
 
 
-def _as_float32(x: ArrayLike) -> jax.Array:
-    return jnp.asarray(x).astype(jnp.float32)
+def _checked_float32(x: ArrayLike, where: str) -> jax.Array:
+    """``x`` as float32, refusing an empty ``x`` and (when concrete) NaN or ±inf."""
+    x = jnp.asarray(x)
+    check_nonempty(x, where)
+    check_finite(x, where)
+    return x.astype(jnp.float32)
 
 
 def _fake_quant(
@@ -150,13 +160,17 @@ def absmax(
     Returns:
       ``(scale, zero_point)``, float32, broadcasting against the granularity view of ``x``.
 
+    Raises:
+      ValueError: for an empty ``x``, or a concrete ``x`` holding NaN or ±inf (the count is
+        named); likewise every estimator of this module.
+
     >>> s, z = absmax(jnp.array([-1.0, 0.5, 3.0]), bits=8)
     >>> round(float(s[0]) * 127, 6), float(z[0])
     (3.0, 0.0)
     """
     qmin, qmax = _check_common(bits, signed, narrow_range, granularity, axis, group_size)
     _check_symmetric_qmax(bits, signed, qmax)
-    x = _as_float32(x)
+    x = _checked_float32(x, "absmax")
     view = grouped(x, granularity, axis, group_size)
     amax = _symmetric_amax(view, reduce_axes(x.ndim, granularity, axis), signed)
     return _symmetric_params(amax, qmax)
@@ -183,7 +197,7 @@ def minmax(
     (0.333333, 1.0)
     """
     qmin, qmax = _check_common(bits, signed, narrow_range, granularity, axis, group_size)
-    x = _as_float32(x)
+    x = _checked_float32(x, "minmax")
     lo = reduce_stat(jnp.min, x, granularity, axis, group_size)
     hi = reduce_stat(jnp.max, x, granularity, axis, group_size)
     return _affine_params(lo, hi, qmin, qmax)
@@ -223,7 +237,7 @@ def percentile(
     else:
         p = _check_number(percentile, "percentile", 50.0, 100.0, lo_open=False, hi_open=False)
     qmin, qmax = _check_common(bits, signed, narrow_range, granularity, axis, group_size)
-    x = _as_float32(x)
+    x = _checked_float32(x, "percentile")
     view = grouped(x, granularity, axis, group_size)
     axes = reduce_axes(x.ndim, granularity, axis)
 
@@ -287,7 +301,7 @@ def mse(
     if symmetric:
         _check_symmetric_qmax(bits, signed, qmax)
     return _mse_search(
-        _as_float32(x),
+        _checked_float32(x, "mse"),
         jnp.float32(qmin),
         jnp.float32(qmax),
         jnp.float32(min_ratio),
@@ -376,6 +390,7 @@ def ema_init(
     check_granularity(granularity, axis, group_size)
     shape = tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
     spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+    check_nonempty(spec, "ema_init")  # no range of nothing
     stat = jax.eval_shape(lambda v: reduce_stat(jnp.max, v, granularity, axis, group_size), spec)
     zeros = jnp.zeros(stat.shape, jnp.float32)
     return EmaRange(min=zeros, max=zeros, count=jnp.zeros((), jnp.int32))
@@ -423,9 +438,13 @@ def ema_update(state: EmaRange, x: ArrayLike, *, decay: float = 0.99) -> EmaRang
 
     Returns:
       The updated state.
+
+    Raises:
+      ValueError: for an empty ``x``, or a concrete ``x`` holding NaN or ±inf (as the
+        estimators; a traced ``x`` inside a jitted step is not checked).
     """
     decay = _check_number(decay, "decay", 0.0, 1.0, lo_open=False, hi_open=True)
-    x = _as_float32(x)
+    x = _checked_float32(x, "ema_update")
     shape = tuple(state.min.shape)
     batch_min = _reduce_to_state(jnp.min, x, shape)
     batch_max = _reduce_to_state(jnp.max, x, shape)

@@ -30,6 +30,7 @@ from jax import lax
 from qflax.layers._graph import definition_order, sort_paths
 from qflax.layers._recipes import FLOAT_BITS, Recipe, TensorQuant
 from qflax.layers._variables import QuantParam, QuantStat
+from qflax.numerics import check_finite
 from qflax.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_einsum
 
 __all__ = [
@@ -655,6 +656,21 @@ def is_quant_layer(module: Any) -> bool:
 # ---------------------------------------------------------------------------------- calibrate
 
 
+def check_model(model: Any, where: str) -> None:
+    """Raises TypeError naming ``where`` and the type unless ``model`` is an ``nnx.Module``."""
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"{where}: model={type(model).__name__} is not allowed; allowed: an nnx.Module "
+            "(a Flax NNX model)"
+        )
+
+
+def _check_batch(x: Any, where: str) -> None:
+    """Refuses a concrete batch (any pytree of arrays) holding NaN or ±inf, naming the leaf."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(x):
+        check_finite(leaf, where, "batch" + jax.tree_util.keystr(path))
+
+
 def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any) -> list[str]:
     """Initialises learned quantizer params from real tensors with one forward pass.
 
@@ -674,7 +690,14 @@ def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any
 
     Returns:
       The paths (``"."``-joined) of the layers whose params were initialised.
+
+    Raises:
+      TypeError: if ``model`` is not an ``nnx.Module``.
+      ValueError: if a floating array of ``x`` holds NaN or ±inf (it would set NaN scales and
+        so a NaN model); the message names the count and the first index.
     """
+    check_model(model, "calibrate")
+    _check_batch(x, "calibrate")
     found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, _QuantLayer)]
     layers = [
         (".".join(map(str, path)), node)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from qflax.layers._graph import definition_order, sort_paths
 from qflax.layers._layers import (
+    check_model,
     float_layer_info,
     is_quant_layer,
     macs_per_example,
@@ -208,9 +209,11 @@ def quantize_model(
       ``(quantized_model, report)``; ``print(report)`` shows a table.
 
     Raises:
+      TypeError: ``model`` is not an ``nnx.Module``.
       ValueError: a rule's pattern is not a valid regular expression (naming it), or a rule is
         malformed.
     """
+    check_model(model, "quantize_model")
     rules = tuple(_as_rule(rule, i) for i, rule in enumerate(rules))
     compiled = [re.compile(rule.pattern) for rule in rules]
     order = definition_order(model)  # before nnx.clone, which orders attributes alphabetically

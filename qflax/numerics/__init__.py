@@ -1,6 +1,9 @@
-"""Numerics: rounding, integer ranges and bit packing — pure ``jax.numpy``, no quantizer logic."""
+"""Numerics: rounding, integer ranges, exact powers of two, bit packing and input checks — pure
+``jax.numpy``, no quantizer logic."""
 
+from qflax.numerics._checks import check_finite, check_nonempty, check_positive, is_concrete
 from qflax.numerics._packing import PACKABLE_BITS, pack_bits, packed_size, unpack_bits
+from qflax.numerics._powers import exp2, pow2_int
 from qflax.numerics._ranges import (
     MAX_BITS,
     MIN_BITS,
@@ -18,10 +21,16 @@ __all__ = [
     "PACKABLE_BITS",
     "check_bits",
     "check_choice",
+    "check_finite",
+    "check_nonempty",
+    "check_positive",
+    "exp2",
     "int_range",
+    "is_concrete",
     "num_levels",
     "pack_bits",
     "packed_size",
+    "pow2_int",
     "round_nearest_even",
     "smallest_int_dtype",
     "stochastic_round",

@@ -62,14 +62,14 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits, check_choice
+from qflax.numerics import check_bits, check_choice, pow2_int
 from qflax.quantizers._family import (
     NotExportable,
     QuantizerFamily,
     WeightLowering,
     register_family,
 )
-from qflax.quantizers._pow2 import _F32, _check_float
+from qflax.quantizers._pow2 import _check_float
 
 __all__ = [
     "CODEQ_GRADIENTS",
@@ -141,20 +141,14 @@ def _round_ste_bwd(_, g):
 _round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
 
 
-def _exp2_bits(e: jax.Array) -> jax.Array:
-    """Exact ``2^e`` (float32) for an integer-valued float32 ``e`` in the normal range."""
-    field = (e.astype(jnp.int32) + _F32.bias).astype(jnp.uint32) << _F32.nmant
-    return lax.bitcast_convert_type(field, jnp.float32)
-
-
 @jax.custom_vjp
 def _exp2_integer(e: jax.Array) -> jax.Array:
     """``2^e`` for integer-valued ``e``, built from exponent bits; gradient ``ln2·2^e``."""
-    return _exp2_bits(e)
+    return pow2_int(e)
 
 
 def _exp2_integer_fwd(e):
-    y = _exp2_bits(e)
+    y = pow2_int(e)
     return y, y
 
 

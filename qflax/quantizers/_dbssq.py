@@ -19,7 +19,9 @@ Levels (``config.levels``), with ``b = config.bits``:
   ``m = min(max(⌈|x|·2^(b−1)⌉, 1), 2^(b−1))``.
 
 ``sign(x)`` here is the authors' ``x ≤ 0 → −1`` (their ``cond1 = x <= 0``): 0 and −0.0 map to the
-negative smallest level. NaN stays NaN. Computed in float32 (float64 for float64 inputs) and cast
+negative smallest level. NaN stays NaN. The sign is read from the float's bits, so subnormals keep
+theirs (a positive subnormal gives the positive smallest level) even where XLA flushes them to
+zero in arithmetic (XLA:CPU does). Computed in float32 (float64 for float64 inputs) and cast
 back to ``x``'s dtype (float16 loses shift levels below its smallest normal, 2^−14).
 
 Gradient (``custom_vjp``): the exact derivative of ``q_ε`` is ``ε`` almost everywhere; the
@@ -135,9 +137,27 @@ def _uniform_value(xc: jax.Array, config: DBSSQConfig) -> jax.Array:
     return m * (1.0 / n)
 
 
+def _nonpositive(xc: jax.Array) -> jax.Array:
+    """``x ≤ 0`` read from the bits: the sign bit set, or every magnitude bit 0 (±0.0).
+
+    Not ``xc <= 0``: XLA:CPU flushes subnormals to zero before comparing, so a positive
+    subnormal would test ``≤ 0``. Nor ``bits << 1 == 0`` (or ``jnp.signbit(x) | (|x| == 0)``):
+    LLVM folds those integer tests of a bitcast float back into a float comparison, which flushes
+    again under ``jit``. The carry of ``magnitude + (2^(n−1) − 1)`` into the top bit is 1 exactly
+    when the magnitude is nonzero, and no comparison is left to fold.
+    """
+    lay = _layout(xc.dtype)
+    top = np.iinfo(lay.uint_dtype).bits - 1
+    low = lay.uint_dtype((1 << top) - 1)  # every bit but the sign bit
+    bits = lax.bitcast_convert_type(xc, lay.uint_dtype)
+    nonzero = ((bits & low) + low) >> top  # 1 iff the magnitude bits are not all 0
+    negative = bits >> top
+    return (negative | (1 - nonzero)) == 1
+
+
 def _quantize_compute(xc: jax.Array, config: DBSSQConfig) -> jax.Array:
     mag = _shift_value(xc, config) if config.levels == "shift" else _uniform_value(xc, config)
-    out = jnp.where(xc <= 0, -mag, mag)
+    out = jnp.where(_nonpositive(xc), -mag, mag)
     return jnp.where(jnp.isnan(xc), xc, out)
 
 

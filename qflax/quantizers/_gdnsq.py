@@ -41,6 +41,10 @@ receives it where ``x < lo``, ``hi`` where ``x > hi``)::
     ∂L/∂β   = Σ g·(1[x < lo] + 1[x > hi])          (0 unless signed: β is learnable only then)
 
 The bit-width is ``b_a = ℓ_q − ℓ_s`` (:func:`gdnsq_act_bits`).
+
+Every power ``2^ℓ`` is :func:`qflax.numerics.exp2`, built from exponent bits: exact at integer
+``ℓ`` (XLA:CPU's ``jnp.exp2`` is not, e.g. ``2^13 → 8192.0005``, which moved values on a grid
+point or a bound to the wrong side), with the derivative ``ln2·2^ℓ`` used above.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_choice
+from qflax.numerics import check_choice, exp2
 from qflax.quantizers._base import reduce_axes, sum_to_shape
 from qflax.quantizers._family import (
     InputLowering,
@@ -240,7 +244,7 @@ def _weight_param_shape(shape: tuple[int, ...], config: GDNSQWeightConfig) -> tu
 def _gdnsq_weight(config, w, log_step, r):
     axes = _weight_axes(w.ndim, config)
     z = jnp.min(w, axis=axes, keepdims=True)
-    s = jnp.exp2(log_step)
+    s = exp2(log_step)
     return s * jnp.round((w - z) / s) + z
 
 
@@ -252,7 +256,7 @@ def _gdnsq_weight_bwd(config, residuals, g):
     w, log_step, r = residuals
     axes = _weight_axes(w.ndim, config)
     z = jnp.min(w, axis=axes, keepdims=True)
-    s = jnp.exp2(log_step)
+    s = exp2(log_step)
     v = (w - z) / s
     n = jnp.round(v) - v
     dwhat_ds = n + s * _rho(config.backward, n, r)
@@ -344,7 +348,7 @@ def gdnsq_weight_codes(
     wc, log_step = jax.lax.stop_gradient((wc, log_step))
     log_step = _floor_weight_step(wc, log_step, config)
     z = jnp.min(wc, axis=_weight_axes(w.ndim, config), keepdims=True)
-    return jnp.round((wc - z) / jnp.exp2(log_step)).astype(jnp.int32)
+    return jnp.round((wc - z) / exp2(log_step)).astype(jnp.int32)
 
 
 def gdnsq_weight_bits(
@@ -361,7 +365,7 @@ def gdnsq_weight_bits(
     w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight_bits")
     axes = _weight_axes(w.ndim, config)
     spread = jnp.max(wc, axis=axes, keepdims=True) - jnp.min(wc, axis=axes, keepdims=True)
-    return jnp.log2(spread + jnp.exp2(log_step)) - log_step
+    return jnp.log2(spread + exp2(log_step)) - log_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,8 +375,8 @@ _ACT_PARAMS = ("log_step", "log_range", "lower")
 
 
 def _act_parts(x, log_step, log_range, lower):
-    s = jnp.exp2(log_step)
-    q = jnp.exp2(log_range)
+    s = exp2(log_step)
+    q = exp2(log_range)
     hi = lower + q - s
     return s, q, hi, jnp.clip(x, lower, hi)
 
@@ -422,7 +426,7 @@ def gdnsq_act_init(x: ArrayLike | None, config: GDNSQActConfig) -> dict[str, jax
     log_step = jnp.asarray(config.init_log_step, jnp.float32)
     if config.init_log_range is not None:
         log_range = jnp.asarray(config.init_log_range, jnp.float32)
-        lower = -jnp.exp2(log_range - 1.0) if config.signed else jnp.zeros((), jnp.float32)
+        lower = -exp2(log_range - 1.0) if config.signed else jnp.zeros((), jnp.float32)
         if config.init_bits is not None:
             log_step = log_range - float(config.init_bits)
         return {"log_step": log_step, "log_range": log_range, "lower": lower}
@@ -443,7 +447,7 @@ def gdnsq_act_init(x: ArrayLike | None, config: GDNSQActConfig) -> dict[str, jax
             "log_range": log_step + float(config.init_bits),
             "lower": lower,
         }
-    s = jnp.exp2(log_step)
+    s = exp2(log_step)
     log_range = jnp.log2(spread + s)
     return {"log_step": log_step, "log_range": log_range, "lower": lower}
 
@@ -620,7 +624,7 @@ class GDNSQFamily(QuantizerFamily):
             bits = gdnsq_act_bits(params)
             if spec.config.min_bits is not None:  # the forward pass's floor
                 bits = jnp.maximum(bits, float(spec.config.min_bits))
-            levels = jnp.maximum(jnp.round(jnp.exp2(bits)), 1.0)
+            levels = jnp.maximum(jnp.round(exp2(bits)), 1.0)
         else:
             x = jnp.asarray(x)
             codes = gdnsq_weight_codes(x, self._full(spec, x, params), spec.config)
@@ -657,7 +661,7 @@ class GDNSQFamily(QuantizerFamily):
         big = jnp.asarray([-3.0e38, 3.0e38], jnp.float32)
         lo, hi = (int(v) for v in np.asarray(gdnsq_act_codes(big, params, spec.config)))
         # s = 2^ℓ_s in float32, as the quantizer computes it
-        step = float(jnp.exp2(jnp.asarray(params["log_step"], jnp.float32)).reshape(()))
+        step = float(exp2(jnp.asarray(params["log_step"], jnp.float32)).reshape(()))
         return InputLowering("codes", lo, hi, step)
 
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits
+from qflax.numerics import check_bits, check_finite, check_nonempty
 from qflax.quantizers._base import (
     check_granularity,
     grouped,
@@ -168,8 +168,14 @@ def lsq_init(x: ArrayLike, config: LSQConfig) -> dict[str, jax.Array]:
 
     ``QP`` is replaced by ``max(QP, 1)`` (signed 1-bit codes have ``QP = 0``), and the step is
     floored at the smallest normal float32 so that an all-zero slice gets ``s > 0``.
+
+    Raises:
+      ValueError: if ``x`` is empty (the mean of nothing is NaN), or, when ``x`` is concrete
+        (not traced), if it holds NaN or ±inf (the step would be non-finite).
     """
     x = jnp.asarray(x)
+    check_nonempty(x, "lsq_init")
+    check_finite(x, "lsq_init")
     shape = _param_shape(x.shape, config)
     view = grouped(x.astype(jnp.float32), config.granularity, config.axis, config.group_size)
     axes = reduce_axes(x.ndim, config.granularity, config.axis)

@@ -161,7 +161,9 @@ def sign_swish(x: jax.typing.ArrayLike, beta: jax.typing.ArrayLike = 5.0) -> jax
     Its derivative (by autodiff; equal to larq's closed form) is
     ``SS′_β(x) = β[2 − βx·tanh(βx/2)] / (1 + cosh βx)``. ``SS_β → sign`` as ``β → ∞``
     (used by BNN++ with an annealed ``β = μ``). ``1 − σ(z)`` is computed as ``σ(−z)``, which keeps
-    the tail exact for large ``βx``.
+    the tail exact for large ``βx``. Where ``βx`` overflows to ``±inf`` (``x = 1e38``, ``β = 5``
+    in float32) or ``x = ±inf``, the value is the limit ``±1`` and the derivative 0, as for
+    every large finite ``βx`` (the formula alone would give ``∞·0 = NaN``). NaN stays NaN.
 
     Args:
         x: input.
@@ -179,9 +181,20 @@ def sign_swish(x: jax.typing.ArrayLike, beta: jax.typing.ArrayLike = 5.0) -> jax
     return _sign_swish_z(beta * x)
 
 
+def _finite_z(z: jax.Array) -> jax.Array:
+    """``±inf`` (``β·x`` overflowed, or ``x = ±inf``) replaced by ``±max``; finite ``z`` unchanged.
+
+    At ``z = ±inf`` the formulas below form ``∞·0`` (NaN); at ``±max`` they give the limits,
+    ``SS → ±1`` and ``SS′ → 0``, as they already do for every large finite ``z``.
+    """
+    big = jnp.finfo(z.dtype).max
+    return jnp.where(jnp.isinf(z), jnp.where(z > 0, big, -big).astype(z.dtype), z)
+
+
 @jax.custom_jvp
 def _sign_swish_z(z: jax.Array) -> jax.Array:
     """``SS_1(z) = 2σ(z)[1 + zσ(−z)] − 1`` with a closed-form derivative (one ``tanh``)."""
+    z = _finite_z(z)
     return 2 * jax.nn.sigmoid(z) * (1 + z * jax.nn.sigmoid(-z)) - 1
 
 
@@ -192,10 +205,12 @@ def _sign_swish_z_jvp(primals, tangents):
     # overflow for large |z|. Autodiff of the primal would also recompute the forward in the
     # backward pass of a pair.
     (z,), (dz,) = primals, tangents
+    value = _sign_swish_z(z)
+    z = _finite_z(z)
     u = jnp.exp(-jnp.abs(z))  # tanh(z/2) = sign(z)(1 − u)/(1 + u), 1 − tanh² = 4u/(1 + u)²
     t = jnp.sign(z) * (1 - u) / (1 + u)
     sech2 = 4 * u / jnp.square(1 + u)  # exact in the tails, where 1 − t² would round to 0
-    return _sign_swish_z(z), dz * ((2 - z * t) * sech2 / 2)
+    return value, dz * ((2 - z * t) * sech2 / 2)
 
 
 def prox(x: jax.typing.ArrayLike, mu: jax.typing.ArrayLike = 1.0) -> jax.Array:

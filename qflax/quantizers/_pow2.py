@@ -65,7 +65,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits, check_choice
+from qflax.numerics import check_bits, check_choice, check_nonempty
 from qflax.quantizers._base import check_granularity, grouped, reduce_axes, ungrouped
 from qflax.quantizers._family import QuantizerFamily, WeightLowering, register_family
 
@@ -255,13 +255,15 @@ def pow2_init(x: ArrayLike, config: PowerOfTwoConfig) -> dict[str, jax.Array]:
 
     The rounding is the quantizer's own log-domain rounding, so the largest element maps to the
     top level ``s`` without saturating. All-zero (or non-finite) slices get scale 1. The scale
-    broadcasts against ``grouped(x)`` (shape ``(1,)*x.ndim`` per tensor).
+    broadcasts against ``grouped(x)`` (shape ``(1,)*x.ndim`` per tensor). An empty ``x`` raises
+    ValueError naming its shape (the largest of nothing is undefined).
 
     >>> pow2_init(jnp.array([0.3, -1.3, 0.5]), PowerOfTwoConfig())["scale"].tolist()
     [1.0]
     """
     x = jnp.asarray(x)
     _check_float(x, "pow2_init")
+    check_nonempty(x, "pow2_init")
     ax = jnp.abs(x).astype(jnp.float32)
     view = grouped(ax, config.granularity, config.axis, config.group_size)
     absmax = jnp.max(view, axis=reduce_axes(x.ndim, config.granularity, config.axis), keepdims=True)

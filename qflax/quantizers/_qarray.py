@@ -21,7 +21,14 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax import quantizers as qz
-from qflax.numerics import check_choice, pack_bits, packed_size, smallest_int_dtype, unpack_bits
+from qflax.numerics import (
+    check_choice,
+    exp2,
+    pack_bits,
+    packed_size,
+    smallest_int_dtype,
+    unpack_bits,
+)
 from qflax.quantizers._base import grouped, ungrouped
 from qflax.quantizers._codeq import _quant_params as _codeq_quant_params
 from qflax.quantizers._dbssq import _SIGMA_MULTIPLE as _DBSSQ_SIGMA_MULTIPLE
@@ -446,7 +453,7 @@ def quantize_gdnsq_weight(
     codes = qz.gdnsq_weight_codes(x, params, config)  # validates params
     wc = jax.lax.stop_gradient(x).astype(jnp.float32)
     log_step = jax.lax.stop_gradient(jnp.asarray(params["log_step"], jnp.float32))
-    step = jnp.exp2(_gdnsq_floor_weight_step(wc, log_step, config))
+    step = exp2(_gdnsq_floor_weight_step(wc, log_step, config))
     lowest = jnp.min(wc, axis=_gdnsq_weight_axes(x.ndim, config), keepdims=True)
     bits = max(1, int(jnp.max(codes)).bit_length())
     zero_point = _off_grid_zero_point(lowest, step)
@@ -470,8 +477,8 @@ def quantize_gdnsq_act(
     codes = qz.gdnsq_act_codes(x, params, config)  # validates params
     p = {k: jax.lax.stop_gradient(jnp.asarray(params[k], jnp.float32)) for k in params}
     log_range = _gdnsq_floor_act_range(p["log_step"], p["log_range"], config)
-    step = jnp.exp2(p["log_step"])
-    top = max(int(jnp.round(jnp.exp2(log_range - p["log_step"]))) - 1, int(jnp.max(codes)))
+    step = exp2(p["log_step"])
+    top = max(int(jnp.round(exp2(log_range - p["log_step"]))) - 1, int(jnp.max(codes)))
     bits = max(1, top.bit_length())
     lower = p["lower"]
     zero_point = None if float(lower) == 0.0 else _off_grid_zero_point(lower, step)

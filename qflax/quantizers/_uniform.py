@@ -49,7 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits, check_choice, int_range
+from qflax.numerics import (
+    check_bits,
+    check_choice,
+    check_finite,
+    check_nonempty,
+    check_positive,
+    int_range,
+)
 from qflax.quantizers._base import (
     check_granularity,
     grouped,
@@ -346,8 +353,22 @@ def uniform_init(x: ArrayLike, config: UniformConfig) -> dict[str, jax.Array]:
     Returns:
       ``{"scale": s, "zero_point": z}``, float32 arrays of the params shape (they broadcast
       against ``grouped(x, ...)``).
+
+    Raises:
+      ValueError: if ``x`` is empty (at any time: shapes are static), or, when ``x`` is concrete
+        (not traced by ``jit``/``vmap``/``grad``), if it holds NaN or ±inf: one ``inf`` would
+        make an infinite scale and a NaN tensor. A traced ``x`` is not checked; its non-finite
+        values give a non-finite scale (and so NaN in :func:`uniform`), which the training
+        loop's non-finite check reports.
     """
     x = jnp.asarray(x)
+    check_nonempty(x, "uniform_init")
+    check_finite(x, "uniform_init")
+    return _uniform_stats(x, config)
+
+
+def _uniform_stats(x: jax.Array, config: UniformConfig) -> dict[str, jax.Array]:
+    """:func:`uniform_init` without the value checks (a dynamic scale: NaN must propagate)."""
     shape = _param_shape(x.shape, config)  # validates axis and group size before any work
     view = grouped(x.astype(jnp.float32), config.granularity, config.axis, config.group_size)
     axes = reduce_axes(x.ndim, config.granularity, config.axis)
@@ -390,9 +411,15 @@ def uniform(
     Returns:
       ``x̂``, with the shape and dtype of ``x``.
 
+    Non-finite values: NaN stays NaN (``round`` and ``clip`` keep it), so a NaN in training stays
+    visible to the loop's non-finite check instead of being hidden behind a finite code; ``±inf``
+    saturates to ``s·(qmax − z')`` / ``s·(qmin − z')`` like any value beyond the range.
+
     Raises:
       ValueError: if the params' shapes do not fit ``x`` at this granularity, or the axis or
-        group size does not fit ``x``.
+        group size does not fit ``x``; or, for a concrete scale (not traced), if a scale is
+        ``<= 0`` or non-finite (``s = 0`` divides by zero, a negative ``s`` flips the grid).
+        A traced scale is not checked.
 
     >>> config = UniformConfig(bits=4)
     >>> x = jnp.array([0.25, 0.75, 1.25, 9.0])
@@ -400,10 +427,20 @@ def uniform(
     [0.0, 1.0, 1.0, 3.5]
     """
     del key
+    return _uniform_impl(x, params, config, check=True)
+
+
+def _uniform_impl(
+    x: ArrayLike, params: Mapping[str, ArrayLike], config: UniformConfig, *, check: bool
+) -> jax.Array:
+    """:func:`uniform`; ``check=False`` skips the scale's value check (a dynamic scale computed
+    from ``x``, where a NaN must propagate)."""
     x = jnp.asarray(x)
     _check_floating(x, "x")
     dtype = _compute_dtype(x.dtype)
     scale, zero_point = _prepare_params(params, x.shape, config, dtype)
+    if check:
+        check_positive(params["scale"], "uniform", "params['scale']")
     view = grouped(x.astype(dtype), config.granularity, config.axis, config.group_size)
     y = _uniform_view(config, view, scale, zero_point)
     return ungrouped(y, x.shape).astype(x.dtype)
@@ -416,12 +453,20 @@ def uniform_codes(
 
     Returns an int32 array of ``x``'s shape (uint32 for 32-bit unsigned codes, which int32 cannot
     hold). ``uniform_dequantize(uniform_codes(x, p, c), p, c, dtype=x.dtype)`` equals
-    ``uniform(x, p, c)`` exactly.
+    ``uniform(x, p, c)`` exactly for finite ``x``.
+
+    Integer codes cannot hold NaN, so a concrete ``x`` (not traced) holding NaN or ±inf raises
+    ValueError naming their count and the first index, and a concrete scale ``<= 0`` or
+    non-finite raises as in :func:`uniform`. Under ``jit``/``vmap`` nothing can raise: ±inf
+    saturate to ``qmax``/``qmin`` and NaN becomes whatever code XLA converts NaN to (0 on CPU),
+    which decodes to a finite value — check ``jnp.isfinite(x).all()`` yourself there.
     """
     x = jax.lax.stop_gradient(jnp.asarray(x))
     _check_floating(x, "x")
     dtype = _compute_dtype(x.dtype)
     scale, zero_point = _prepare_params(params, x.shape, config, dtype)
+    check_finite(x, "uniform_codes")
+    check_positive(params["scale"], "uniform_codes", "params['scale']")
     scale, zero_point = jax.lax.stop_gradient((scale, zero_point))
     view = grouped(x.astype(dtype), config.granularity, config.axis, config.group_size)
     q, _ = _float_codes(config, view, scale, zero_point)
@@ -445,12 +490,16 @@ def uniform_dequantize(
 
     Returns:
       ``x̂`` of ``q``'s shape and ``dtype``.
+
+    Raises:
+      ValueError: for a concrete scale ``<= 0`` or non-finite (as :func:`uniform`).
     """
     q = jnp.asarray(q)
     if not jnp.issubdtype(q.dtype, jnp.integer):
         raise TypeError(f"q must be an integer array of codes, got dtype {q.dtype}")
     compute = _compute_dtype(dtype)
     scale, zero_point = _prepare_params(params, q.shape, config, compute)
+    check_positive(params["scale"], "uniform_dequantize", "params['scale']")
     view = grouped(q.astype(compute), config.granularity, config.axis, config.group_size)
     z = _integer_zero_point(config, zero_point)
     return ungrouped(scale * (view - z), q.shape).astype(dtype)
@@ -485,11 +534,12 @@ class AbsmaxFamily(QuantizerFamily):
         return per * super().scale_count(spec, shape)
 
     def _params(self, spec, x):
-        stats = jax.lax.stop_gradient(uniform_init(jax.lax.stop_gradient(x), spec.config))
+        # Unchecked: a dynamic scale of a non-finite tensor stays non-finite (NaN propagates).
+        stats = jax.lax.stop_gradient(_uniform_stats(jax.lax.stop_gradient(x), spec.config))
         return _symmetric_only(stats, spec.config)
 
     def apply(self, spec, x, params, *, key=None, stats=None):
-        return uniform(x, self._params(spec, x), spec.config, key=key)
+        return _uniform_impl(x, self._params(spec, x), spec.config, check=False)
 
     def codes(self, spec, x, params, stats):
         from qflax.quantizers._qarray import quantize_uniform

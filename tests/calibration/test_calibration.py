@@ -536,3 +536,26 @@ def test_every_element_in_the_calibrated_range_is_within_half_a_step(
     error = np.abs(fake_quant_np(view, s, z, qmin, qmax) - view)
     bound = s / 2 * (1 + 1e-4) + 1e-6 * np.abs(view)
     assert np.all(np.where(inside, error <= bound, True)), (error, bound, inside)
+
+
+_ESTIMATORS = {
+    "absmax": lambda x: cal.absmax(x, bits=8),
+    "minmax": lambda x: cal.minmax(x, bits=8),
+    "percentile": lambda x: cal.percentile(x, bits=8),
+    "mse": lambda x: cal.mse(x, bits=8, num_candidates=2),
+    "ema_update": lambda x: cal.ema_update(cal.ema_init(jnp.ones((1, 1))), x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ESTIMATORS))
+def test_estimators_refuse_non_finite_and_empty_data(name):
+    estimate = _ESTIMATORS[name]
+    with pytest.raises(ValueError, match=rf"^{name}: x holds 2 non-finite value\(s\) .* of 3, "):
+        estimate(jnp.array([1.0, np.inf, np.nan], jnp.float32))
+    with pytest.raises(ValueError, match=rf"^{name}: x has shape \(0, 2\) with no elements"):
+        estimate(jnp.zeros((0, 2), jnp.float32))
+
+
+def test_ema_init_refuses_an_empty_shape():
+    with pytest.raises(ValueError, match=r"^ema_init: x has shape \(0, 2\) with no elements"):
+        cal.ema_init(jax.ShapeDtypeStruct((0, 2), jnp.float32))

@@ -558,3 +558,13 @@ def test_summaries_of_an_abstract_model():
     assert [r["path"] for r in rows] == ["stem", "conv2", "dense", "head"]
     assert rows[0]["macs"] == 8 * 8 * 9 * 4 and rows[0]["packed_bytes"] == 18 + 4 * 4
     assert all(np.isnan(r["sparsity"]) for r in rows)
+
+
+def test_calibrate_refuses_a_non_finite_batch_and_non_modules():
+    model = nnx.Linear(2, 2, rngs=rngs(0))  # refused before any forward pass
+    with pytest.raises(ValueError, match=r"^calibrate: batch holds 1 non-finite value\(s\)"):
+        ql.calibrate(model, jnp.array([[1.0, np.nan]], jnp.float32))
+    with pytest.raises(TypeError, match=r"^calibrate: model=int is not allowed"):
+        ql.calibrate(42, jnp.ones((1, 2)))
+    with pytest.raises(TypeError, match=r"^quantize_model: model=int is not allowed; allowed: an"):
+        ql.quantize_model(42, [(".", None)])

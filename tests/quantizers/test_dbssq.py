@@ -277,3 +277,17 @@ def test_bad_epsilon_and_schedule():
         dbssq(jnp.ones(3), jnp.ones(2), cfg)
     with pytest.raises(ValueError, match="total_epochs"):
         dbssq_epsilon_schedule(0, 0)
+
+
+@pytest.mark.parametrize("levels", ["shift", "uniform"])
+def test_subnormal_inputs_keep_their_sign_under_jit_and_vmap(levels):
+    # XLA:CPU flushes subnormals to zero in arithmetic; the sign is read from the bits instead.
+    config = DBSSQConfig(levels=levels, bits=2)
+    smallest = float(np.min(np.abs(dbssq_level_set(config))))
+    x = jnp.asarray([1e-40, 1e-45, -1e-40, -1e-45, 0.0, -0.0], jnp.float32)
+    want = [smallest, smallest, -smallest, -smallest, -smallest, -smallest]
+    quantize = lambda x_: dbssq_quantize(x_, config)  # noqa: E731
+    for f in (quantize, jax.jit(quantize), jax.vmap(quantize), jax.jit(jax.vmap(quantize))):
+        np.testing.assert_array_equal(np.asarray(f(x)), want)
+    blend = jax.jit(dbssq, static_argnums=2)(x, jnp.float32(0.0), config)  # ε = 0: exactly Q
+    np.testing.assert_array_equal(np.asarray(blend), want)

@@ -422,3 +422,68 @@ def test_min_bits_floor_keeps_two_levels_and_leaves_the_penalty_unfloored():
 def test_min_bits_is_checked(value):
     with pytest.raises(ValueError, match="min_bits="):
         GDNSQWeightConfig(min_bits=value)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge values: 2^ℓ is exact at integer ℓ (XLA:CPU's jnp.exp2(13.0) is 8192.0005, which rounded
+# ties and clipped bounds the wrong way), and its gradient stays ln2·2^ℓ.
+
+_INTEGER_LOGS = (-15.0, -13.0, 13.0, 15.0)
+
+
+@pytest.mark.parametrize("log_step", _INTEGER_LOGS)
+def test_weight_grid_points_and_ties_are_exact_at_integer_log_step(log_step):
+    s = 2.0**log_step
+    w = jnp.asarray(np.array([[0.0], [1.5], [2.5], [3.0], [-0.5]]) * s, jnp.float32)
+    params = {"log_step": jnp.full((1, 1), log_step, jnp.float32)}
+    config = GDNSQWeightConfig(granularity="tensor")
+    z = -0.5  # min w, in steps: the codes count from it
+    # (w − z)/s = 0.5, 2, 3, 3.5, 0: the ties 0.5 and 3.5 round to even (0 and 4).
+    want_codes = np.array([[0.0], [2.0], [3.0], [4.0], [0.0]])
+    for f in (gdnsq_weight, jax.jit(gdnsq_weight, static_argnums=2)):
+        np.testing.assert_array_equal(np.asarray(f(w, params, config)), (want_codes + z) * s)
+    np.testing.assert_array_equal(np.asarray(gdnsq_weight_codes(w, params, config)), want_codes)
+
+
+@pytest.mark.parametrize("log_step", (-13.0, 13.0))
+def test_act_bound_and_ties_are_exact_at_integer_logs(log_step):
+    s = 2.0**log_step
+    params = {
+        "log_step": jnp.asarray(log_step, jnp.float32),
+        "log_range": jnp.asarray(log_step + 3.0, jnp.float32),  # 8 levels
+        "lower": jnp.asarray(0.0, jnp.float32),
+    }
+    hi = 7 * s
+    x = jnp.asarray([hi, 1.5 * s, 2.5 * s, 0.0], jnp.float32)
+    config = GDNSQActConfig()
+    for f in (gdnsq_act, jax.jit(gdnsq_act, static_argnums=2)):
+        np.testing.assert_array_equal(np.asarray(f(x, params, config)), [hi, 2 * s, 2 * s, 0.0])
+    np.testing.assert_array_equal(np.asarray(gdnsq_act_codes(x, params)), [7, 2, 2, 0])
+    # x = hi is inside the clip (bounds included): it passes its gradient.
+    dx = jax.jit(jax.grad(lambda x_: jnp.sum(gdnsq_act(x_, params, config))))(x)
+    np.testing.assert_array_equal(np.asarray(dx), [1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("log_step", (13.0, -2.6))
+def test_weight_log_step_gradient_matches_the_formula(log_step):
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 1)) * 2.0**log_step * 5, jnp.float32)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=(8, 1)), jnp.float32)
+    params = {"log_step": jnp.full((1, 1), log_step, jnp.float32)}
+    config = GDNSQWeightConfig(granularity="tensor")
+    got = jax.grad(lambda p: jnp.sum(gdnsq_weight(w, {"log_step": p}, config) * g))(
+        params["log_step"]
+    )
+    s = np.float64(2.0**log_step)
+    v = (np.asarray(w, np.float64) - np.min(np.asarray(w, np.float64))) / s
+    want = math.log(2.0) * s * np.sum(np.asarray(g, np.float64) * (np.round(v) - v))
+    np.testing.assert_allclose(float(got[0, 0]), want, rtol=2e-4, atol=1e-6 * s)
+
+
+def test_weight_bits_gradient_in_log_step_is_smooth_and_exact_at_integers():
+    w = jnp.asarray([[0.0], [3.0]], jnp.float32)
+    config = GDNSQWeightConfig(granularity="tensor")
+    bits = lambda ell: gdnsq_weight_bits(w, {"log_step": ell}, config)  # noqa: E731
+    check_grads(bits, (jnp.full((1, 1), -0.4, jnp.float32),), order=1, modes=["fwd", "rev"])
+    # d/dℓ [log2(3 + 2^ℓ) − ℓ] = 2^ℓ/(3 + 2^ℓ) − 1; at ℓ = 0: −3/4.
+    got = jax.grad(lambda ell: jnp.sum(bits(ell)))(jnp.zeros((1, 1), jnp.float32))
+    np.testing.assert_allclose(float(got[0, 0]), -0.75, rtol=1e-6)

@@ -203,3 +203,10 @@ def test_bad_params_raise():
         lsq(x, {"scale": jnp.ones((1, 1))}, LSQConfig())
     with pytest.raises(ValueError, match="group_size=3"):
         lsq_init(x, LSQConfig(granularity="group", group_size=3))
+
+
+def test_lsq_init_refuses_empty_and_non_finite_data():
+    with pytest.raises(ValueError, match=r"^lsq_init: x has shape \(0,\) with no elements"):
+        lsq_init(jnp.zeros((0,), jnp.float32), LSQConfig(bits=4))
+    with pytest.raises(ValueError, match=r"^lsq_init: x holds 1 non-finite value"):
+        lsq_init(jnp.array([1.0, -np.inf], jnp.float32), LSQConfig(bits=4))

@@ -522,3 +522,27 @@ def test_non_elementwise_functions_raise():
 def test_docstring_examples():
     result = doctest.testmod(_pairs, extraglobs={"jax": jax, "jnp": jnp})
     assert result.attempted >= 6 and result.failed == 0
+
+
+@pytest.mark.parametrize("beta", [5.0, 1e3, 1e30])
+def test_sign_swish_is_finite_where_beta_x_overflows(beta):
+    x = jnp.array([1e38, -1e38, np.inf, -np.inf, 3e38, -3e38], jnp.float32)
+    f = lambda t: sign_swish(t, beta=beta)  # noqa: E731
+    for g in (f, jax.jit(f), jax.vmap(f)):
+        np.testing.assert_array_equal(np.asarray(g(x)), [1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    grad = jax.jit(jax.vmap(jax.grad(f)))(x)
+    np.testing.assert_array_equal(np.abs(np.asarray(grad)), 0.0)
+    # BNN+ (sign forward, SignSwish backward) passes a zero, not NaN, gradient there.
+    q = bnn_plus(beta)
+    dx = jax.grad(lambda t: jnp.sum(q(t)))(x)
+    np.testing.assert_array_equal(np.abs(np.asarray(dx)), 0.0)
+    assert np.isnan(float(f(jnp.float32(np.nan))))  # NaN stays NaN
+
+
+def test_sign_swish_unchanged_for_finite_beta_x():
+    x = jnp.linspace(-30.0, 30.0, 61, dtype=jnp.float32)
+    z = np.asarray(x, np.float64) * 2.0
+    sig = 1.0 / (1.0 + np.exp(-z))
+    want = 2 * sig * (1 + z * (1 - sig)) - 1
+    np.testing.assert_allclose(np.asarray(sign_swish(x, beta=2.0)), want, atol=2e-6)
+    check_grads(lambda t: sign_swish(t, beta=2.0), (jnp.array([-1.3, 0.2, 0.9]),), order=1)

@@ -421,3 +421,8 @@ def test_bad_shapes_raise_at_trace_time():
         pow2(jnp.ones(SHAPE, jnp.int32), {"scale": jnp.ones((1, 1))}, PowerOfTwoConfig())
     with pytest.raises(TypeError, match="integer codes"):
         pow2_dequantize(jnp.ones(SHAPE), {"scale": jnp.ones((1, 1))}, PowerOfTwoConfig())
+
+
+def test_pow2_init_refuses_empty_data():
+    with pytest.raises(ValueError, match=r"^pow2_init: x has shape \(2, 0\) with no elements"):
+        pow2_init(jnp.zeros((2, 0), jnp.float32), PowerOfTwoConfig())

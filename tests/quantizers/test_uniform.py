@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from qflax.quantizers._uniform import (
+    AbsmaxFamily,
     UniformConfig,
     uniform,
     uniform_codes,
@@ -579,3 +581,50 @@ def test_bad_params_raise():
         uniform(x, wrong_zero_point, asym)
     with pytest.raises(TypeError, match="floating"):
         uniform(jnp.zeros(SHAPE, jnp.int32), {"scale": jnp.ones((1, 1))}, UniformConfig())
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite, empty and non-positive input.
+
+
+def test_uniform_codes_refuses_non_finite_but_uniform_propagates_nan():
+    config = UniformConfig(bits=4)
+    params = {"scale": jnp.full((1,), 0.5, jnp.float32)}
+    x = jnp.array([0.25, np.nan, np.inf, 1.0], jnp.float32)
+    with pytest.raises(ValueError, match=r"uniform_codes: x holds 2 non-finite .* index 1;"):
+        uniform_codes(x, params, config)
+    for f in (uniform, jax.jit(uniform, static_argnums=2)):
+        y = np.asarray(f(x, params, config))
+        assert np.isnan(y[1]) and y[2] == 3.5  # NaN stays visible; +inf saturates at qmax·s
+    # Traced: nothing can raise; ±inf saturate, the finite codes are unchanged (documented).
+    codes = jax.jit(uniform_codes, static_argnums=2)(x, params, config)
+    assert int(codes[2]) == config.qmax and int(codes[0]) == 0 and int(codes[3]) == 2
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, np.nan, np.inf])
+def test_scale_must_be_a_positive_normal_float_where_concrete(bad):
+    config = UniformConfig(bits=4)
+    params = {"scale": jnp.array([bad], jnp.float32)}
+    x = jnp.array([0.0, 1.0], jnp.float32)
+    for name, call in [
+        ("uniform", lambda: uniform(x, params, config)),
+        ("uniform_codes", lambda: uniform_codes(x, params, config)),
+        ("uniform_dequantize", lambda: uniform_dequantize(jnp.array([0, 1]), params, config)),
+    ]:
+        with pytest.raises(ValueError, match=rf"^{name}: params\['scale'\] holds 1 value"):
+            call()
+
+
+@pytest.mark.parametrize("x", [np.array([1.0, np.inf]), np.array([np.nan, 1.0])])
+def test_uniform_init_refuses_non_finite_data(x):
+    with pytest.raises(ValueError, match=r"uniform_init: x holds 1 non-finite value"):
+        uniform_init(jnp.asarray(x, jnp.float32), UniformConfig(bits=8))
+
+
+def test_uniform_init_refuses_empty_data_and_dynamic_scale_propagates_nan():
+    with pytest.raises(ValueError, match=r"uniform_init: x has shape \(0, 3\) with no elements"):
+        uniform_init(jnp.zeros((0, 3)), UniformConfig(bits=8, granularity="channel"))
+    # The "absmax" family's scale is recomputed on every call: NaN propagates, eagerly too.
+    spec = types.SimpleNamespace(config=UniformConfig(bits=8))
+    y = AbsmaxFamily().apply(spec, jnp.array([1.0, np.nan], jnp.float32), {})
+    assert np.isnan(np.asarray(y)).all()
