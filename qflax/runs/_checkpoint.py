@@ -111,7 +111,8 @@ def _abstract(tree: Any) -> Any:
 
 
 _REMEDY = (
-    "`qflax train` with this workdir sets it aside and resumes from the previous good checkpoint"
+    "`qflax train` with this workdir sets it aside and resumes from the newest earlier checkpoint "
+    "that passes, if one is kept"
 )
 
 
