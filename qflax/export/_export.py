@@ -301,12 +301,12 @@ def save_packed(
     if directory.exists() and not overwrite:
         raise ValueError(f"directory={str(directory)!r} exists; allowed: a new path, or overwrite")
     arrays, meta = _split_for_disk(tree)
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    checkpointer.save(
-        directory,
-        ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
-        force=overwrite,
-    )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:  # closed on errors
+        checkpointer.save(
+            directory,
+            ocp.args.Composite(arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
+            force=overwrite,
+        )
     return directory
 
 
@@ -317,9 +317,9 @@ def load_packed(directory: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"directory={str(directory)!r} is not a saved export; allowed: a directory"
         )
-    checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = checkpointer.restore(
-        directory,
-        ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
-    )
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:  # closed on errors
+        restored = checkpointer.restore(
+            directory,
+            ocp.args.Composite(arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
     return _join_from_disk(restored["arrays"], restored["meta"] or {})

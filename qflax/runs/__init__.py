@@ -15,7 +15,8 @@ with no training code (``qflax.train`` and ``qflax.export`` both build on this p
   :func:`teacher_config`;
 * a workdir: its file names (``CONFIG_FILE``, ``CHECKPOINT_DIR``, ...), :func:`load_config`,
   :func:`load_model`, and reading its checkpoints (:func:`checkpoint_manager`,
-  :func:`has_checkpoint`, :func:`restore_items`, :func:`restore_model_state`,
+  :func:`has_checkpoint`, :func:`save_items`, :func:`restore_items`,
+  :func:`restore_model_state`, :func:`tree_digest` (the checksum each restore checks),
   :class:`CheckpointError`).
 """
 
@@ -39,6 +40,8 @@ from qflax.runs._checkpoint import (
     has_checkpoint,
     restore_items,
     restore_model_state,
+    save_items,
+    tree_digest,
 )
 from qflax.runs._files import extension_files, load_config_file
 from qflax.runs._overrides import apply_overrides, parse_value
@@ -119,6 +122,8 @@ __all__ = [
     "quantize_for_config",
     "restore_items",
     "restore_model_state",
+    "save_items",
     "teacher_config",
+    "tree_digest",
     "validate_config",
 ]

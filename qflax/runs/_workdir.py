@@ -82,7 +82,8 @@ def load_model(
 
     Raises:
       ValueError: no config or no checkpoint in ``workdir``; CheckpointError (a ValueError)
-        when the checkpoint is corrupt.
+        when the checkpoint is corrupt or its model differs from the checksum recorded at save
+        (read-only: the workdir is not changed).
     """
     workdir = pathlib.Path(workdir)
     config = validate_config(load_config(workdir))
@@ -93,7 +94,9 @@ def load_model(
     model, _ = build_model(config, dataset)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # as qflax.train splits it
     manager = checkpoint_manager(directory, max_to_keep=config.checkpoint.max_to_keep)
-    step = manager.latest_step() if step is None else step
-    params, rest, meta = restore_model_state(manager, step, params, rest)
-    manager.close()
+    try:  # closed on errors too: orbax's threads otherwise print noise at exit
+        step = manager.latest_step() if step is None else step
+        params, rest, meta = restore_model_state(manager, step, params, rest)
+    finally:
+        manager.close()
     return nnx.merge(graphdef, params, rest), config, meta

@@ -463,9 +463,8 @@ def train_and_evaluate(
     )
     metrics_path = workdir / METRICS_FILE
     start_epoch, previous_wall = 0, 0.0
-    latest = manager.latest_step()
+    state, meta, latest = _checkpoint.restore_latest_good(manager, state)
     if latest is not None:
-        state, meta = _checkpoint.restore_checkpoint(manager, latest, state)
         start_epoch, previous_wall = int(meta["epoch"]), float(meta.get("wall_seconds", 0.0))
         records = _truncate_metrics(metrics_path, latest)
         logger.info("resuming %s from step %d (epoch %d)", workdir, latest, start_epoch)
