@@ -9,6 +9,9 @@
 
 Importing this module is cheap: jax, the datasets and the models are imported by the
 subcommands that need them.
+
+Every error is one line ``qflax CMD: error: ...`` on stderr and exit status 1; ``--debug``
+(before or after the subcommand) also prints the traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import pathlib
 import sys
 import time
+import traceback
 
 CONFIG_PREFIX = "--config."
 
@@ -123,10 +127,38 @@ def _ptq(args: argparse.Namespace) -> int:
     return 0
 
 
+# What `qflax summary` reads of a summary.json (and of each of its layers).
+SUMMARY_KEYS = ("layers", "avg_weight_bits", "avg_act_bits", "params", "model_bytes", "bops")
+LAYER_KEYS = ("name", "weight_bits", "act_bits", "params", "sparsity")
+
+
+def _read_summary(path: pathlib.Path) -> dict:
+    """``summary.json`` checked for what the tables need (ValueError naming what is missing)."""
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun `qflax train`") from error
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} holds {type(summary).__name__}; allowed: a JSON object")
+    missing = [key for key in (*SUMMARY_KEYS, "sparsity") if key not in summary]
+    layers = summary.get("layers")
+    if not missing and (
+        not isinstance(layers, list)
+        or not all(isinstance(row, dict) and set(LAYER_KEYS) <= set(row) for row in layers)
+    ):
+        missing = [f"layers[*].{key}" for key in LAYER_KEYS]
+    if missing:
+        raise ValueError(
+            f"{path} is incomplete: missing {', '.join(missing)} (not a summary written by "
+            "`qflax train`?)"
+        )
+    return summary
+
+
 def _load_summary(workdir: str) -> dict:
     path = pathlib.Path(workdir) / "summary.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return _read_summary(path)
     # No summary yet (an interrupted run): describe the latest checkpoint.
     from qflax.runs import load_dataset, load_model
     from qflax.train import summarize_model
@@ -175,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qflax", description=__doc__.splitlines()[0], allow_abbrev=False
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
@@ -242,11 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--seed", type=int, default=0, help="seed of the data split and the MLP fit")
     rep.set_defaults(func=_report)
+    for command in (train, evaluate, post, summary, rep):  # --debug after the subcommand too
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
+DEBUG_HELP = "on an error, also print the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command; returns the exit status (1 with a one-line message on bad input)."""
+    """Runs the command; returns the exit status.
+
+    Every error is one line ``qflax CMD: error: ...`` on stderr and status 1: bad input
+    (ValueError, e.g. a bad config file or workdir), a NaN loss (FloatingPointError), a file
+    system error (OSError); anything else is unexpected (a bug) and its line says so and
+    names its type. ``--debug`` prints the traceback first. Usage errors are argparse's
+    (usage line, status 2).
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
@@ -255,9 +302,27 @@ def main(argv: list[str] | None = None) -> int:
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         return args.func(args)
-    except (ValueError, FloatingPointError) as error:
-        print(f"qflax {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:  # noqa: BLE001 - one line each; --debug shows the traceback
+        if args.debug:
+            traceback.print_exc()
+        if isinstance(error, (ValueError, FloatingPointError)):
+            message = str(error)
+        elif isinstance(error, OSError):
+            message = _os_error_text(error)
+        else:
+            message = f"unexpected {type(error).__name__}: {error}"
+            if not args.debug:
+                message += " (rerun with --debug for the traceback)"
+        print(f"qflax {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _os_error_text(error: OSError) -> str:
+    """``PermissionError(13, ..., 'runs/x')`` -> ``"runs/x: permission denied"``."""
+    if error.filename is None or not error.strerror:
+        return str(error)
+    text = f"{error.filename}: {error.strerror[0].lower()}{error.strerror[1:]}"
+    return text + (f" (-> {error.filename2})" if error.filename2 is not None else "")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -192,3 +193,113 @@ def test_eval_integer_refuses_a_run_that_keeps_every_layer_float(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "keeps every layer float" in err
     assert not (tmp_path / "w32a32" / "eval.json").exists()
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def get_config(:\n    pass\n", r"bad.py: SyntaxError at line 1: "),
+        (
+            "import not_a_module_qflax\n",
+            r"bad.py: importing it raised ModuleNotFoundError: No module named "
+            r"'not_a_module_qflax' \(line 1\)",
+        ),
+        (
+            "def get_config():\n    raise KeyError('width')\n",
+            r"bad.py: get_config\(\) raised KeyError: 'width' \(line 2\)",
+        ),
+    ],
+)
+def test_a_broken_config_file_is_one_line_naming_it(source, message, tmp_path, capsys):
+    (tmp_path / "bad.py").write_text(source)
+    argv = ["train", "--config", str(tmp_path / "bad.py"), "--workdir", str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qflax train: error: ")
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("position", ["before", "after"])
+def test_debug_also_prints_the_traceback(position, tmp_path, capsys):
+    (tmp_path / "bad.py").write_text("def get_config():\n    raise KeyError('width')\n")
+    argv = ["train", "--config", str(tmp_path / "bad.py"), "--workdir", str(tmp_path / "run")]
+    argv = ["--debug", *argv] if position == "before" else [*argv, "--debug"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last)") and "KeyError: 'width'" in err
+    assert err.splitlines()[-1].startswith("qflax train: error: ")
+
+
+def test_a_bad_workdir_or_out_is_one_line(tmp_path, capsys, monkeypatch):
+    file = tmp_path / "file.txt"
+    file.write_text("mine")
+    cases = [
+        (["train", "--config", f"{FP}:smoke", "--workdir", ""], "workdir='' is empty"),
+        (
+            ["train", "--config", f"{FP}:smoke", "--workdir", str(file)],
+            "workdir='.*' is an existing",
+        ),
+        (["ptq", "--workdir", str(tmp_path), "--out", str(file)], "out='.*file.txt' is an exis"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"^qflax {argv[0]}: error: {message}", err), err
+    assert file.read_text() == "mine"
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    argv = ["train", "--config", f"{FP}:smoke", "--workdir", str(tmp_path / "run")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run' is not writable (its parent" in err
+
+
+def test_a_workdir_in_use_is_one_line_naming_the_holder(tmp_path, capsys):
+    from qflax.runs import lock_dir
+
+    argv = ["train", "--config", f"{FP}:smoke", "--workdir", str(tmp_path)]
+    with lock_dir(tmp_path, command="qflax train --workdir elsewhere"):
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("qflax train: error: workdir ")
+    assert (
+        "is in use by another qflax run: pid " in err and "(qflax train --workdir elsewhere)" in err
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"test_accuracy": ', r"summary.json is not valid JSON \(Expecting value"),
+        ("[1, 2]", r"summary.json holds list; allowed: a JSON object"),
+        (
+            '{"test_accuracy": 0.5, "layers": []}',
+            r"summary.json is incomplete: missing avg_weight_bits, avg_act_bits, params",
+        ),
+    ],
+)
+def test_summary_of_a_bad_summary_json_is_one_line(text, message, tmp_path, capsys):
+    (tmp_path / "summary.json").write_text(text)
+    assert cli.main(["summary", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "error, message",
+    [
+        (PermissionError(13, "Permission denied", "runs/x"), "runs/x: permission denied$"),
+        (
+            RuntimeError("a bug"),
+            r"unexpected RuntimeError: a bug \(rerun with --debug for the traceback\)$",
+        ),
+    ],
+)
+def test_other_errors_are_one_line_too(error, message, monkeypatch, capsys):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_report", fail)
+    assert cli.main(["report"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(f"^qflax report: error: {message}", err), err

@@ -114,12 +114,16 @@ def _check_args(
             f"workdir={str(workdir)!r} holds model={config.model!r}; allowed for PTQ with "
             f"integer inference: {', '.join(map(repr, INTEGER_MODELS))}"
         )
+    _check_no_result(out)
+    return config
+
+
+def _check_no_result(out: pathlib.Path) -> None:
     if (out / PACKED_DIR).exists() or (out / SUMMARY_FILE).exists():
         raise ValueError(
             f"out={str(out)!r} already holds a PTQ result ({PACKED_DIR}/ or {SUMMARY_FILE}); "
             "allowed: a new or empty directory"
         )
-    return config
 
 
 def _rules(weight_bits: int, act_bits: int, first_last_float: bool, kind: str) -> list:
@@ -221,13 +225,16 @@ def ptq(
     Raises:
       ValueError: before any work, for bad bits, an unknown calibration, a bad
         ``num_batches``, a missing workdir, a run that is not a float MLP/CNN run, or an
-        ``out`` that already holds a result.
+        ``out`` that is empty (``""``), a file, not writable or already holds a result;
+        :class:`~qflax.runs.DirInUseError` when another ``ptq`` writes ``out`` now
+        (``out/.lock``).
     """
+    from qflax.runs import check_output_dir, lock_dir
+
     start = time.perf_counter()
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    config = _check_args(
-        workdir, out, weight_bits, act_bits, calibration, num_batches, first_last_float
-    )
+    out = check_output_dir(out, option="out")
+    workdir = pathlib.Path(workdir)
+    _check_args(workdir, out, weight_bits, act_bits, calibration, num_batches, first_last_float)
     settings = dict(
         weight_bits=int(weight_bits),
         act_bits=int(act_bits),
@@ -235,6 +242,18 @@ def ptq(
         num_batches=int(num_batches),
         first_last_float=bool(first_last_float),
     )
+    out.mkdir(parents=True, exist_ok=True)
+    with lock_dir(out, option="out"):  # one writer per out directory
+        _check_no_result(out)
+        return _quantize_and_save(workdir, out, settings, start)
+
+
+def _quantize_and_save(
+    workdir: pathlib.Path, out: pathlib.Path, settings: dict[str, Any], start: float
+) -> dict[str, Any]:
+    """:func:`ptq` once its arguments are checked and ``out`` is locked."""
+    weight_bits, act_bits = settings["weight_bits"], settings["act_bits"]
+    calibration = settings["calibration"]
     from qflax import data
     from qflax.export._evaluate import model_forward
     from qflax.runs import load_model
@@ -266,7 +285,6 @@ def ptq(
     integer = predict(integer_forward, program, dataset.test_x, batch)
 
     tree = export_model(quantized)
-    out.mkdir(parents=True, exist_ok=True)
     save_packed(tree, out / PACKED_DIR)
     packed, floats = packed_model_bytes(tree), float32_bytes(model)
     summary = {

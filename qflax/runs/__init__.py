@@ -14,6 +14,8 @@ with no training code (``qflax.train`` and ``qflax.export`` both build on this p
   :func:`load_dataset`, :func:`build_model`, :func:`quantize_for_config`, :func:`first_batch`,
   :func:`teacher_config`;
 * a workdir: its file names (``CONFIG_FILE``, ``CHECKPOINT_DIR``, ...), :func:`load_config`,
+  the guards of a directory a command writes (:func:`check_output_dir`, :func:`check_run_dir`,
+  :func:`lock_dir`: one writer at a time, :class:`DirInUseError`),
   :func:`load_model`, and reading its checkpoints (:func:`checkpoint_manager`,
   :func:`has_checkpoint`, :func:`save_items`, :func:`restore_items`,
   :func:`restore_model_state`, :func:`tree_digest` (the checksum each restore checks),
@@ -44,6 +46,13 @@ from qflax.runs._checkpoint import (
     tree_digest,
 )
 from qflax.runs._files import extension_files, load_config_file
+from qflax.runs._guard import (
+    LOCK_FILE,
+    DirInUseError,
+    check_output_dir,
+    check_run_dir,
+    lock_dir,
+)
 from qflax.runs._overrides import apply_overrides, parse_value
 from qflax.runs._schema import (
     DIVERGENCES,
@@ -98,10 +107,14 @@ __all__ = [
     "TEACHER_DIR",
     "TEACHER_MODES",
     "CheckpointError",
+    "DirInUseError",
+    "LOCK_FILE",
     "all_keys",
     "apply_overrides",
     "build_model",
     "build_recipe",
+    "check_output_dir",
+    "check_run_dir",
     "checkpoint_manager",
     "config_diff",
     "config_to_dict",
@@ -116,6 +129,7 @@ __all__ = [
     "load_dataset",
     "load_model",
     "lock_config",
+    "lock_dir",
     "near_matches",
     "parse_value",
     "quantization_rules",

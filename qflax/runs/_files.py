@@ -24,8 +24,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
       The config, locked against new keys (see :func:`lock_config`).
 
     Raises:
-      ValueError: the file does not exist or defines no ``get_config``, or it returns no
-        ``ConfigDict``.
+      ValueError: the file does not exist, cannot be imported (a syntax error, a failing
+        import: the message names the file and the line), defines no ``get_config``, its
+        ``get_config`` raises, or it returns no ``ConfigDict``; the original error is chained
+        (``__cause__``).
     """
     path, arg = spec, None
     if ":" in spec and not pathlib.Path(spec).is_file():
@@ -35,11 +37,23 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config file {path!r} does not exist; allowed: a .py file with get_config()"
         )
-    module = _import_config_module(file)
+    try:
+        module = _import_config_module(file)
+    except SyntaxError as error:
+        where = "" if _same_file(error.filename, file) else f" in {error.filename}"
+        raise ValueError(
+            f"{path}: {type(error).__name__}{where} at line {error.lineno}: {error.msg}"
+        ) from error
+    except Exception as error:  # noqa: BLE001 - the user's code: named, chained
+        raise ValueError(f"{path}: importing it raised {_error_text(error, file)}") from error
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ValueError(f"config file {path!r} defines no get_config(); allowed: one that does")
-    config = get_config() if arg is None else get_config(arg)
+    call = "get_config()" if arg is None else f"get_config({arg!r})"
+    try:
+        config = get_config() if arg is None else get_config(arg)
+    except Exception as error:  # noqa: BLE001 - the user's code: named, chained
+        raise ValueError(f"{path}: {call} raised {_error_text(error, file)}") from error
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(
             f"get_config() of {path!r} returned {type(config).__name__}; allowed: a ConfigDict"
@@ -52,6 +66,22 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
             with config.unlocked():
                 config.imports = (*tuple(config.imports), *new)
     return lock_config(config)
+
+
+def _same_file(name: str | None, file: pathlib.Path) -> bool:
+    return name is not None and pathlib.Path(name).resolve() == file.resolve()
+
+
+def _error_text(error: Exception, file: pathlib.Path) -> str:
+    """``ModuleNotFoundError: No module named 'x' (line 3)``: the type, the message and the
+    last line of ``file`` the error passed through."""
+    import traceback
+
+    text = f"{type(error).__name__}: {error}"
+    lines = [
+        f.lineno for f in traceback.extract_tb(error.__traceback__) if _same_file(f.filename, file)
+    ]
+    return text + (f" (line {lines[-1]})" if lines else "")
 
 
 def _registered_modules() -> set[str]:

@@ -117,7 +117,8 @@ def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-    """Refuses a workdir holding checkpoints of another config; records this config."""
+    """Refuses a workdir holding checkpoints of another config, or of more epochs than
+    ``config.epochs``; records this config."""
     path = workdir / CONFIG_FILE
     if path.is_file() and runs.has_checkpoint(workdir / CHECKPOINT_DIR):
         try:
@@ -136,26 +137,73 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
                 f"{lines}. Use another workdir, or delete {workdir} to start over "
                 f"(keys that may change on resume: {', '.join(runs.RESUMABLE_KEYS)})"
             )
-    workdir.mkdir(parents=True, exist_ok=True)
+        _check_epochs(config, workdir, _epochs_done(workdir))
     path.write_text(json.dumps(runs.config_to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
-def _read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+def _epochs_done(workdir: pathlib.Path) -> int | None:
+    """The epochs the latest checkpoint completed, read from ``metrics.jsonl`` (no checkpoint
+    is opened): the last epoch record at or before the latest checkpoint's step."""
+    steps = [int(p.name) for p in (workdir / CHECKPOINT_DIR).glob("[0-9]*") if p.name.isdigit()]
+    if not steps:
+        return None
+    epochs = [
+        r["epoch"]
+        for r in _read_metrics(workdir / METRICS_FILE, quiet=True)
+        if r.get("kind") == "epoch" and r.get("step", math.inf) <= max(steps)
+    ]
+    return max(epochs, default=None)
+
+
+def _check_epochs(config, workdir: pathlib.Path, done: int | None) -> None:
+    if done is not None and config.epochs < done:
+        raise ValueError(
+            f"epochs={config.epochs} is below the {done} epochs the checkpoint in {workdir} "
+            f"already completed; allowed: epochs >= {done} ({done} only re-summarises), or "
+            "another workdir"
+        )
+
+
+def _read_metrics(path: pathlib.Path, *, quiet: bool = False) -> list[dict[str, Any]]:
+    """Every valid record of ``metrics.jsonl``. A damaged line is dropped with a warning naming
+    it (later lines are kept); a last line cut short (a run killed while writing it, no final
+    newline) is dropped with an info message only."""
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    records, damaged = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut short by an interruption; later lines cannot be trusted
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines) and not text.endswith("\n"):
+            if not quiet:
+                logger.info("%s: dropped its last line %d, cut short", path, number)
+        else:
+            damaged.append(number)
+    if damaged and not quiet:
+        logger.warning(
+            "%s: dropped %d damaged line(s): %s (the other records are kept)",
+            path,
+            len(damaged),
+            ", ".join(map(str, damaged)),
+        )
     return records
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> list[dict[str, Any]]:
-    """Drops records logged after ``step`` (the checkpoint a resumed run restarts from)."""
+    """Drops records logged after ``step`` (the checkpoint a resumed run restarts from) and
+    damaged lines; rewrites the file in one replace."""
     records = [r for r in _read_metrics(path) if r.get("step", 0) <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(temporary, path)
     return records
 
 
@@ -215,8 +263,9 @@ def _write_curves(records: list[dict[str, Any]], path: pathlib.Path, title: str)
 class _Logger:
     """Collects per-step metrics on device; checks, averages and writes them in windows."""
 
-    def __init__(self, path: pathlib.Path, every: int, schedule):
+    def __init__(self, path: pathlib.Path, every: int, schedule, last_saved: int | None):
         self.path = path
+        self.last_saved = last_saved  # the step of the latest checkpoint, None before one
         self.every = every
         self.schedule = schedule
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -240,7 +289,7 @@ class _Logger:
                 if not math.isfinite(row["loss"]):
                     raise NonFiniteLossError(
                         f"the training loss became {row['loss']} at step {step} (epoch "
-                        f"{epoch + 1}); training stopped and the last good checkpoint is kept"
+                        f"{epoch + 1}); training stopped and {_kept(self.last_saved)}"
                     )
                 self.window.append(row)
                 self.epoch_rows.append(row)
@@ -264,6 +313,12 @@ class _Logger:
     def end_epoch(self) -> dict[str, float]:
         rows, self.epoch_rows, self.window = self.epoch_rows, [], []
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def _kept(last_saved: int | None) -> str:
+    if last_saved is None:
+        return "no checkpoint was saved yet"
+    return f"the last good checkpoint (step {last_saved}) is kept"
 
 
 def _all_finite(tree: Any) -> bool:
@@ -390,14 +445,29 @@ def train_and_evaluate(
       ``(state, summary)``: the final :class:`TrainState` and the ``summary.json`` dict.
 
     Raises:
-      ValueError: a bad config, a workdir holding checkpoints of a different config, or a
-        corrupt checkpoint — all before any training step.
+      ValueError: a bad config; a workdir that is empty (``""``), a file, not writable, a
+        non-empty folder holding no qflax run, or holding checkpoints of a different config or
+        of more epochs than ``config.epochs`` (all before anything is written); a corrupt
+        checkpoint (before any training step).
+      DirInUseError: (a ValueError) another run holds the workdir's lock (``workdir/.lock``;
+        one writer per workdir, the teacher's run in ``workdir/teacher`` takes its own); names
+        its pid, host and start time.
       NonFiniteLossError: the loss became NaN or infinite (names the step); the last good
         checkpoint stays in place.
     """
     start_time = time.perf_counter()
     runs.ensure_valid(config)
-    workdir = pathlib.Path(workdir)
+    workdir = runs.check_output_dir(workdir)
+    runs.check_run_dir(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    with runs.lock_dir(workdir):
+        return _train_and_evaluate(config, workdir, start_time)
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, start_time: float
+) -> tuple[TrainState, dict[str, Any]]:
+    """:func:`train_and_evaluate` once the workdir is checked and locked."""
     dataset = runs.load_dataset(config)
     if config.augment_shift and dataset.kind != "image":
         raise ValueError(
@@ -466,6 +536,9 @@ def train_and_evaluate(
     state, meta, latest = _checkpoint.restore_latest_good(manager, state)
     if latest is not None:
         start_epoch, previous_wall = int(meta["epoch"]), float(meta.get("wall_seconds", 0.0))
+        if start_epoch > config.epochs:  # metrics.jsonl did not tell (_check_workdir)
+            manager.close()
+            _check_epochs(config, workdir, start_epoch)
         records = _truncate_metrics(metrics_path, latest)
         logger.info("resuming %s from step %d (epoch %d)", workdir, latest, start_epoch)
     else:
@@ -473,7 +546,7 @@ def train_and_evaluate(
         records = []
 
     schedule, _ = learning_rate_schedules(config, steps_per_epoch)
-    log = _Logger(metrics_path, config.log_every_steps, schedule)
+    log = _Logger(metrics_path, config.log_every_steps, schedule, latest)
     total_steps = config.epochs * steps_per_epoch
     step = int(jax.device_get(state.step))
     last_saved = latest
@@ -496,11 +569,12 @@ def train_and_evaluate(
         if not _all_finite(state.params):
             raise NonFiniteLossError(
                 f"the parameters became NaN or infinite by step {step} (epoch {epoch}); "
-                f"training stopped and the last good checkpoint (step {last_saved}) is kept"
+                f"training stopped and {_kept(last_saved)}"
             )
         last_saved = _checkpoint.save_checkpoint(
             manager, state, {"epoch": epoch, "step": step, "wall_seconds": elapsed()}
         )
+        log.last_saved = last_saved
 
     from qflax import data
 

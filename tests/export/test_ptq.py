@@ -128,3 +128,20 @@ def test_bad_workdirs_fail_before_any_work(float_run, tmp_path):
         ptq(workdir, tmp_path / "done")
     with pytest.raises(ValueError, match="holds no PTQ result"):
         load_ptq(tmp_path / "nope")
+
+
+def test_a_bad_or_busy_out_fails_before_any_work(float_run, tmp_path):
+    from qflax.runs import DirInUseError, lock_dir
+
+    workdir, _ = float_run
+    file = tmp_path / "file.txt"
+    file.write_text("mine")
+    with pytest.raises(ValueError, match=r"out='.*file.txt' is an existing file"):
+        ptq(workdir, file)
+    with pytest.raises(ValueError, match=r"out='' is empty"):
+        ptq(workdir, "")
+    (tmp_path / "out").mkdir()
+    with lock_dir(tmp_path / "out", option="out"):
+        with pytest.raises(DirInUseError, match=r"out '.*out' is in use by another qflax run"):
+            ptq(workdir, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lock"]

@@ -1,7 +1,8 @@
 """train_and_evaluate end to end on tiny jobs: every model, quantized runs, resumption, the
-workdir config check, NaN stops, corrupt checkpoints, distillation and the summary contract."""
+workdir checks and lock, NaN stops, corrupt checkpoints, distillation and the summary contract."""
 
 import json
+import logging
 import pathlib
 import re
 import shutil
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from qflax.runs import DirInUseError, config_to_dict, lock_dir
 from qflax.train import (
     CheckpointError,
     NonFiniteLossError,
@@ -18,7 +20,7 @@ from qflax.train import (
     load_model,
     train_and_evaluate,
 )
-from qflax.train._loop import random_shift
+from qflax.train._loop import _read_metrics, _truncate_metrics, random_shift
 
 # Tiny model knobs per registry name, sized for 8x8 digits (and 32-character text windows).
 TINY = {
@@ -172,7 +174,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     recorded = json.loads(config_path.read_text())
     recorded["optimizer"]["learning_rate"] = 1e30
     config_path.write_text(json.dumps(recorded))
-    with pytest.raises(NonFiniteLossError, match=r"became (nan|inf) at step \d+") as info:
+    kept = rf"the last good checkpoint \(step {good_step}\) is kept"
+    with pytest.raises(NonFiniteLossError, match=rf"became (nan|inf) at step \d+.*{kept}") as info:
         train_and_evaluate(bad, tmp_path)
     step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
     assert good_step < step <= good_step + 3
@@ -183,7 +186,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_nan_from_the_first_steps_names_the_step(tmp_path):
     config = tiny_config(optimizer__name="sgd", optimizer__learning_rate=1e30)
-    with pytest.raises(NonFiniteLossError, match=r"at step [1-9]\d* \(epoch 1\)"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"at step [1-9]\d* \(epoch 1\).* no checkpoint was saved yet$"
+    ):
         train_and_evaluate(config, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
@@ -208,6 +213,8 @@ def test_teacher_is_trained_first_and_distilled(tmp_path):
         teacher__weight=0.5,
     )
     _, summary = train_and_evaluate(config, tmp_path)
+    # each run locked its own workdir (no deadlock) and released it
+    assert (tmp_path / ".lock").read_text() == (tmp_path / "teacher" / ".lock").read_text() == ""
     teacher_summary = json.loads((tmp_path / "teacher" / "summary.json").read_text())
     assert summary["fp_test_accuracy"] == teacher_summary["test_accuracy"]
     assert teacher_summary["avg_weight_bits"] == 32.0
@@ -218,6 +225,73 @@ def test_teacher_is_trained_first_and_distilled(tmp_path):
     student.teacher.path = str(tmp_path / "teacher")
     _, summary2 = train_and_evaluate(student, tmp_path / "student")
     assert summary2["fp_test_accuracy"] == teacher_summary["test_accuracy"]
+
+
+def test_epochs_below_those_done_are_refused_before_anything_is_written(tmp_path):
+    train_and_evaluate(tiny_config(epochs=2), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    message = r"epochs=1 is below the 2 epochs the checkpoint in .* already completed"
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config(epochs=1), tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # without metrics.jsonl the restored checkpoint still tells
+    (tmp_path / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match=message):
+        train_and_evaluate(tiny_config(epochs=1), tmp_path)
+
+
+def test_a_workdir_in_use_is_refused_before_any_work(tmp_path):
+    with lock_dir(tmp_path, command="qflax train --workdir other"):
+        with pytest.raises(DirInUseError, match=r"in use by .*\(qflax train --workdir other\)"):
+            train_and_evaluate(tiny_config(), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+
+
+def test_the_teacher_run_takes_its_own_lock(tmp_path):
+    config = tiny_config(quant__recipe="absmax", teacher__mode="train")
+    # as a start of this run left it: its config recorded, the teacher's run in use elsewhere
+    (tmp_path / "config.json").write_text(json.dumps(config_to_dict(config)))
+    (tmp_path / "teacher").mkdir()
+    with lock_dir(tmp_path / "teacher"):
+        with pytest.raises(DirInUseError, match=r"workdir '.*teacher' is in use"):
+            train_and_evaluate(config, tmp_path)
+    assert (tmp_path / ".lock").read_text() == ""  # the outer lock was released too
+
+
+@pytest.mark.parametrize(
+    "files",
+    [{"config.json": '{"mine": 1}'}, {"notes.txt": "mine", "data.csv": "1,2"}],
+)
+def test_a_folder_holding_no_run_is_refused_and_left_alone(files, tmp_path):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=r"is not empty and holds no qflax run"):
+        train_and_evaluate(tiny_config(), tmp_path)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == files
+
+
+@pytest.mark.parametrize("workdir", ["", " "])
+def test_an_empty_workdir_is_refused(workdir):
+    with pytest.raises(ValueError, match=r"workdir='\s*' is empty"):
+        train_and_evaluate(tiny_config(), workdir)
+
+
+def test_damaged_metrics_lines_are_dropped_and_later_ones_kept(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "step", "step": s} for s in (1, 2, 3, 4)]
+    lines = [json.dumps(r) for r in records]
+    path.write_text(f"{lines[0]}\n{{not json\n{lines[1]}\n7\n{lines[2]}\n{lines[3]}\n")
+    with caplog.at_level(logging.INFO, logger="qflax.train"):
+        assert _truncate_metrics(path, step=3) == records[:3]
+    assert "dropped 2 damaged line(s): 2, 4 (the other records are kept)" in caplog.text
+    assert path.read_text() == "".join(line + "\n" for line in lines[:3])
+    # a last line cut short by a kill: dropped, logged at info level only
+    caplog.clear()
+    path.write_text(f"{lines[0]}\n{lines[1][:9]}")
+    with caplog.at_level(logging.INFO, logger="qflax.train"):
+        assert _read_metrics(path) == records[:1]
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "dropped its last line 2, cut short" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -265,4 +339,4 @@ def test_augment_shift_must_leave_part_of_the_image(tmp_path):
     # digits are 8x8: a shift of 8 or more can move every pixel out of the frame
     with pytest.raises(ValueError, match=r"augment_shift=8 .* 8x8 images .* allowed: 0\.\.7"):
         train_and_evaluate(tiny_config("mlp", augment_shift=8), tmp_path / "run")
-    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before any file is written
