@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,7 +61,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits, check_choice, pow2_int
+from qflax.numerics import check_bits, check_choice, exp2
 from qflax.quantizers._family import (
     NotExportable,
     QuantizerFamily,
@@ -139,24 +138,6 @@ def _round_ste_bwd(_, g):
 
 
 _round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
-
-
-@jax.custom_vjp
-def _exp2_integer(e: jax.Array) -> jax.Array:
-    """``2^e`` for integer-valued ``e``, built from exponent bits; gradient ``ln2·2^e``."""
-    return pow2_int(e)
-
-
-def _exp2_integer_fwd(e):
-    y = pow2_int(e)
-    return y, y
-
-
-def _exp2_integer_bwd(y, g):
-    return (g * (math.log(2.0) * y),)
-
-
-_exp2_integer.defvjp(_exp2_integer_fwd, _exp2_integer_bwd)
 
 
 def _codes_float(w, step, shift, q_max):
@@ -304,7 +285,7 @@ def _quant_params(w: jax.Array, params: Any, config: CoDeQConfig):
     a = _absmax(w, config)
     bits = _bits(theta_b, config)
     d = _deadzone(a, theta_d)
-    q_max = _exp2_integer(bits - 1.0) - 1.0
+    q_max = exp2(bits - 1.0) - 1.0  # exact at the integer bits; gradient ln2·2^(bits−1)
     step = (a - d / 2.0) / (q_max - 0.5) + _STEP_EPS
     shift = d / 2.0 - step / 2.0
     return step, shift, q_max
