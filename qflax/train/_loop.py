@@ -549,7 +549,6 @@ def _train_and_evaluate(
     log = _Logger(metrics_path, config.log_every_steps, schedule, latest)
     total_steps = config.epochs * steps_per_epoch
     step = int(jax.device_get(state.step))
-    last_saved = latest
 
     def test_metrics(state: TrainState) -> dict[str, float]:
         return _evaluate_arrays(
@@ -565,16 +564,14 @@ def _train_and_evaluate(
         return previous_wall + time.perf_counter() - start_time
 
     def save(epoch: int) -> None:
-        nonlocal last_saved
         if not _all_finite(state.params):
             raise NonFiniteLossError(
                 f"the parameters became NaN or infinite by step {step} (epoch {epoch}); "
-                f"training stopped and {_kept(last_saved)}"
+                f"training stopped and {_kept(log.last_saved)}"
             )
-        last_saved = _checkpoint.save_checkpoint(
+        log.last_saved = _checkpoint.save_checkpoint(
             manager, state, {"epoch": epoch, "step": step, "wall_seconds": elapsed()}
         )
-        log.last_saved = last_saved
 
     from qflax import data
 
