@@ -128,7 +128,15 @@ def _ptq(args: argparse.Namespace) -> int:
 
 
 # What `qflax summary` reads of a summary.json (and of each of its layers).
-SUMMARY_KEYS = ("layers", "avg_weight_bits", "avg_act_bits", "params", "model_bytes", "bops")
+SUMMARY_KEYS = (
+    "layers",
+    "avg_weight_bits",
+    "avg_act_bits",
+    "params",
+    "model_bytes",
+    "bops",
+    "sparsity",
+)
 LAYER_KEYS = ("name", "weight_bits", "act_bits", "params", "sparsity")
 
 
@@ -140,7 +148,7 @@ def _read_summary(path: pathlib.Path) -> dict:
         raise ValueError(f"{path} is not valid JSON ({error}); rerun `qflax train`") from error
     if not isinstance(summary, dict):
         raise ValueError(f"{path} holds {type(summary).__name__}; allowed: a JSON object")
-    missing = [key for key in (*SUMMARY_KEYS, "sparsity") if key not in summary]
+    missing = [key for key in SUMMARY_KEYS if key not in summary]
     layers = summary.get("layers")
     if not missing and (
         not isinstance(layers, list)
