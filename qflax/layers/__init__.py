@@ -11,7 +11,15 @@
 """
 
 from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate, is_quant_layer
-from qflax.layers._recipes import RECIPES, Recipe, TensorQuant, recipes, register_recipe
+from qflax.layers._recipes import (
+    GRAD_KEYWORDS,
+    RECIPES,
+    Recipe,
+    TensorQuant,
+    recipes,
+    register_recipe,
+    with_grad,
+)
 from qflax.layers._rules import (
     QuantReport,
     Rule,
@@ -24,6 +32,7 @@ from qflax.layers._rules import (
 from qflax.layers._variables import QuantParam, QuantStat
 
 __all__ = [
+    "GRAD_KEYWORDS",
     "RECIPES",
     "register_recipe",
     "QuantConv",
@@ -43,4 +52,5 @@ __all__ = [
     "quantize_model",
     "recipes",
     "totals",
+    "with_grad",
 ]

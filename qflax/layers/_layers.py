@@ -184,7 +184,7 @@ class _QuantLayer(nnx.Module):
         # Non-learned quantizer state (DBSSQ's ε and σ, a pair's μ): ((role, names), ...).
         self.stat_names = tuple(sorted(stat_names.items()))
         self.macs = QuantStat(jnp.zeros((), jnp.int32))
-        if any(tq is not None and tq.needs_key for tq in (recipe.weight, recipe.act)):
+        if any(tq is not None and tq.needs_key for tq in (recipe.weight, recipe.act, recipe.grad)):
             # The key of stochastic backward rules, split on every call (so a resumed run
             # draws the same noise); `quantize_model` seeds it from the layer's path.
             self.noise_key = QuantStat(jax.random.key_data(jax.random.key(0)))
@@ -256,7 +256,8 @@ class _QuantLayer(nnx.Module):
     ) -> tuple[Callable | None, Callable | None, Callable | None]:
         """The ``(weight, act, grad)`` quantizers bound to the current parameter values.
 
-        ``key``: PRNG key of stochastic backward rules (split between weight and act).
+        ``key``: PRNG key of stochastic backward rules (split between weight and act; a
+        stochastic gradient quantizer gets ``fold_in(key, 2)``, split between its two products).
         """
         recipe = self.recipe
         w_key = a_key = None
@@ -274,7 +275,12 @@ class _QuantLayer(nnx.Module):
             if recipe.act is None
             else recipe.act.quantizer(self._params("act"), key=a_key, stats=self._stats("act"))
         )
-        grad = None if recipe.grad is None else recipe.grad.quantizer()
+        grad = None
+        if recipe.grad is not None:
+            # Its own stream (fold_in), so adding a gradient quantizer leaves the weight and
+            # act keys, and a run without one, unchanged.
+            g_key = None if key is None or not recipe.grad.needs_key else jax.random.fold_in(key, 2)
+            grad = recipe.grad.grad_quantizer(g_key)
         return weight, act, grad
 
     def _next_key(self) -> jax.Array | None:
@@ -374,7 +380,8 @@ class _QuantLayer(nnx.Module):
           ``QuantParam`` of the layer and the scales a stateless weight quantizer needs at rest,
           e.g. one per output channel for absmax); ``sparsity`` (fraction of exactly-zero
           quantized kernel values); ``macs`` (multiply-accumulates of one forward per example,
-          from the last call; 0 before the first call); ``recipe`` (its description).
+          from the last call; 0 before the first call); ``recipe`` (its description); ``grad``
+          (the gradient quantizer of the output cotangent, or ``"float"``).
         """
         recipe = self.recipe
         info = float_layer_info(self.inner)
@@ -406,6 +413,7 @@ class _QuantLayer(nnx.Module):
             act_bits=int(act_bits),
             macs=0 if isinstance(macs, jax.ShapeDtypeStruct) else int(macs),
             recipe=str(recipe),
+            grad="float" if recipe.grad is None else str(recipe.grad),
         )
         return info
 
@@ -440,6 +448,7 @@ def float_layer_info(module: nnx.Module) -> dict[str, Any]:
         "sparsity": sparsity,
         "macs": 0,
         "recipe": "float",
+        "grad": "float",
     }
 
 

@@ -28,7 +28,15 @@ from jax.typing import ArrayLike
 from qflax import quantizers as qz
 from qflax.numerics import check_choice
 
-__all__ = ["RECIPES", "Recipe", "TensorQuant", "recipes", "register_recipe"]
+__all__ = [
+    "GRAD_KEYWORDS",
+    "RECIPES",
+    "Recipe",
+    "TensorQuant",
+    "recipes",
+    "register_recipe",
+    "with_grad",
+]
 
 ROLES = qz.ROLES
 
@@ -238,6 +246,18 @@ class TensorQuant:
         x = jnp.asarray(x)
         return self.family.codes(self, x, dict(params or {}), stats)
 
+    def grad_quantizer(self, key: jax.Array | None = None) -> Any:
+        """The ``grad_quantizer`` slot of a :mod:`qflax.ops` op for this gradient spec: one
+        callable for both backward products or a ``(dlhs, drhs)`` pair (stochastic families:
+        two independent keys split from ``key``); see
+        :meth:`~qflax.quantizers.QuantizerFamily.grad_slots`."""
+        if "grad" not in self.roles:
+            raise ValueError(
+                f"kind={self.kind!r} does not quantize gradients; allowed: "
+                f"{', '.join(_grad_families())}"
+            )
+        return self.family.grad_slots(self, key)
+
     def quantizer(
         self,
         params: Mapping[str, ArrayLike] | None = None,
@@ -304,8 +324,9 @@ class Recipe:
     weight: TensorQuant | None = None
     # Quantizer of the layer's INPUT activations (signed unless configured otherwise).
     act: TensorQuant | None = None
-    # Quantizer of the output cotangent before both backward products (stateless kinds only:
-    # absmax, pow2); None: float gradients.
+    # Quantizer of the output cotangent before the two backward products (a family whose roles
+    # include "grad": absmax, pow2, the stochastic ptq/psq/bhq/dorefa_grad, INT4 bit splitting;
+    # stochastic ones quantize twice with independent keys); None: float gradients.
     grad: TensorQuant | None = None
 
     def __post_init__(self):
@@ -764,17 +785,64 @@ def register_recipe(
     return factory
 
 
+# Keywords every recipe takes through `build` (and `recipe_kwargs` / rules in configs): the
+# gradient quantizer of the layer's output cotangent (see `with_grad`).
+GRAD_KEYWORDS = ("grad", "grad_bits", "grad_config")
+
+
+def with_grad(recipe: Recipe, kind: str, bits: int | None = None, **config: Any) -> Recipe:
+    """``recipe`` with its output cotangent quantized by the gradient family ``kind``.
+
+    ``bits`` and ``config`` build the family's config (its first config type); e.g.
+    ``with_grad(recipes.absmax(8, 8), "bhq", 5)`` trains with 5-bit block-Householder gradients.
+
+    >>> str(with_grad(recipes.absmax(8, 8), "absmax", 8))
+    'w:absmax8/channel a:absmax8 g:absmax8'
+    """
+    family = qz.get_family(kind)
+    if not family.config_types:
+        raise ValueError(f"grad={kind!r} has no config type; allowed: a family with a config")
+    kwargs = dict(config)
+    if bits is not None:
+        kwargs["bits"] = bits
+    try:
+        cfg = family.config_types[0](**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"grad={kind!r}: {e}") from None
+    return dataclasses.replace(recipe, grad=TensorQuant(kind=kind, config=cfg))
+
+
 def build(name: str, **kwargs: Any) -> Recipe:
     """The recipe ``RECIPES[name](**kwargs)``; ValueError for an unknown name or argument.
 
+    Every recipe also takes ``grad`` (a gradient family), ``grad_bits`` and ``grad_config``
+    (a dict of that family's config fields): :func:`with_grad`.
+
     >>> str(build("absmax", weight_bits=2, act_bits=None))
     'w:absmax2/channel'
+    >>> str(build("absmax", weight_bits=8, act_bits=8, grad="absmax", grad_bits=6))
+    'w:absmax8/channel a:absmax8 g:absmax6'
     """
     check_choice(name, "recipe", tuple(RECIPES))
+    grad = kwargs.pop("grad", None)
+    grad_config = kwargs.pop("grad_config", None)
+    if grad is None and grad_config:
+        raise ValueError(
+            f"grad_config={dict(grad_config)!r} is given without grad; allowed: grad=KIND (a "
+            "gradient family) with it, or no grad_config"
+        )
+    grad_bits = kwargs.pop("grad_bits", None) if grad is not None else None
     try:
-        return RECIPES[name](**kwargs)
+        recipe = RECIPES[name](**kwargs)
     except TypeError as e:
         raise ValueError(f"recipe {name!r}: {e}") from None
+    if grad is None:
+        return recipe
+    if recipe.weight is None and recipe.act is None and name == "float":
+        raise ValueError(
+            f"grad={grad!r} with recipe 'float' is not allowed; allowed: a quantizing recipe"
+        )
+    return with_grad(recipe, grad, grad_bits, **dict(grad_config or {}))
 
 
 # The public namespace of factories: ``recipes.absmax(4, 4)``, ``recipes.build("pow2", ...)``.
@@ -792,5 +860,6 @@ recipes = types.SimpleNamespace(
     dbssq=dbssq,
     codeq=codeq,
     build=build,
+    with_grad=with_grad,
     register=register_recipe,
 )

@@ -18,6 +18,9 @@ slots, each a callable ``x -> x̂`` (``None`` keeps that tensor in float):
   A single callable is used for both (``Q_dlhs = Q_drhs``, applied once); a pair
   ``(dlhs_quantizer, drhs_quantizer)`` applies two independent quantizers (e.g. stochastic
   rounding with two keys, as in Chen et al. 2020, METHODS.md §7). The forward value never changes.
+  A gradient quantizer wrapped by :func:`with_operands` is called as ``Q(g, lhs, rhs)`` with the
+  quantized forward operands (e.g. leverage-score sampling, whose row probabilities use the
+  norms of the input's rows: Xi et al. 2023).
 
 The gradient quantizer is wrapped in one module-level ``jax.custom_vjp``; the callables it gets
 are closure-converted (``jax.closure_convert``), so they may close over traced arrays (a PRNG key
@@ -38,16 +41,46 @@ from jax import lax
 
 __all__ = [
     "GradQuantizer",
+    "OperandGradQuantizer",
     "Quantizer",
     "quantized_conv_general_dilated",
     "quantized_dot_general",
     "quantized_einsum",
+    "with_operands",
 ]
 
 # A quantizer slot: ``x -> x̂`` (same shape and dtype), or None for float.
 Quantizer = Callable[[jax.Array], jax.Array]
 # The gradient slot: one quantizer for both backward products, or (dlhs, drhs) quantizers.
 GradQuantizer = Quantizer | tuple[Quantizer | None, Quantizer | None]
+
+
+class OperandGradQuantizer:
+    """A gradient quantizer that also reads the forward operands: ``fn(g, lhs, rhs) -> ĝ``
+    (``lhs``/``rhs``: the quantized operands the forward multiplied). Made by
+    :func:`with_operands`; any slot of ``grad_quantizer`` may hold one."""
+
+    def __init__(self, fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+        if not callable(fn):
+            raise ValueError(f"fn={fn!r} is not callable; allowed: a function (g, lhs, rhs) -> ĝ")
+        self.fn = fn
+
+    def __call__(self, g: jax.Array, lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+        return self.fn(g, lhs, rhs)
+
+    def __repr__(self) -> str:
+        return f"with_operands({self.fn!r})"
+
+
+def with_operands(fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]):
+    """Marks ``fn(g, lhs, rhs) -> ĝ`` as a gradient quantizer that reads the forward operands.
+
+    >>> q = with_operands(lambda g, lhs, rhs: g * (jnp.abs(lhs).sum() > 0))
+    >>> jax.grad(lambda x: quantized_dot_general(x, jnp.ones((2, 1)), (((1,), (0,)), ((), ())),
+    ...     grad_quantizer=q).sum())(jnp.ones((1, 2))).tolist()
+    [[1.0, 1.0]]
+    """
+    return OperandGradQuantizer(fn)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,10 +107,10 @@ def _grad_quantized_fwd(op, dlhs_quantizer, drhs_quantizer, shared, lhs, rhs, dc
     return op(lhs, rhs), (lhs, rhs, dc, rc)
 
 
-def _apply_converted(quantizer, g: jax.Array, consts: tuple[jax.Array, ...]) -> jax.Array:
+def _apply_converted(quantizer, g: jax.Array, operands, consts: tuple[jax.Array, ...]):
     if quantizer is None:
         return g
-    g_hat = quantizer(g, *consts)
+    g_hat = quantizer(g, *operands, *consts)
     if g_hat.shape != g.shape:
         raise ValueError(
             f"grad_quantizer returned shape {g_hat.shape} for a cotangent of shape {g.shape}; "
@@ -88,8 +121,10 @@ def _apply_converted(quantizer, g: jax.Array, consts: tuple[jax.Array, ...]) -> 
 
 def _grad_quantized_bwd(op, dlhs_quantizer, drhs_quantizer, shared, residuals, g):
     lhs, rhs, dc, rc = residuals
-    g_lhs = _apply_converted(dlhs_quantizer, g, dc)
-    g_rhs = g_lhs if shared else _apply_converted(drhs_quantizer, g, rc)
+    dq, dq_operands = dlhs_quantizer if dlhs_quantizer is not None else (None, False)
+    rq, rq_operands = drhs_quantizer if drhs_quantizer is not None else (None, False)
+    g_lhs = _apply_converted(dq, g, (lhs, rhs) if dq_operands else (), dc)
+    g_rhs = g_lhs if shared else _apply_converted(rq, g, (lhs, rhs) if rq_operands else (), rc)
     # The op is linear in each operand: transpose each map (no forward recomputation).
     (dlhs,) = jax.linear_transpose(lambda a: op(a, rhs), lhs)(g_lhs)
     (drhs,) = jax.linear_transpose(lambda b: op(lhs, b), rhs)(g_rhs)
@@ -153,11 +188,19 @@ def _quantized_binary_op(
         return op(lhs_hat, rhs_hat)
     out = jax.eval_shape(op, lhs_hat, rhs_hat)
     example = jax.ShapeDtypeStruct(out.shape, out.dtype)
-    dq_conv, dc = jax.closure_convert(dq, example) if dq is not None else (None, [])
-    if shared:
-        rq_conv, rc = dq_conv, []
-    else:
-        rq_conv, rc = jax.closure_convert(rq, example) if rq is not None else (None, [])
+
+    def convert(q):
+        # (the converted function, whether it takes the operands) and its hoisted constants
+        if q is None:
+            return None, []
+        if isinstance(q, OperandGradQuantizer):
+            fn, consts = jax.closure_convert(q.fn, example, lhs_hat, rhs_hat)
+            return (fn, True), consts
+        fn, consts = jax.closure_convert(q, example)
+        return (fn, False), consts
+
+    dq_conv, dc = convert(dq)
+    rq_conv, rc = (dq_conv, []) if shared else convert(rq)
     return _grad_quantized(op, dq_conv, rq_conv, shared, lhs_hat, rhs_hat, tuple(dc), tuple(rc))
 
 

@@ -51,7 +51,8 @@ __all__ = [
     "register_family",
 ]
 
-# The tensors a family can quantize.
+# The tensors a family can quantize (a family may also quantize the output cotangent: role
+# "grad", the op's gradient slot; see QuantizerFamily.grad_slots).
 ROLES = ("weight", "act")
 
 # Optimizer tags a learnable quantizer param may carry (``QuantizerFamily.param_tags``):
@@ -299,6 +300,38 @@ class QuantizerFamily:
             f"kind={self.name!r} defines no integer lowering of inputs "
             "(QuantizerFamily.input_lowering); allowed: a family that does, or a float layer"
         )
+
+    # ------------------------------------------------------------------ gradients
+
+    def grad_slots(self, spec: Any, key: jax.Array | None) -> Any:
+        """The ``grad_quantizer`` a :mod:`qflax.ops` op gets when this spec quantizes a layer's
+        output cotangent (``Recipe.grad``; the family's roles include ``"grad"``).
+
+        Returns one callable ``g -> ĝ`` used for both backward products, or a pair
+        ``(dlhs, drhs)`` (each a callable, a :func:`qflax.ops.with_operands` quantizer or None).
+        The default: a stochastic family (:meth:`needs_key`) quantizes ``g`` twice with
+        independent keys, once for each product (Chen et al. 2020); a deterministic one once.
+        """
+        stats = self.stats_init(spec, None)
+
+        def bound(k):
+            return lambda g: self.apply(spec, g, {}, key=k, stats=stats)
+
+        if not self.needs_key(spec):
+            return bound(None)
+        if key is None:
+            raise ValueError(
+                f"kind={self.name!r} quantizes gradients stochastically and needs a PRNG key; "
+                "allowed: a key (quant layers pass their noise key)"
+            )
+        k_lhs, k_rhs = jax.random.split(key)
+        return bound(k_lhs), bound(k_rhs)
+
+    def variance_bound(self, spec: Any, g: jax.Array) -> jax.Array | None:
+        """An upper bound of ``E‖Q(g) − g‖²`` (summed over elements) of this gradient
+        quantizer at the cotangent ``g``, as the family's paper states it; None: none known.
+        Read by :func:`qflax.studies.gradient_variance`."""
+        return None
 
     def sign_values(
         self, spec: Any, x: jax.Array, params: Mapping[str, Any], stats: Mapping[str, Any]

@@ -47,12 +47,16 @@ def build_recipe(
 
     from qflax import layers as ql
 
-    accepted = inspect.signature(ql.RECIPES[name]).parameters
-    extra = dict(recipe_kwargs or {})
+    accepted = dict(inspect.signature(ql.RECIPES[name]).parameters)
+    for key in ql.GRAD_KEYWORDS:  # every recipe takes a gradient quantizer (recipes.build)
+        accepted.setdefault(key, None)
+    extra = {k: _plain(v) for k, v in dict(recipe_kwargs or {}).items()}
     bits = {"weight_bits": weight_bits, "act_bits": act_bits}
     bits.update({k: extra.pop(k) for k in list(extra) if k in bits and k in accepted})
     kwargs = {k: v for k, v in bits.items() if k in accepted}
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    takes_any = any(
+        p is not None and p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()
+    )
     # (`binary` passes its extra keywords to the pair's factory, which checks them.)
     unknown = [] if takes_any else sorted(set(extra) - set(accepted) - set(bits))
     if unknown:
@@ -61,6 +65,11 @@ def build_recipe(
             f"recipe_kwargs {unknown} are not arguments of recipe {name!r}; allowed: {allowed}"
         )
     return ql.recipes.build(name, **kwargs, **{k: v for k, v in extra.items() if k not in bits})
+
+
+def _plain(value: Any) -> Any:
+    """A ConfigDict (e.g. ``recipe_kwargs.grad_config``) as a plain dict."""
+    return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
 
 
 def pair_selection(pair: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -165,7 +174,15 @@ def quantization_rules(config: ml_collections.ConfigDict) -> list:
             name, quant.weight_bits, quant.act_bits, recipe_kwargs_for(config, name)
         )
 
-    rules = [ql.Rule(pattern, recipe(name)) for pattern, name in quant.rules]
+    def rule_recipe(rule):
+        # (pattern, recipe) or (pattern, recipe, {keywords}): the keywords replace the
+        # config's for this rule (e.g. a per-layer gradient quantizer).
+        if len(rule) == 2 or rule[1] == FLOAT_RECIPE:
+            return recipe(rule[1])
+        kwargs = {**recipe_kwargs_for(config, rule[1]), **dict(rule[2])}
+        return build_recipe(rule[1], quant.weight_bits, quant.act_bits, kwargs)
+
+    rules = [ql.Rule(rule[0], rule_recipe(rule)) for rule in quant.rules]
     main = recipe(quant.recipe)
     if quant.first_last_float:
         rules += list(ql.first_last_float_rules(main))

@@ -244,9 +244,20 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     if not isinstance(rules, (list, tuple)):
         raise ValueError(f"quant.rules={rules!r} is not allowed; allowed: (pattern, recipe) pairs")
     for i, rule in enumerate(rules):
-        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+        if not (
+            isinstance(rule, (list, tuple))
+            and len(rule) in (2, 3)
+            and isinstance(rule[0], str)
+            and (len(rule) == 2 or isinstance(rule[2], (Mapping, ml_collections.ConfigDict)))
+        ):
             raise ValueError(
-                f"quant.rules[{i}]={rule!r} is not allowed; allowed: a (pattern, recipe) pair"
+                f"quant.rules[{i}]={rule!r} is not allowed; allowed: a (pattern, recipe) pair "
+                "or (pattern, recipe, {recipe keywords})"
+            )
+        if len(rule) == 3 and rule[1] == FLOAT_RECIPE and rule[2]:
+            raise ValueError(
+                f"quant.rules[{i}]={rule!r} gives keywords to recipe {FLOAT_RECIPE!r}, which "
+                "takes none; allowed: no keywords for a float rule"
             )
         try:
             re.compile(rule[0])

@@ -293,6 +293,7 @@ def test_quant_info_golden_numbers():
         "sparsity": 6 / 12,
         "macs": 12,
         "recipe": "w:absmax4/channel a:absmax8",
+        "grad": "float",
     }
     layer(jnp.ones((5, 7, 3)))  # per example: 7 positions x 3 x 4
     assert layer.quant_info()["macs"] == 84
