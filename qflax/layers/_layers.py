@@ -157,6 +157,9 @@ class _QuantLayer(nnx.Module):
         self.calibrating = False
         # Static: a callback receiving the MACs of each call (set by `count_macs`), or None.
         self.mac_recorder = None
+        # Static: ``probe(layer, inputs, y) -> y`` called on the output of each call, or None
+        # (``qflax.studies.gradient_variance`` reads inputs and output cotangents through it).
+        self.probe = None
         names = {}
         if recipe.weight is not None and recipe.weight.learnable:
             tags = recipe.weight.param_tags
@@ -279,7 +282,10 @@ class _QuantLayer(nnx.Module):
         if recipe.grad is not None:
             # Its own stream (fold_in), so adding a gradient quantizer leaves the weight and
             # act keys, and a run without one, unchanged.
-            g_key = None if key is None or not recipe.grad.needs_key else jax.random.fold_in(key, 2)
+            # (No key, outside training: a fixed one; the forward never depends on it.)
+            g_key = None
+            if recipe.grad.needs_key:
+                g_key = jax.random.fold_in(jax.random.key(0) if key is None else key, 2)
             grad = recipe.grad.grad_quantizer(g_key)
         return weight, act, grad
 
@@ -365,6 +371,8 @@ class _QuantLayer(nnx.Module):
         self.macs[...] = jnp.asarray(macs, jnp.int32)
         if self.mac_recorder is not None:
             self.mac_recorder(macs)
+        if self.probe is not None:
+            y = self.probe(self, inputs, y)
         return y
 
     # ------------------------------------------------------------------ summaries
