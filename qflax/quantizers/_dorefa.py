@@ -156,6 +156,7 @@ def _sample_max(g: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(g), axis=axes, keepdims=True) if g.ndim else jnp.abs(g)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def _quantize_gradient(bits: int, g: jax.Array, key: jax.Array) -> jax.Array:
     n = float(2**bits - 1)
     m = _sample_max(g)

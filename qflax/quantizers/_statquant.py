@@ -37,6 +37,7 @@ to ``2^±64``, flushing values ``2^190`` times smaller than it (far below a step
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -143,6 +144,14 @@ def _quantize_rows(x: jax.Array, levels: int, key: jax.Array) -> jax.Array:
     return jnp.where(finite, y, jnp.full_like(y, jnp.nan))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _rows_quantized(g: jax.Array, key: jax.Array, bits: int, rows: str) -> jax.Array:
+    """PTQ (``rows="all"``) or PSQ of ``g``, compiled once per shape (eager calls too)."""
+    x = g.astype(_compute_dtype(g.dtype))
+    x = x.reshape(1, -1) if rows == "all" else _as_rows(x, rows)
+    return _quantize_rows(x, 2**bits - 1, key).reshape(g.shape).astype(g.dtype)
+
+
 def _stochastic(g: ArrayLike, bits, key, rows, name: str) -> jax.Array:
     g = _check(g, bits, rows)
     if key is None:
@@ -169,8 +178,7 @@ def ptq_gradient(g: ArrayLike, *, bits: int, key: jax.Array) -> jax.Array:
     [0.0, 1.0, 3.0]
     """
     g = _stochastic(g, bits, key, None, "ptq_gradient")
-    x = g.astype(_compute_dtype(g.dtype)).reshape(1, -1)
-    return _quantize_rows(x, 2**bits - 1, key).reshape(g.shape).astype(g.dtype)
+    return _rows_quantized(g, key, int(bits), "all")
 
 
 def psq_gradient(g: ArrayLike, *, bits: int, key: jax.Array, rows: str = "sample") -> jax.Array:
@@ -191,8 +199,7 @@ def psq_gradient(g: ArrayLike, *, bits: int, key: jax.Array, rows: str = "sample
     [0.0, 0.0, 0.0]
     """
     g = _stochastic(g, bits, key, rows, "psq_gradient")
-    x = _as_rows(g.astype(_compute_dtype(g.dtype)), rows)
-    return _quantize_rows(x, 2**bits - 1, key).reshape(g.shape).astype(g.dtype)
+    return _rows_quantized(g, key, int(bits), rows)
 
 
 def _bound_dtype(g: jax.Array) -> np.dtype:
@@ -301,6 +308,11 @@ def bhq_groups(ranges: ArrayLike) -> BHQGroups:
     lam = jnp.asarray(ranges, jnp.float32)
     if lam.ndim != 1:
         raise ValueError(f"ranges has shape {lam.shape}; allowed: a vector (N,)")
+    return _bhq_groups(lam)
+
+
+@jax.jit
+def _bhq_groups(lam: jax.Array) -> BHQGroups:
     n_rows = lam.shape[0]
     order = jnp.argsort(-lam, stable=True)
     ls = lam[order]
@@ -355,7 +367,7 @@ def _bhq_matrix(x: jax.Array, levels: int, key: jax.Array) -> jax.Array:
     offset = jnp.min(x, axis=1, keepdims=True)
     shifted = x - offset  # >= 0, min 0: constant rows are exact zeros
     ranges = jnp.max(shifted, axis=1)
-    groups = bhq_groups(ranges)
+    groups = _bhq_groups(ranges)
     t = groups.ratio[:, None].astype(x.dtype)
     # T = H·diag(s) with s = 1 on leaders, 1/t on small rows (t = 0: the small rows are zero).
     positive = t > 0
@@ -397,6 +409,11 @@ def bhq_gradient(g: ArrayLike, *, bits: int, key: jax.Array, rows: str = "sample
       can exceed it).
     """
     g = _stochastic(g, bits, key, rows, "bhq_gradient")
+    return _bhq(g, key, int(bits), rows)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _bhq(g: jax.Array, key: jax.Array, bits: int, rows: str) -> jax.Array:
     dtype = _compute_dtype(g.dtype)
     x = _as_rows(g.astype(dtype), rows)
     m = jnp.max(jnp.abs(x))
@@ -428,9 +445,14 @@ def bhq_variance_bound(g: ArrayLike, *, bits: int, rows: str = "sample") -> jax.
     ``λ²``; a row with ``n − 1`` constant rows gives ``λ₁²/n``.
     """
     g = _check(g, bits, rows)
+    return _bhq_bound(g, int(bits), rows)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _bhq_bound(g: jax.Array, bits: int, rows: str) -> jax.Array:
     x = _as_rows(g.astype(_bound_dtype(g)), rows)
     lam = (jnp.max(x, axis=1) - jnp.min(x, axis=1)).astype(jnp.float32)
-    groups = bhq_groups(lam)
+    groups = _bhq_groups(lam)
     n, t = groups.size, groups.ratio
     a = jnp.where(n >= 2, 1.0 / jnp.maximum(n - jnp.sqrt(n), 1e-30), 0.0)
     small = jnp.where(groups.leader, 0.0, lam)
@@ -523,12 +545,17 @@ class DoReFaGradFamily(_StatGradFamily):
 
     def _quantize(self, config, g, key):
         g = _stochastic(g, config.bits, key, config.rows, "dorefa_grad")
-        x = _as_rows(g.astype(_compute_dtype(g.dtype)), config.rows)
-        out = dorefa_quantize_gradient(x, bits=config.bits, key=key)
-        return out.reshape(g.shape).astype(g.dtype)
+        return _dorefa_rows(g, key, config.bits, config.rows)
 
     def variance_bound(self, spec, g):
         return dorefa_gradient_variance_bound(g, bits=spec.config.bits, rows=spec.config.rows)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dorefa_rows(g: jax.Array, key: jax.Array, bits: int, rows: str) -> jax.Array:
+    x = _as_rows(g.astype(_compute_dtype(g.dtype)), rows)
+    out = dorefa_quantize_gradient(x, bits=bits, key=key)
+    return out.reshape(g.shape).astype(g.dtype)
 
 
 register_family(PTQFamily())
