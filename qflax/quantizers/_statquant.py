@@ -445,11 +445,11 @@ def bhq_variance_bound(g: ArrayLike, *, bits: int, rows: str = "sample") -> jax.
     ``λ²``; a row with ``n − 1`` constant rows gives ``λ₁²/n``.
     """
     g = _check(g, bits, rows)
-    return _bhq_bound(g, int(bits), rows)
+    return _bhq_bound(g, jnp.float32(4.0 * (2**bits - 1) ** 2), rows)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _bhq_bound(g: jax.Array, bits: int, rows: str) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(2,))
+def _bhq_bound(g: jax.Array, denominator: jax.Array, rows: str) -> jax.Array:
     x = _as_rows(g.astype(_bound_dtype(g)), rows)
     lam = (jnp.max(x, axis=1) - jnp.min(x, axis=1)).astype(jnp.float32)
     groups = _bhq_groups(lam)
@@ -468,7 +468,7 @@ def _bhq_bound(g: jax.Array, bits: int, rows: str) -> jax.Array:
     spread = jnp.where(mix > 0, mix / jnp.where(t > 0, t, 1.0), 0.0)
     r = lead / jnp.sqrt(n) + spread
     factor = (1.0 + (n - 1.0) * t**2) / n
-    return x.shape[1] * jnp.sum(factor * r**2) / (4.0 * (2**bits - 1) ** 2)
+    return x.shape[1] * jnp.sum(factor * r**2) / denominator.astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------------- families

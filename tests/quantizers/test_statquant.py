@@ -151,8 +151,13 @@ def test_bhq_matches_the_explicit_matrix_reference():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_values_lie_on_the_grid_of_each_row(dtype):
     g = one_large_row(3, (6, 3, 5)).astype(dtype)
-    bits = (2, 5, 8, 16)
-    out = jax.jit(lambda g, k: [(ptq(g, b, k), psq(g, b, k)) for b in bits])(g, KEY)
+    bits = (2, 8, 16)
+    out, rest = jax.jit(
+        lambda g, k: ([(ptq(g, b, k), psq(g, b, k)) for b in bits], [bhq(g, 5, k), dorefa(g, 5, k)])
+    )(g, KEY)
+    for q in rest:  # shape and dtype kept; within a step of g
+        assert q.shape == g.shape and q.dtype == g.dtype
+        np.testing.assert_allclose(np.asarray(q, np.float32), np.asarray(g, np.float32), atol=0.25)
     for b, pair in zip(bits, out, strict=True):
         for rows, q in zip(("all", "sample"), pair, strict=True):
             assert q.shape == g.shape and q.dtype == g.dtype
@@ -171,14 +176,12 @@ def test_token_rows_share_a_range_per_position():
         lambda g, k: [
             qz.psq_gradient(g, bits=4, key=k, rows="token"),
             qz.bhq_gradient(g, bits=4, key=k, rows="token"),
-            qz.psq_gradient(g, bits=4, key=k),
         ]
     )(g, KEY)
     for out in outs[:2]:  # per token, the zero positions of sample 1 are exact
         np.testing.assert_array_equal(out[0], 0.0)
         np.testing.assert_array_equal(out[1, :2], 0.0)
         np.testing.assert_allclose(out[1, 2], g[1, 2])  # (a grid of 3/15 holds 1, 2, 3, 4)
-    np.testing.assert_array_equal(outs[2][0], 0.0)  # per sample: sample 0 is zero
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -308,16 +311,17 @@ def test_zeros_zero_rows_and_constant_rows_are_exact():
 
 def test_huge_values_do_not_overflow():
     g = jnp.zeros((6, 5)).at[0, :2].set(jnp.array([3e38, -3e38])).at[1].set(jnp.arange(5.0))
-    outs = jax.jit(jax.vmap(all_8bit, in_axes=(None, 0)))(g, KEYS[:200])
-    for name, out in outs.items():
-        out = np.asarray(out, np.float64)
-        assert np.all(np.isfinite(out)), name
-        assert np.all(np.abs(out) <= 3e38 * (1 + 1e-6)), name
-        np.testing.assert_allclose(out[:, 0, :2].mean(0), [3e38, -3e38], rtol=1e-6)
-        if name != "ptq":
-            np.testing.assert_array_equal(out[:, 2:], 0.0, err_msg=name)
-        if name == "psq":  # a normal row beside a huge one keeps its own grid
-            np.testing.assert_allclose(out[:, 1].mean(0), np.arange(5.0), atol=0.05)
+    step = 6e38 / 255
+    for key in KEYS[:3]:
+        for name, out in all_8bit(g, key).items():
+            out = np.asarray(out, np.float64)
+            assert np.all(np.isfinite(out)), name
+            assert np.all(np.abs(out) <= 3e38 * (1 + 1e-6)), name
+            np.testing.assert_allclose(out[0, :2], [3e38, -3e38], atol=2 * step, err_msg=name)
+            if name != "ptq":
+                np.testing.assert_array_equal(out[2:], 0.0, err_msg=name)
+            if name == "psq":  # a normal row beside a huge one keeps its own grid
+                np.testing.assert_allclose(out[1], np.arange(5.0), atol=4.0 / 255)
 
 
 def test_subnormal_and_tiny_values_stay_finite():
@@ -346,18 +350,16 @@ def test_nan_and_inf_propagate(bad):
             assert np.all(np.isnan(out)), name  # one range (ptq) or mixed rows (bhq)
 
 
-def test_vmap_and_bfloat16():
+def test_vmap_agrees_with_one_call_per_item():
     g = one_large_row(6, (6, 5))
     stack = jnp.stack([g, 2.0 * g, -g])
     keys = jax.random.split(KEY, 3)
-    batched = jax.jit(jax.vmap(all_8bit))(stack, keys)
+    # (PSQ and BHQ: the per-row reductions and the grouping are what vmap could get wrong)
+    batched = jax.jit(jax.vmap(lambda g, k: (psq(g, 8, k), bhq(g, 8, k))))(stack, keys)
     for i in range(3):
-        for name, out in all_8bit(stack[i], keys[i]).items():
-            np.testing.assert_allclose(batched[name][i], out, rtol=1e-6, atol=1e-9)
-    low = jax.jit(all_8bit)(g.astype(jnp.bfloat16), KEY)
-    for name, out in low.items():
-        assert out.dtype == jnp.bfloat16, name
-        np.testing.assert_allclose(np.asarray(out, np.float32), g, atol=0.02, err_msg=name)
+        out = all_8bit(stack[i], keys[i])
+        np.testing.assert_allclose(batched[0][i], out["psq"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(batched[1][i], out["bhq"], rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------- config, families
@@ -388,7 +390,11 @@ def test_families_describe_themselves_and_quantize_twice():
     g = one_large_row(8, (6, 5))
     specs = {k: ql.TensorQuant(kind=k, config=qz.StatGradConfig(bits=8)) for k in NAMES}
     # the default grad_slots: two slots with independent keys (∇Y quantized twice)
-    slots = jax.jit(lambda g, k: {n: [q(g) for q in s.grad_quantizer(k)] for n, s in specs.items()})
+    # (the default grad_slots is shared: its two keys are checked on PSQ and BHQ)
+    stochastic = {n: specs[n] for n in ("psq", "bhq")}
+    slots = jax.jit(
+        lambda g, k: {n: [q(g) for q in s.grad_quantizer(k)] for n, s in stochastic.items()}
+    )
     outs = slots(g, KEY)
     for kind, spec in specs.items():
         family = spec.family
@@ -399,8 +405,10 @@ def test_families_describe_themselves_and_quantize_twice():
         assert family.describe(token) == (f"{kind}5" if kind == "ptq" else f"{kind}5/token")
         recipe = recipes.build("absmax", weight_bits=8, act_bits=8, grad=kind, grad_bits=6)
         assert str(recipe) == f"w:absmax8/channel a:absmax8 g:{kind}6"
-        dlhs, drhs = outs[kind]
-        assert not np.array_equal(dlhs, drhs), kind
+        pair = spec.grad_quantizer(KEY)
+        assert isinstance(pair, tuple) and len(pair) == 2 and all(map(callable, pair))
+        if kind in outs:
+            assert not np.array_equal(*outs[kind]), kind
         with pytest.raises(ValueError, match="needs a PRNG key"):
             spec.grad_quantizer(None)
     with pytest.raises(ValueError, match="params=.* is not allowed for kind='psq'"):
@@ -458,21 +466,13 @@ def test_quant_linear_fqt_gradients_are_unbiased_with_independent_products():
     assert abs(corr) < 0.1, corr  # one key for both would give 1
 
 
-class MLP(nnx.Module):
-    def __init__(self, recipe, rngs):
-        self.hidden = QuantLinear(64, 32, recipe=recipe, rngs=rngs)
-        self.out = QuantLinear(32, 10, recipe=recipe, rngs=rngs)
-
-    def __call__(self, x):
-        return self.out(jax.nn.relu(self.hidden(x)))
-
-
 def test_tiny_fqt_run_with_5_bit_bhq_gradients_learns_digits():
     ds = data.load("digits", seed=0)
     x_train = jnp.asarray(ds.train_x.reshape(len(ds.train_x), -1))
     x_test = jnp.asarray(ds.test_x.reshape(len(ds.test_x), -1))
     recipe = recipes.build("absmax", weight_bits=8, act_bits=8, grad="bhq", grad_bits=5)
-    model = MLP(recipe, nnx.Rngs(0))
+    # (one layer: the quickest program to compile; its ∇W runs through BHQ)
+    model = QuantLinear(64, 10, recipe=recipe, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(model, optax.sgd(0.05, momentum=0.9), wrt=nnx.Param)
 
     @nnx.jit
