@@ -490,4 +490,4 @@ def test_tiny_fqt_run_with_5_bit_bhq_gradients_learns_digits():
         step(model, opt, x_train[idx], jnp.asarray(ds.train_y[idx]))
     predict = nnx.jit(lambda model, x: jnp.argmax(model(x), -1))
     accuracy = float(jnp.mean(predict(model, x_test) == jnp.asarray(ds.test_y)))
-    assert accuracy > 0.6, accuracy  # chance: 0.1
+    assert accuracy > 0.6, accuracy  # measured 0.91; chance 0.1
