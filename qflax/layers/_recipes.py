@@ -62,6 +62,9 @@ class TensorQuant:
     * ``"gdnsq"``: learned bit-widths driven to ``target_bits`` by the exterior-point penalty;
     * ``"dbssq"``: the annealed bit-shifting blend (``role`` says weight or activation);
     * ``"codeq"``: dead-zone weights with a learned dead zone and bit-width;
+    * ``"ptq"``, ``"psq"``, ``"bhq"``, ``"dorefa_grad"``: gradient quantizers of the output
+      cotangent (``Recipe.grad``; :class:`~qflax.quantizers.StatGradConfig`): stochastic
+      rounding per tensor, per sample, block Householder (Chen et al. 2020) and DoReFa's;
 
     and any family registered by user code (:func:`qflax.quantizers.register_family`).
 

@@ -14,6 +14,10 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
   :func:`ternary`;
 * dead-zone pruning + quantization (CoDeQ): :func:`codeq`;
 * differentiable bit-shifting (DBSSQ) blends ``ε·x + (1 − ε)·Q(x)``: :func:`dbssq`;
+* gradient quantizers of the output cotangent (Chen et al. 2020): per tensor, per sample and
+  block Householder, :func:`ptq_gradient`, :func:`psq_gradient`, :func:`bhq_gradient`, with
+  their variance bounds (families ``"ptq"``, ``"psq"``, ``"bhq"``, and ``"dorefa_grad"`` on
+  :func:`dorefa_quantize_gradient`; config :class:`StatGradConfig`);
 * ProxConnect++ forward/backward pairs: :func:`pair`, the catalogue :data:`PAIRS`, and the named
   elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`; :class:`PairConfig` puts a pair
   (named, or composed from a forward and a backward) in a layer, and :func:`register_pair`,
@@ -75,6 +79,7 @@ from qflax.quantizers._dorefa import (
     dorefa,
     dorefa_activations,
     dorefa_gradients,
+    dorefa_quantize_gradient,
     dorefa_quantize_k,
     dorefa_weight_transform,
     dorefa_weights,
@@ -174,6 +179,20 @@ from qflax.quantizers._qarray import (  # noqa: E402 (after the families it deco
     quantize_uniform,
     unpack,
 )
+from qflax.quantizers._statquant import (
+    GRADIENT_ROWS,
+    BHQGroups,
+    StatGradConfig,
+    bhq_gradient,
+    bhq_groups,
+    bhq_variance_bound,
+    dorefa_gradient_variance_bound,
+    householder_uniform,
+    psq_gradient,
+    psq_variance_bound,
+    ptq_gradient,
+    ptq_variance_bound,
+)
 from qflax.quantizers._uniform import (
     UNIFORM_GRADIENTS,
     UniformConfig,
@@ -243,8 +262,21 @@ __all__ = [
     "dorefa_weights",
     "dorefa_activations",
     "dorefa_gradients",
+    "dorefa_quantize_gradient",
     "dorefa_quantize_k",
     "dorefa_weight_transform",
+    "GRADIENT_ROWS",
+    "BHQGroups",
+    "StatGradConfig",
+    "bhq_gradient",
+    "bhq_groups",
+    "bhq_variance_bound",
+    "dorefa_gradient_variance_bound",
+    "householder_uniform",
+    "psq_gradient",
+    "psq_variance_bound",
+    "ptq_gradient",
+    "ptq_variance_bound",
     "GDNSQ_BACKWARDS",
     "GDNSQWeightConfig",
     "GDNSQActConfig",

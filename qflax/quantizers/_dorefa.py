@@ -13,7 +13,8 @@ paper's §2.6 ("maxi over all axes except the mini-batch axis").
 * :func:`dorefa_activations` (eq. 11): ``q_k(clip(x, 0, 1))``, gradient ``g·1[0 ≤ x ≤ 1]``.
 * :func:`dorefa_gradients` (eq. 12): identity forward; the backward replaces the cotangent ``g``
   by ``2m·[q_k(clip(g/(2m) + ½ + N, 0, 1)) − ½]`` with ``N ~ U(−½, ½)/(2^k − 1)`` and
-  ``m = max|g|`` per sample (a sample whose cotangent is all zero stays zero).
+  ``m = max|g|`` per sample (a sample whose cotangent is all zero stays zero; one holding NaN
+  or ±inf comes back NaN): :func:`dorefa_quantize_gradient`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "dorefa",
     "dorefa_activations",
     "dorefa_gradients",
+    "dorefa_quantize_gradient",
     "dorefa_quantize_k",
     "dorefa_weight_transform",
     "dorefa_weights",
@@ -154,14 +156,44 @@ def _sample_max(g: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(g), axis=axes, keepdims=True) if g.ndim else jnp.abs(g)
 
 
+@functools.partial(jax.jit, static_argnums=(0,))
 def _quantize_gradient(bits: int, g: jax.Array, key: jax.Array) -> jax.Array:
     n = float(2**bits - 1)
     m = _sample_max(g)
-    safe = jnp.where(m > 0, m, jnp.ones_like(m))
+    # Computed on g·2^−e with 2^e the power of two of m (exact): dividing by an m near the
+    # largest float goes through a reciprocal that XLA flushes to zero, and 2m overflows.
+    positive = (m > 0) & jnp.isfinite(m)
+    _, e = jnp.frexp(jnp.where(positive, m, jnp.ones_like(m)))
+    e = jnp.where(positive, e, jnp.zeros_like(e))
+    scaled = jnp.ldexp(g, -e)
+    top = jnp.where(positive, jnp.ldexp(m, -e), jnp.ones_like(m))
     noise = jax.random.uniform(key, g.shape, g.dtype, -0.5, 0.5) / n
-    r = jnp.clip(g / (2.0 * safe) + 0.5 + noise, 0.0, 1.0)
-    out = 2.0 * safe * (_round_k(bits, r) - 0.5)
-    return jnp.where(m > 0, out, jnp.zeros_like(out))
+    r = jnp.clip(scaled / top / 2.0 + 0.5 + noise, 0.0, 1.0)
+    # (clipped to [−m, m]: under jit q_k's division by 2^k − 1 can land an ulp above 1)
+    out = jnp.ldexp(jnp.clip(2.0 * (top * (_round_k(bits, r) - 0.5)), -top, top), e)
+    # A sample of zeros stays zero; one holding NaN or ±inf (m not finite) comes back NaN.
+    out = jnp.where(m > 0, out, jnp.zeros_like(out))
+    return jnp.where(jnp.isfinite(m), out, jnp.full_like(out, jnp.nan))
+
+
+def dorefa_quantize_gradient(g: ArrayLike, *, bits: int, key: jax.Array) -> jax.Array:
+    """The cotangent quantizer of eq. (12): ``2m·[q_k(clip(g/(2m) + ½ + N, 0, 1)) − ½]``.
+
+    ``N ~ U(−½, ½)/(2^k − 1)`` drawn from ``key``; ``m = max|g|`` per sample (over every axis
+    but the first). Unbiased (``E = g``): the noise before ``round`` is stochastic rounding on
+    the grid of ``2^k`` levels of ``[−m, m]`` (step ``2m/(2^k − 1)``). A sample of zeros stays
+    zero; a sample holding NaN or ±inf comes back all NaN. This is what the backward of
+    :func:`dorefa_gradients` applies.
+
+    >>> dorefa_quantize_gradient(jnp.array([[0.0, -1.0, 1.0]]), bits=2, key=jax.random.key(0))
+    Array([[ 0.33333337, -1.        ,  1.        ]], dtype=float32)
+    """
+    g = _check(g, bits, "g")
+    if key is None:
+        raise ValueError(
+            "key=None is not allowed for dorefa_quantize_gradient; allowed: a PRNG key"
+        )
+    return _quantize_gradient(int(bits), g, key)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
