@@ -405,10 +405,11 @@ def water_fill(scores: ArrayLike, budget: int) -> jax.Array:
     # tail[k] = Σ_{j ≥ k} desc[j], summed from the smallest up (better rounding).
     tail = jnp.cumsum(desc[::-1])[::-1]
     k = jnp.arange(n)
-    ok = ((budget - k) * desc <= tail) & (k < budget) & (desc > 0)
+    left = (budget - k).astype(s.dtype)  # probability mass left for the uncapped scores
+    ok = (left * desc <= tail) & (k < budget) & (desc > 0)
     found = jnp.any(ok)
     first = jnp.argmax(ok)
-    c = (budget - first).astype(s.dtype) / jnp.where(found, tail[first], jnp.ones_like(tail[0]))
+    c = left[first] / jnp.where(found, tail[first], jnp.ones_like(tail[0]))
     p = jnp.where(found, jnp.minimum(1.0, c * s), jnp.ones_like(s))
     return jnp.where(s > 0, p, jnp.where(jnp.isnan(s), s, jnp.zeros_like(s)))
 
