@@ -23,6 +23,25 @@ K = 2000  # keys for the statistical checks
 Z = 5.0
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _rbg_keys():
+    """Keys (and the layers' noise keys) of this module use XLA's RngBitGenerator: threefry's
+    program takes ~3 s to compile per shape on the 2-core CPU (9 s under vmap), rbg's 0.4 s. The
+    quantizers only split keys and draw uniforms, so they do not depend on the implementation."""
+    old = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    yield
+    jax.config.update("jax_default_prng_impl", old)
+
+
+# Jitted once per shape and config: eager dispatch compiles every primitive on its own.
+split_j = jax.jit(qz.bit_split, static_argnames="config")
+quantize_j = jax.jit(qz.bit_split_quantize, static_argnames="config")
+sample_j = jax.jit(qz.leverage_sample, static_argnames="config")
+probs_j = jax.jit(qz.leverage_probabilities, static_argnames=("rows", "config"))
+fill_j = jax.jit(qz.water_fill, static_argnames="budget")
+
+
 def keys(n, seed=0):
     return jax.random.split(jax.random.key(seed), n)
 
@@ -51,13 +70,13 @@ def test_block_hadamard_is_block_diagonal_with_the_fallback_block(dim, block, us
 
 def _calibrated_linear(recipe, x, features=(64, 24)):
     layer = QuantLinear(*features, recipe=recipe, rngs=nnx.Rngs(0))
-    ql.calibrate(layer, x, jit=False)
+    ql.calibrate(layer, x)
     return layer
 
 
 def test_quant_linear_forward_is_q_xh_times_q_wh():
     x = jax.random.normal(jax.random.key(1), (2, 5, 64))
-    layer = _calibrated_linear(recipes.hadamard_int4(), x)
+    layer = _calibrated_linear(recipes.hadamard_int4(bitsplit=False), x)
     sw, sa = layer.weight_step[...], layer.act_step[...]
     w = layer.inner.kernel[...]
     # the steps: LSQ's init on the rotated tensors
@@ -84,21 +103,14 @@ def test_lsq_step_gradient_flows_through_the_rotations():
     x = jax.random.normal(jax.random.key(2), (6, 16))
     c = jax.random.normal(jax.random.key(3), (6, 16))
     step = qz.hadamard_init(x, cfg)["step"]
-    got = jax.grad(lambda s: jnp.sum(c * qz.hadamard_quantize(x, {"step": s}, cfg)))(step)
+    got = jax.jit(jax.grad(lambda s: jnp.sum(c * qz.hadamard_quantize(x, {"step": s}, cfg))))(step)
     # Σ c·(Q(xH)Hᵀ) = Σ (cH)·Q(xH): LSQ's step gradient at the rotated tensor and cotangent
     xh, ch = qz.block_hadamard(x, 8), qz.block_hadamard(c, 8)
-    want = jax.grad(lambda s: jnp.sum(ch * qz.lsq(xh, {"step": s.reshape(1, 1)}, cfg.lsq_config)))(
-        step
-    )
+    want = jax.jit(
+        jax.grad(lambda s: jnp.sum(ch * qz.lsq(xh, {"step": s.reshape(1, 1)}, cfg.lsq_config)))
+    )(step)
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert abs(float(got)) > 0
-    # in a layer: both steps and the kernel get gradients
-    layer = _calibrated_linear(
-        recipes.hadamard_int4(bitsplit=False), jnp.tanh(x @ jnp.ones((16, 64)))
-    )
-    grads = nnx.grad(lambda m: jnp.sum(m(jnp.tanh(x @ jnp.ones((16, 64)))) ** 2))(layer)
-    assert float(jnp.abs(grads.weight_step[...])) > 0 and float(jnp.abs(grads.act_step[...])) > 0
-    assert float(jnp.max(jnp.abs(grads.inner.kernel[...]))) > 0
 
 
 def test_hadamard_family_protocol_and_export_refusal():
@@ -113,13 +125,14 @@ def test_hadamard_family_protocol_and_export_refusal():
 
 
 def test_quant_conv_with_the_recipe_trains_kernel_and_steps():
-    x = jax.random.normal(jax.random.key(4), (2, 6, 6, 16))
-    layer = QuantConv(16, 8, (3, 3), recipe=recipes.hadamard_int4(block=8), rngs=nnx.Rngs(0))
-    ql.calibrate(layer, x, jit=False)
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    x = jax.random.normal(jax.random.key(4), (2, 4, 4, 8))
+    layer = QuantConv(8, 4, (3, 3), recipe=recipes.hadamard_int4(block=8), rngs=nnx.Rngs(0))
+    ql.calibrate(layer, x)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(layer)
     g = grads.inner.kernel[...]
     assert np.all(np.isfinite(g)) and float(jnp.max(jnp.abs(g))) > 0
-    assert float(jnp.abs(grads.weight_step[...])) > 0
+    # the LSQ steps of both operands get gradients through the rotations
+    assert float(jnp.abs(grads.weight_step[...])) > 0 and float(jnp.abs(grads.act_step[...])) > 0
 
 
 # ------------------------------------------------------------------------------ bit splitting
@@ -133,12 +146,12 @@ def _heavy(seed, shape=(12, 10)):
 @pytest.mark.parametrize(("variant", "lo_max", "target"), [("paper", 6, 98), ("unbiased", 7, 91)])
 def test_bit_split_codes_are_on_the_int4_grids(variant, lo_max, target):
     cfg = qz.BitSplitConfig(variant=variant)
-    g = _heavy(0)
-    split = jax.vmap(lambda k: qz.bit_split(g, k, cfg))(keys(64))
+    g = _heavy(0, (64, 50))
+    split = split_j(g, jax.random.key(0), cfg)
     assert split.hi.dtype == split.lo.dtype == jnp.int8
     assert int(jnp.max(jnp.abs(split.hi))) == 6  # the maximum reaches the top hi code
-    assert int(jnp.max(jnp.abs(split.lo))) <= lo_max
-    np.testing.assert_allclose(split.unit[0], jnp.max(jnp.abs(g)) / target, rtol=1e-6)
+    assert int(jnp.max(jnp.abs(split.lo))) == lo_max  # (the heavy tail fills the lo range)
+    np.testing.assert_allclose(split.unit, jnp.max(jnp.abs(g)) / target, rtol=1e-6)
 
 
 def _split_expectation(v, lo_max):
@@ -156,7 +169,7 @@ def _split_expectation(v, lo_max):
 def test_unbiased_variant_is_unbiased():
     cfg = qz.BitSplitConfig(variant="unbiased")
     g = _heavy(1)
-    samples = jax.vmap(lambda k: qz.bit_split_quantize(g, k, cfg))(keys(K))
+    samples = jax.jit(jax.vmap(lambda k: qz.bit_split_quantize(g, k, cfg)))(keys(K))
     unit = float(jnp.max(jnp.abs(g))) / 91
     # lo's rounding error is ≤ 1/2 in magnitude: standard error ≤ unit/(2√K)
     err = np.abs(np.mean(samples, axis=0) - np.asarray(g))
@@ -164,10 +177,12 @@ def test_unbiased_variant_is_unbiased():
 
 
 def test_paper_variant_is_biased_exactly_where_the_remainder_exceeds_six():
-    # g·s = v on a grid over [−98, 98] (max|v| = 98 so s = 1)
-    v = np.concatenate([np.linspace(-98, 98, 393), [6.5, 7.0, 20.9, 90.0, 95.0]]).astype(np.float32)
+    # g·s = v on a grid over [−98, 98] (max|v| = 98 so s = 1), off the ties v = 7·odd where
+    # round(v/14) would hinge on the last bit of g·98/98
+    grid = np.linspace(-97.9, 97.9, 393)
+    v = np.concatenate([grid, [98.0, 6.5, 6.9, 20.9, 90.0, 95.0]]).astype(np.float32)
     cfg = qz.BitSplitConfig(variant="paper")
-    samples = jax.vmap(lambda k: qz.bit_split_quantize(jnp.asarray(v), k, cfg))(keys(K))
+    samples = jax.jit(jax.vmap(lambda k: qz.bit_split_quantize(jnp.asarray(v), k, cfg)))(keys(K))
     mean = np.mean(np.asarray(samples, np.float64), axis=0)
     expected, r = _split_expectation(v.astype(np.float64), 6)
     assert np.max(np.abs(mean - expected)) <= Z * 0.5 / np.sqrt(K)
@@ -175,10 +190,10 @@ def test_paper_variant_is_biased_exactly_where_the_remainder_exceeds_six():
     np.testing.assert_allclose(expected[~biased], v[~biased], atol=1e-4)  # unbiased elsewhere
     assert np.all(np.abs(expected[biased] - v[biased]) > 1e-3)
     # the largest elements come back as ±90 ...
-    assert expected[np.argmax(v)] == 90 and np.all(biased[np.abs(v) > 90])
+    assert expected[393] == 90 and np.all(biased[np.abs(v) > 90])
     # ... and the bias is NOT confined to |v| > 90: remainders in (6, 7] occur at every scale
     assert np.any(biased & (np.abs(v) <= 90))
-    assert expected[-5] == 6.0  # v = 6.5 → hi 0, lo ∈ {6, 7} clipped to 6
+    assert expected[394] == 6.0  # v = 6.5 → hi 0, lo ∈ {6, 7} clipped to 6
 
 
 def test_dx_and_dw_slots_use_independent_keys():
@@ -200,7 +215,7 @@ def test_water_fill_sums_to_the_budget_with_one_common_factor():
     rng = np.random.default_rng(0)
     scores = rng.lognormal(0, 2, 200).astype(np.float32)
     scores[:7] = 0.0
-    p = np.asarray(qz.water_fill(jnp.asarray(scores), 100), np.float64)
+    p = np.asarray(fill_j(jnp.asarray(scores), 100), np.float64)
     assert p.sum() == pytest.approx(100, rel=1e-5)
     assert np.all(p[:7] == 0) and np.all((p[7:] > 0) & (p[7:] <= 1))
     free = (p > 0) & (p < 1)
@@ -208,7 +223,7 @@ def test_water_fill_sums_to_the_budget_with_one_common_factor():
     np.testing.assert_allclose(c, c[0], rtol=1e-5)  # p = c·ℓ below the cap
     assert np.all(scores[p == 1] * c[0] >= 1 - 1e-5)  # capped ones would exceed 1
     # fewer positive scores than the budget: each positive one is kept
-    np.testing.assert_array_equal(qz.water_fill(jnp.array([3.0, 0.0, 1.0, 0.0]), 3), [1, 0, 1, 0])
+    np.testing.assert_array_equal(fill_j(jnp.array([3.0, 0.0, 1.0, 0.0]), 3), [1, 0, 1, 0])
 
 
 def test_leverage_rows_match_tokens_for_dense_and_samples_for_conv():
@@ -229,8 +244,8 @@ def test_lss_probabilities_and_unbiasedness():
     cfg = qz.BitSplitConfig(variant="unbiased")
     g, x, w = _lss_setup()
     n = g.shape[0]
-    split = qz.bit_split(g, jax.random.key(9), cfg)
-    p = np.asarray(qz.leverage_probabilities(split, x, n, cfg), np.float64)
+    split = split_j(g, jax.random.key(9), cfg)
+    p = np.asarray(probs_j(split, x, n, cfg), np.float64)
     assert p.shape == (2 * n,) and p.sum() == pytest.approx(n, rel=1e-5)  # E[kept rows] = N
     rows = np.concatenate([np.asarray(split.hi), np.asarray(split.lo)]).reshape(2 * n, -1)
     nonzero = np.any(rows != 0, axis=1)  # a row of zero codes contributes nothing: p = 0
@@ -240,7 +255,7 @@ def test_lss_probabilities_and_unbiasedness():
     def masks(k):
         return (jax.random.uniform(k, p.shape) < p).astype(jnp.float32)
 
-    m = np.asarray(jax.vmap(masks)(keys(K, 5)), np.float64)
+    m = np.asarray(jax.jit(jax.vmap(masks))(keys(K, 5)), np.float64)
     safe = np.where(nonzero, p, 1.0)  # zero rows are never kept
     ratio = m / safe
     se = np.sqrt((1 - safe) / safe / K)
@@ -251,14 +266,14 @@ def test_lss_probabilities_and_unbiasedness():
 
     # the sampled ∇W = Xᵀ ĝ_W averages to the unsampled (unquantized) ∇W = Xᵀ g
     def dw(k):
-        return x.T @ qz.leverage_sample(g, x, w, k, cfg)
+        return x.T @ sample_j(g, x, w, k, cfg)
 
-    samples = np.asarray(jax.vmap(dw)(keys(K, 6)), np.float64)
+    samples = np.asarray(jax.jit(jax.vmap(dw))(keys(K, 6)), np.float64)
     want = np.asarray(x.T @ g, np.float64)
     se = samples.std(0) / np.sqrt(K)
     assert np.all(np.abs(samples.mean(0) - want) <= Z * se + 1e-6 * np.abs(want).max())
     # sampling keeps about N of the 2N rows
-    one = qz.leverage_sample(g, x, w, jax.random.key(1), cfg)
+    one = sample_j(g, x, w, jax.random.key(1), cfg)
     assert one.shape == g.shape
 
 
@@ -266,56 +281,57 @@ def test_lss_in_the_op_gives_the_sampled_estimator():
     cfg = qz.BitSplitConfig()
     g, x, w = _lss_setup(seed=7)
     spec = TensorQuant(kind="bitsplit", config=cfg)
-    gq = spec.grad_quantizer(jax.random.key(2))
-    _, vjp = jax.vjp(lambda a, b: quantized_dot_general(a, b, DOT, grad_quantizer=gq), x, w)
-    dx, dwt = vjp(g)
+
+    @jax.jit
+    def backward(key):
+        gq = spec.grad_quantizer(key)
+        _, vjp = jax.vjp(lambda a, b: quantized_dot_general(a, b, DOT, grad_quantizer=gq), x, w)
+        return vjp(g)
+
+    dx, dwt = backward(jax.random.key(2))
     k_dx, k_dw = jax.random.split(jax.random.key(2))
-    np.testing.assert_allclose(dwt, x.T @ qz.leverage_sample(g, x, w, k_dw, cfg), rtol=1e-5)
-    np.testing.assert_allclose(dx, qz.bit_split_quantize(g, k_dx, cfg) @ w.T, rtol=1e-5)
+    np.testing.assert_allclose(dwt, x.T @ sample_j(g, x, w, k_dw, cfg), rtol=1e-5)
+    np.testing.assert_allclose(dx, quantize_j(g, k_dx, cfg) @ w.T, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------ edges, transforms
 
 
-@pytest.mark.parametrize("variant", ["paper", "unbiased"])
-def test_edge_values(variant):
-    cfg = qz.BitSplitConfig(variant=variant)
+def test_edge_values():
+    cfg = qz.BitSplitConfig(variant="unbiased")
     k = jax.random.key(0)
     x, w = jnp.ones((4, 3)), jnp.ones((3, 5))
     zeros = jnp.zeros((4, 5))
-    for out in (qz.bit_split_quantize(zeros, k, cfg), qz.leverage_sample(zeros, x, w, k, cfg)):
+    for out in (quantize_j(zeros, k, cfg), sample_j(zeros, x, w, k, cfg)):
         np.testing.assert_array_equal(out, 0.0)
     # X rows that are zero are never sampled, and the zero input gives zero rows, not NaN
-    out = qz.leverage_sample(jnp.ones((4, 5)), jnp.zeros((4, 3)), w, k, cfg)
+    out = sample_j(jnp.ones((4, 5)), jnp.zeros((4, 3)), w, k, cfg)
     np.testing.assert_array_equal(out, 0.0)
     for scale in (3e38, 1e-42, 1e-30):
         g = jnp.asarray([[1.0, -0.5, 0.25, 0.0, 1.0]] * 4, jnp.float32) * scale
-        for out in (qz.bit_split_quantize(g, k, cfg), qz.leverage_sample(g, x * 1e30, w, k, cfg)):
+        for out in (quantize_j(g, k, cfg), sample_j(g, x * 1e30, w, k, cfg)):
             assert np.all(np.isfinite(out)), scale
-        q = qz.bit_split_quantize(g, k, cfg)
+        q = quantize_j(g, k, cfg)
         assert float(jnp.max(jnp.abs(q))) <= scale * 1.0001  # never above max|g|
     for bad in (jnp.nan, jnp.inf):
         g = jnp.ones((4, 5)).at[1, 2].set(bad)
-        assert np.all(np.isnan(qz.bit_split_quantize(g, k, cfg)))
-        assert np.all(np.isnan(qz.leverage_sample(g, x, w, k, cfg)))
+        assert np.all(np.isnan(quantize_j(g, k, cfg)))
+        assert np.all(np.isnan(sample_j(g, x, w, k, cfg)))
     # non-finite inputs X poison ∇W through the product as they would in float
     bad_x = x.at[0, 0].set(jnp.nan)
-    ghat = qz.leverage_sample(jnp.ones((4, 5)), bad_x, w, k, cfg)
+    ghat = sample_j(jnp.ones((4, 5)), bad_x, w, k, cfg)
     assert np.any(np.isnan(bad_x.T @ ghat))
 
 
-def test_jit_and_vmap_agree_with_eager():
+def test_vmap_over_examples_agrees_with_one_call_each():
     cfg = qz.BitSplitConfig()
     g, x, w = _lss_setup()
     k = jax.random.key(4)
-    eager = qz.leverage_sample(g, x, w, k, cfg)
-    np.testing.assert_allclose(
-        jax.jit(qz.leverage_sample, static_argnames="config")(g, x, w, k, config=cfg),
-        eager,
-        rtol=1e-6,
-    )
-    batched = jax.vmap(lambda gg, xx: qz.leverage_sample(gg, xx, w, k, cfg))(g[None], x[None])
-    np.testing.assert_allclose(batched[0], eager, rtol=1e-6)
+    gs, xs = jnp.stack([g, -2 * g]), jnp.stack([x, x[::-1]])
+    batched = jax.jit(jax.vmap(lambda gg, xx: qz.leverage_sample(gg, xx, w, k, cfg)))(gs, xs)
+    for i in range(2):
+        np.testing.assert_allclose(batched[i], sample_j(gs[i], xs[i], w, k, cfg), rtol=1e-6)
+    # the Hadamard quantizer under jit (static config) and eagerly
     h = jax.jit(qz.hadamard_quantize, static_argnames="config")
     xh = jax.random.normal(k, (3, 32))
     np.testing.assert_allclose(
@@ -368,22 +384,24 @@ def test_recipe_through_build():
 # ------------------------------------------------------------------------------ training
 
 
-def test_tiny_char_transformer_learns_with_int4_training():
-    vocab, seq = 8, 16
-    model = models.CharTransformer(vocab, seq, dim=32, depth=1, num_heads=2, rngs=nnx.Rngs(0))
-    rule = ql.Rule(r"blocks", recipes.hadamard_int4(block=16))
-    model, report = ql.quantize_model(model, [rule])
-    tokens = (np.arange(seq + 1)[None, :] * 3 + np.arange(32)[:, None]) % vocab
-    batch = (tokens[:, :-1].astype(np.int32), tokens[:, 1:].astype(np.int32))
-    ql.calibrate(model, batch[0])
+def test_tiny_mlp_learns_with_int4_training():
+    # every layer (16→32→4) INT4: Hadamard-LSQ forward, bit-split gradients with LSS
+    model = models.MLP((16,), 4, hidden=(32,), rngs=nnx.Rngs(0))
+    model, _ = ql.quantize_model(model, [ql.Rule(".*", recipes.hadamard_int4(block=16))])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 16)).astype(np.float32)
+    y = np.argmax(x[:, :4], axis=1).astype(np.int32)
+    ql.calibrate(model, x)
     config = default_config()
     config.optimizer.learning_rate = 3e-3
     tx = make_optimizer(config, nnx.state(model, nnx.Param), steps_per_epoch=100)
     graphdef, state, _ = create_train_state(model, tx, seed=0)
     step = make_train_step(graphdef, tx)
-    losses = []
+    losses, accuracies = [], []
     for _ in range(40):
-        state, metrics = step(state, batch)
+        state, metrics = step(state, (x, y))
         losses.append(float(metrics["loss"]))
+        accuracies.append(float(metrics["accuracy"]))
     assert np.all(np.isfinite(losses))
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.7 * losses[0], losses  # ~1.62 -> ~0.94 (chance: ln 4 = 1.39)
+    assert accuracies[-1] > 0.5  # chance 0.25
