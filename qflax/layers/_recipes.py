@@ -65,6 +65,8 @@ class TensorQuant:
     * ``"ptq"``, ``"psq"``, ``"bhq"``, ``"dorefa_grad"``: gradient quantizers of the output
       cotangent (``Recipe.grad``; :class:`~qflax.quantizers.StatGradConfig`): stochastic
       rounding per tensor, per sample, block Householder (Chen et al. 2020) and DoReFa's;
+    * ``"hadamard"``: LSQ on the Hadamard-rotated tensor; ``"bitsplit"``: INT4 bit-splitting
+      gradients with leverage-score sampling (Xi et al. 2023);
 
     and any family registered by user code (:func:`qflax.quantizers.register_family`).
 
@@ -743,6 +745,52 @@ def codeq(
     return Recipe(weight=weight, act=_uniform("absmax", act_bits, "act_bits"))
 
 
+def hadamard_int4(
+    weight_bits: int | None = 4,
+    act_bits: int | None = 4,
+    *,
+    block: int = 32,
+    bitsplit: bool = True,
+    variant: str = "paper",
+    lss: bool = True,
+    grad_scale: bool = True,
+) -> Recipe:
+    """INT4 transformer training (Xi et al. 2023): Hadamard-rotated LSQ forward and
+    bit-splitting gradients with leverage-score sampling (METHODS.md §7).
+
+    Weights and input activations: :func:`qflax.quantizers.hadamard_quantize` (block-diagonal
+    Hadamard of ``block`` along the contraction axis — the kernel's axis −2 for ``(in, out)``
+    and ``(kh, kw, cin, cout)`` kernels, the input's last axis — and a learned LSQ step per
+    tensor, signed codes), so the product is ``Q(X·H)·Q(W·H)ᵀ``. The output cotangent:
+    ``"bitsplit"`` (``variant`` ``"paper"`` or ``"unbiased"``; ``lss``: leverage-score sampling
+    in the ∇W product); ``bitsplit=False``: float gradients. ``recipes.build(...,
+    grad=KIND)`` replaces the gradient quantizer (as for every recipe).
+
+    >>> str(hadamard_int4())
+    'w:hadamard4/b32 a:hadamard4/b32 g:bitsplit4/paper+lss'
+    """
+
+    def spec(bits, field, axis):
+        if _is_float_bits(bits, field):
+            return None
+        try:
+            cfg = qz.HadamardConfig(bits=int(bits), block=block, axis=axis, grad_scale=grad_scale)
+        except ValueError as e:
+            raise ValueError(f"{field}: {e}") from None
+        return TensorQuant(kind="hadamard", config=cfg)
+
+    if not isinstance(bitsplit, (bool, np.bool_)):
+        raise ValueError(f"bitsplit={bitsplit!r} is not a bool; allowed: True, False")
+    grad = None
+    if bitsplit:
+        grad = TensorQuant(kind="bitsplit", config=qz.BitSplitConfig(variant=variant, lss=lss))
+    return Recipe(
+        weight=spec(weight_bits, "weight_bits", -2),
+        act=spec(act_bits, "act_bits", -1),
+        grad=grad,
+    )
+
+
 _RECIPES: dict[str, Callable[..., Recipe]] = {
     "float": float_recipe,
     "absmax": absmax,
@@ -756,6 +804,7 @@ _RECIPES: dict[str, Callable[..., Recipe]] = {
     "gdnsq": gdnsq,
     "dbssq": dbssq,
     "codeq": codeq,
+    "hadamard_int4": hadamard_int4,
 }
 # Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``): a read-only view of
 # the built-in factories and those registered by user code (:func:`register_recipe`).
@@ -862,6 +911,7 @@ recipes = types.SimpleNamespace(
     gdnsq=gdnsq,
     dbssq=dbssq,
     codeq=codeq,
+    hadamard_int4=hadamard_int4,
     build=build,
     with_grad=with_grad,
     register=register_recipe,

@@ -6,6 +6,9 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
 
 * uniform affine / symmetric (per tensor, channel or group; STE, clipped STE or true gradient;
   learnable scale and zero point): :func:`uniform`;
+* INT4 transformer training (Xi et al. 2023): the Hadamard forward quantizer
+  (:func:`hadamard_quantize`) and bit-splitting gradients with leverage-score sampling
+  (:func:`bit_split_quantize`, :func:`leverage_sample`);
 * learned scales and clips: LSQ (:func:`lsq`), PACT (:func:`pact`), DoReFa
   (:func:`dorefa_weights`, :func:`dorefa_activations`, :func:`dorefa_gradients`);
 * GDNSQ learnable bit-width quantizers (:func:`gdnsq_weight`, :func:`gdnsq_act`);
@@ -110,6 +113,25 @@ from qflax.quantizers._gdnsq import (
     gdnsq_weight_bits,
     gdnsq_weight_codes,
     gdnsq_weight_init,
+)
+from qflax.quantizers._int4 import (
+    BITSPLIT_VARIANTS,
+    BitSplit,
+    BitSplitConfig,
+    HadamardConfig,
+    bit_split,
+    bit_split_dequantize,
+    bit_split_quantize,
+    block_hadamard,
+    hadamard_block,
+    hadamard_codes,
+    hadamard_init,
+    hadamard_matrix,
+    hadamard_quantize,
+    leverage_probabilities,
+    leverage_rows,
+    leverage_sample,
+    water_fill,
 )
 from qflax.quantizers._lsq import (
     LSQConfig,
@@ -252,6 +274,23 @@ __all__ = [
     "lsq",
     "lsq_init",
     "lsq_numel",
+    "BITSPLIT_VARIANTS",
+    "BitSplit",
+    "BitSplitConfig",
+    "HadamardConfig",
+    "bit_split",
+    "bit_split_dequantize",
+    "bit_split_quantize",
+    "block_hadamard",
+    "hadamard_block",
+    "hadamard_codes",
+    "hadamard_init",
+    "hadamard_matrix",
+    "hadamard_quantize",
+    "leverage_probabilities",
+    "leverage_rows",
+    "leverage_sample",
+    "water_fill",
     "PACTConfig",
     "pact",
     "pact_init",
