@@ -56,8 +56,9 @@ def test_a_user_family_and_pair_train_summarise_export_and_evaluate(tmp_path, ca
     out = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert f"test_accuracy: {summary['test_accuracy']:.4f}" in out.stdout
-    out = subprocess.run([*run, "--integer"], capture_output=True, text=True, cwd=tmp_path, env=env)
-    assert out.returncode == 1
-    err = out.stderr.strip()
+    # the refusal of `eval --integer` (here, in this process: the fresh-process import is above)
+    capsys.readouterr()
+    assert cli.main(["eval", "--workdir", str(workdir), "--integer"]) == 1
+    err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "family 'clip_uniform'" in err and "defines no integer lowering" in err
