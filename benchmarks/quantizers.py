@@ -178,6 +178,36 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         FWD_GOAL_OTHER,
     )
 
+    # Gradient quantizers of fully quantized training (applied to a cotangent-like tensor).
+    for kind, fn in (
+        ("ptq", qz.ptq_gradient),
+        ("psq", qz.psq_gradient),
+        ("bhq", qz.bhq_gradient),
+        ("dorefa", qz.dorefa_quantize_gradient),
+    ):
+        add(
+            f"{kind}_gradient/8bit",
+            fn.__name__,
+            lambda x, p, a, fn=fn: fn(x, bits=8, key=a["key"]),
+            lambda x: ({}, {"key": jax.random.key(2)}),
+            FWD_GOAL_OTHER,
+        )
+    add(
+        "bit_split_quantize/paper",
+        "bit_split_quantize",
+        lambda x, p, a: qz.bit_split_quantize(x, a["key"], qz.BitSplitConfig(lss=False)),
+        lambda x: ({}, {"key": jax.random.key(2)}),
+        FWD_GOAL_OTHER,
+    )
+    hq = qz.HadamardConfig(block=min(32, shape[-1]))
+    add(
+        "hadamard_quantize/4bit",
+        "hadamard_quantize",
+        lambda x, p, a: qz.hadamard_quantize(x, p, hq),
+        lambda x: (qz.hadamard_init(x, hq), {}),
+        FWD_GOAL_OTHER,
+    )
+
     for granularity, backward in (("channel", "ste"), ("channel", "noise"), ("tensor", "lsq")):
         config = qz.GDNSQWeightConfig(granularity=granularity, backward=backward)
         add(

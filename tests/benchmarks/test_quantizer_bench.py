@@ -33,10 +33,22 @@ HELPER_SUFFIXES = (
     "_schedule",
     "_level_set",
     "_transform",
+    "_bound",
 )
 # The registry, codes at rest and pair composition: not quantizers.
 HELPER_PREFIXES = ("register_", "quantize_")
 HELPERS = {
+    # pieces of the FQT gradient quantizers (timed through their *_gradient / *_quantize rows)
+    "bhq_groups",
+    "householder_uniform",
+    "hadamard_matrix",
+    "hadamard_block",
+    "block_hadamard",
+    "bit_split",
+    "leverage_rows",
+    "leverage_probabilities",
+    "leverage_sample",
+    "water_fill",
     "affine_params",
     "check_granularity",
     "grouped",
