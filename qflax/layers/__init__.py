@@ -29,9 +29,10 @@ from qflax.layers._rules import (
     quantize_model,
     totals,
 )
-from qflax.layers._variables import QuantParam, QuantStat
+from qflax.layers._variables import AuxLoss, QuantParam, QuantStat
 
 __all__ = [
+    "AuxLoss",
     "GRAD_KEYWORDS",
     "RECIPES",
     "register_recipe",

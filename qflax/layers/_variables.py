@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-__all__ = ["QuantParam", "QuantStat"]
+__all__ = ["AuxLoss", "QuantParam", "QuantStat"]
 
 
 class QuantParam(nnx.Param):
@@ -18,3 +18,10 @@ class QuantParam(nnx.Param):
 
 class QuantStat(nnx.Variable):
     """Non-learnable quantizer state: calibrated ranges, EMA statistics, recorded shapes."""
+
+
+class AuxLoss(nnx.Variable):
+    """An auxiliary training loss a layer computes in its forward pass (a float32 scalar, already
+    weighted), e.g. a vector quantizer's codebook and commitment losses. The train step adds the
+    sum of every ``AuxLoss`` of the model, as the forward of that step left them, to the task
+    loss (gradients flow through it); outside training the values are not read."""

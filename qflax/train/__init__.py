@@ -36,6 +36,7 @@ from qflax.train._penalty import (
 )
 from qflax.train._steps import (
     TrainState,
+    aux_loss,
     create_train_state,
     cross_entropy,
     distillation_divergence,
@@ -64,6 +65,7 @@ __all__ = [
     "CheckpointError",
     "NonFiniteLossError",
     "TrainState",
+    "aux_loss",
     "Trainer",
     "build_model",
     "build_trainer",

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from qflax.layers import AuxLoss
 from qflax.train._penalty import PenaltyState, penalty_init, penalty_loss, violated_share
 
 __all__ = [
@@ -103,6 +104,15 @@ def learned_bit_widths(model: nnx.Module) -> tuple[list, list, list, list]:
             a_bits.append(widths["act"][0])
             a_targets.append(widths["act"][1])
     return w_bits, w_targets, a_bits, a_targets
+
+
+def aux_loss(model: nnx.Module) -> jax.Array | None:
+    """The sum of the model's :class:`~qflax.layers.AuxLoss` values as its last forward left
+    them (e.g. vector quantizers' codebook and commitment losses), or None when it has none."""
+    values = [v[...] for _, v in nnx.iter_graph(model) if isinstance(v, AuxLoss)]
+    if not values:
+        return None
+    return sum(jnp.sum(v).astype(jnp.float32) for v in values)
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -196,7 +206,8 @@ def make_train_step(
 
     The loss is the mean cross-entropy; with a teacher it is
     ``(1 - distill_weight) * CE + distill_weight * T^2 * D`` (see
-    :func:`distillation_divergence`), the teacher run in inference mode. BatchNorm statistics
+    :func:`distillation_divergence`), the teacher run in inference mode, plus the model's
+    auxiliary losses (:func:`aux_loss`; metric ``aux_loss``). BatchNorm statistics
     (and any other non-``Param`` variable the forward pass updates) are carried in
     ``state.rest``. For sequence models every position is one example.
 
@@ -248,6 +259,10 @@ def make_train_step(
                 )
                 metrics["divergence"] = div
                 loss = (1.0 - distill_weight) * ce + distill_weight * div
+            aux = aux_loss(model)
+            if aux is not None:
+                metrics["aux_loss"] = aux
+                loss = loss + aux
             pstate = state.penalty
             if penalty is not None:
                 w_bits, w_targets, a_bits, a_targets = learned_bit_widths(model)

@@ -4,12 +4,16 @@ statistics, determinism, distillation and padded evaluation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from qflax import models
+from qflax.layers import AuxLoss
 from qflax.train import (
+    aux_loss,
     create_train_state,
+    cross_entropy,
     default_config,
     distillation_divergence,
     jeffreys_divergence,
@@ -196,3 +200,40 @@ def test_sequence_model_step():
         state.params, state.rest, (tokens[:, :-1], tokens[:, 1:]), jnp.ones(4, jnp.float32)
     )
     assert float(sums["count"]) == 4 * 6  # every position counts
+
+
+class _WithAuxLoss(nnx.Module):
+    """A linear classifier whose forward sets an AuxLoss ``0.5·‖W‖²``."""
+
+    def __init__(self):
+        self.dense = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+        self.penalty = AuxLoss(jnp.zeros((), jnp.float32))
+
+    def __call__(self, x, train=False):
+        self.penalty[...] = 0.5 * jnp.sum(self.dense.kernel[...] ** 2)
+        return self.dense(x)
+
+
+def test_aux_losses_are_added_to_the_loss_and_differentiated():
+    model = _WithAuxLoss()
+    x = jax.random.normal(KEY, (8, 4))
+    y = jnp.arange(8) % 3
+    kernel, bias = np.array(model.dense.kernel[...]), np.array(model.dense.bias[...])
+    assert float(aux_loss(model)) == 0.0  # before any forward: the initial value
+    tx = optax.sgd(1.0)
+    graphdef, state, _ = create_train_state(model, tx, seed=0)
+    step = make_train_step(graphdef, tx)
+    new_state, metrics = step(state, (x, y))
+    np.testing.assert_allclose(metrics["aux_loss"], 0.5 * np.sum(kernel**2), rtol=1e-6)
+
+    def ce_of(k):
+        logits = x @ k + bias
+        return jnp.mean(cross_entropy(logits, y))
+
+    expected = kernel - (jax.grad(ce_of)(jnp.asarray(kernel)) + kernel)  # SGD, lr 1
+    np.testing.assert_allclose(new_state.params["dense"]["kernel"][...], expected, rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], ce_of(kernel) + metrics["aux_loss"], rtol=1e-6)
+    assert (
+        aux_loss(models.build_model("mlp", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0)))
+        is None
+    )
