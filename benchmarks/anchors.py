@@ -135,7 +135,7 @@ def _nnx_runner(model: nnx.Module, config, steps_per_epoch: int) -> Runner:
         for start in range(0, len(x), 500):
             xb, yb = x[start : start + 500], y[start : start + 500]
             out = eval_step(state.params, state.rest, (xb, yb), np.ones(len(xb), np.float32))
-            correct += float(out["correct"])
+            correct += float(out["score_sum"])
             count += float(out["count"])
         return correct / count
 

@@ -208,6 +208,16 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         FWD_GOAL_OTHER,
     )
 
+    # Split-learning compression of a cut (per-row μ ± 3σ, 4 levels: 2-bit codes).
+    split = qz.SplitConfig(levels=4)
+    add(
+        "split_quantize/2bit",
+        "split_quantize",
+        lambda x, p, a: qz.split_quantize(x, split),
+        lambda x: ({}, {}),
+        FWD_GOAL_OTHER,
+    )
+
     for granularity, backward in (("channel", "ste"), ("channel", "noise"), ("tensor", "lsq")):
         config = qz.GDNSQWeightConfig(granularity=granularity, backward=backward)
         add(

@@ -64,6 +64,13 @@ def split_config_overrides(extra: list[str]) -> list[tuple[str, str]]:
     return overrides
 
 
+def _headline(result: dict) -> str:
+    """``test_accuracy: …`` (classifiers) or ``test_psnr: … dB`` (autoencoders)."""
+    if "test_accuracy" not in result and "test_psnr" in result:
+        return f"test_psnr: {result['test_psnr']:.2f} dB"
+    return f"test_accuracy: {result['test_accuracy']:.4f}"
+
+
 def _train(args: argparse.Namespace) -> int:
     from qflax.runs import apply_overrides, load_config_file, validate_config
     from qflax.train import train_and_evaluate
@@ -72,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     config = apply_overrides(config, args.overrides)
     validate_config(config)  # train_and_evaluate does not check it again
     _, summary = train_and_evaluate(config, args.workdir)
-    text = f"test_accuracy: {summary['test_accuracy']:.4f}"
+    text = _headline(summary)
     if "fp_test_accuracy" in summary:
         text += f"  (float teacher: {summary['fp_test_accuracy']:.4f})"
     print(f"{text}  wall: {summary['wall_seconds']:.1f} s  workdir: {args.workdir}")
@@ -97,7 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
         result = evaluate(args.workdir)
     path = pathlib.Path(args.workdir) / "eval.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"test_accuracy: {result['test_accuracy']:.4f}")
+    print(_headline(result))
     if args.integer:
         print(
             f"fake_quant_test_accuracy: {result['fake_quant_test_accuracy']:.4f}  "
@@ -187,8 +194,8 @@ def _summary(args: argparse.Namespace) -> int:
         summaries.append((workdir, summary))
         print(f"== {workdir}")
         print(format_table(summary))
-        if "test_accuracy" in summary:
-            line = f"test_accuracy: {summary['test_accuracy']:.4f}"
+        if "test_accuracy" in summary or "test_psnr" in summary:
+            line = _headline(summary)
             if "fp_test_accuracy" in summary:
                 line += f"  fp_test_accuracy: {summary['fp_test_accuracy']:.4f}"
             print(line)

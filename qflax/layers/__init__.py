@@ -29,11 +29,13 @@ from qflax.layers._rules import (
     quantize_model,
     totals,
 )
+from qflax.layers._slots import Latent
 from qflax.layers._variables import AuxLoss, QuantParam, QuantStat
 
 __all__ = [
     "AuxLoss",
     "GRAD_KEYWORDS",
+    "Latent",
     "RECIPES",
     "register_recipe",
     "QuantConv",

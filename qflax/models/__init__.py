@@ -7,6 +7,7 @@ Every model is called as ``model(x, *, train=False)``.
 from qflax.models._attention import FeedForward, SelfAttention, TransformerBlock
 from qflax.models._char_transformer import CharTransformer
 from qflax.models._cnn import CNN
+from qflax.models._codec import ConvAutoencoder, SplitCNN
 from qflax.models._common import (
     BN_EPSILON,
     BN_MOMENTUM,
@@ -28,6 +29,7 @@ __all__ = [
     "MODELS",
     "BasicBlock",
     "CharTransformer",
+    "ConvAutoencoder",
     "ConvFactory",
     "EmbedFactory",
     "FeedForward",
@@ -36,6 +38,7 @@ __all__ = [
     "ResNet18",
     "ResNet20",
     "SelfAttention",
+    "SplitCNN",
     "TransformerBlock",
     "ViT",
     "build_model",

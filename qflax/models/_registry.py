@@ -10,6 +10,7 @@ from flax import nnx
 
 from qflax.models._char_transformer import CharTransformer
 from qflax.models._cnn import CNN
+from qflax.models._codec import ConvAutoencoder, SplitCNN
 from qflax.models._mlp import MLP
 from qflax.models._resnet import ResNet18, ResNet20
 from qflax.models._vit import ViT
@@ -24,6 +25,8 @@ MODELS: MappingProxyType[str, type[nnx.Module]] = MappingProxyType(
         "resnet18": ResNet18,
         "vit": ViT,
         "char_transformer": CharTransformer,
+        "conv_autoencoder": ConvAutoencoder,
+        "split_cnn": SplitCNN,
     }
 )
 
@@ -39,7 +42,8 @@ def build_model(
     """Builds the model registered under ``name``.
 
     Args:
-      name: one of ``MODELS`` ("mlp", "cnn", "resnet20", "resnet18", "vit", "char_transformer").
+      name: one of ``MODELS`` ("mlp", "cnn", "resnet20", "resnet18", "vit", "char_transformer",
+        "conv_autoencoder", "split_cnn").
       input_shape: per-example input shape, channels last (``(seq_len,)`` for the char LM).
       num_classes: number of logits (the vocabulary size for the char LM).
       rngs: random streams for initialisation.

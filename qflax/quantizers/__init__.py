@@ -21,6 +21,10 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
   block Householder, :func:`ptq_gradient`, :func:`psq_gradient`, :func:`bhq_gradient`, with
   their variance bounds (families ``"ptq"``, ``"psq"``, ``"bhq"``, and ``"dorefa_grad"`` on
   :func:`dorefa_quantize_gradient`; config :class:`StatGradConfig`);
+* split-learning compression of the activations at a model's cut (Quantized-TinyLLaVA):
+  per-sample μ ± 3σ, K-level codes, straight-through (:func:`split_quantize`, family
+  ``"split"``), the byte count of what is sent (:func:`split_payload_bytes`) and the entropy
+  of the codes (:func:`code_entropy`, :func:`choose_levels`);
 * ProxConnect++ forward/backward pairs: :func:`pair`, the catalogue :data:`PAIRS`, and the named
   elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`; :class:`PairConfig` puts a pair
   (named, or composed from a forward and a backward) in a layer, and :func:`register_pair`,
@@ -201,6 +205,17 @@ from qflax.quantizers._qarray import (  # noqa: E402 (after the families it deco
     quantize_uniform,
     unpack,
 )
+from qflax.quantizers._split import (
+    SIDE_DTYPES,
+    SplitConfig,
+    choose_levels,
+    code_entropy,
+    split_alignment_loss,
+    split_codes,
+    split_decode,
+    split_payload_bytes,
+    split_quantize,
+)
 from qflax.quantizers._statquant import (
     GRADIENT_ROWS,
     BHQGroups,
@@ -227,6 +242,15 @@ from qflax.quantizers._uniform import (
 )
 
 __all__ = [
+    "SIDE_DTYPES",
+    "SplitConfig",
+    "choose_levels",
+    "code_entropy",
+    "split_alignment_loss",
+    "split_codes",
+    "split_decode",
+    "split_payload_bytes",
+    "split_quantize",
     "affine_params",
     "check_granularity",
     "grouped",

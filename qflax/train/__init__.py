@@ -47,9 +47,15 @@ from qflax.train._steps import (
     split_model,
 )
 from qflax.train._summary import format_table, summarize_model
+from qflax.train._tasks import TASKS, Task, accuracy, model_task, psnr
 from qflax.train._trainer import Trainer, build_trainer
 
 __all__ = [
+    "TASKS",
+    "Task",
+    "accuracy",
+    "model_task",
+    "psnr",
     "PENALTY_MARGIN",
     "PenaltyState",
     "penalty_init",

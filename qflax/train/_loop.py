@@ -36,6 +36,7 @@ from qflax.runs import (
 from qflax.train import _checkpoint, _summary
 from qflax.train._optimizer import learning_rate_schedules
 from qflax.train._steps import TrainState, make_eval_step, split_model
+from qflax.train._tasks import model_task
 from qflax.train._trainer import _learned_bits, build_trainer
 
 __all__ = [
@@ -64,11 +65,18 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -
 
 
 def _evaluate_arrays(
-    eval_step, params, rest, x: np.ndarray, y: np.ndarray, batch_size: int
+    eval_step,
+    params,
+    rest,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    metric: str = "accuracy",
 ) -> dict[str, float]:
-    """Mean loss and accuracy over ``(x, y)``, the last batch padded to ``batch_size``."""
+    """Mean loss and task score (named ``metric``) over ``(x, y)``, the last batch padded to
+    ``batch_size``."""
     batch_size = min(batch_size, len(x))
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+    totals = {"loss_sum": 0.0, "score_sum": 0.0, "count": 0.0}
     sums = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -83,18 +91,20 @@ def _evaluate_arrays(
         for key in totals:
             totals[key] += float(s[key])
     count = max(totals["count"], 1.0)
-    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count}
+    return {"loss": totals["loss_sum"] / count, metric: totals["score_sum"] / count}
 
 
 def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
     """Re-evaluates the latest checkpoint in ``workdir`` on the test split.
 
     Returns:
-      ``{"test_accuracy", "test_loss", "step", "epoch", "dataset", "model"}``.
+      ``{"test_accuracy", "test_loss", "step", "epoch", "dataset", "model"}`` (an autoencoder:
+      ``test_psnr`` instead of ``test_accuracy``).
     """
     model, config, meta = load_model(workdir)
     dataset = runs.load_dataset(config)
     graphdef, params, rest = split_model(model)
+    metric = model_task(model).metric
     result = _evaluate_arrays(
         make_eval_step(graphdef),
         params,
@@ -102,9 +112,10 @@ def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
         dataset.test_x,
         dataset.test_y,
         config.eval_batch_size,
+        metric,
     )
     return {
-        "test_accuracy": result["accuracy"],
+        f"test_{metric}": result[metric],
         "test_loss": result["loss"],
         "step": int(meta.get("step", -1)),
         "epoch": int(meta.get("epoch", -1)),
@@ -222,8 +233,11 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _write_curves(records: list[dict[str, Any]], path: pathlib.Path, title: str) -> None:
-    """Loss and accuracy per epoch, and learned per-layer bits when they changed."""
+def _write_curves(
+    records: list[dict[str, Any]], path: pathlib.Path, title: str, metric: str = "accuracy"
+) -> None:
+    """Loss and the task score (``metric``) per epoch, and learned per-layer bits when they
+    changed."""
     from matplotlib.figure import Figure
 
     epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -238,9 +252,9 @@ def _write_curves(records: list[dict[str, Any]], path: pathlib.Path, title: str)
     test = [r for r in epochs if "test_loss" in r]
     axes[0].plot([r["epoch"] for r in test], [r["test_loss"] for r in test], label="test")
     axes[0].set(xlabel="epoch", ylabel="loss", yscale="log", title=title)
-    axes[1].plot(x, [r["train_accuracy"] for r in epochs], label="train")
-    axes[1].plot([r["epoch"] for r in test], [r["test_accuracy"] for r in test], label="test")
-    axes[1].set(xlabel="epoch", ylabel="accuracy")
+    axes[1].plot(x, [r[f"train_{metric}"] for r in epochs], label="train")
+    axes[1].plot([r["epoch"] for r in test], [r[f"test_{metric}"] for r in test], label="test")
+    axes[1].set(xlabel="epoch", ylabel=metric)
     for ax in axes[:2]:
         ax.legend()
         ax.grid(alpha=0.3)
@@ -263,8 +277,16 @@ def _write_curves(records: list[dict[str, Any]], path: pathlib.Path, title: str)
 class _Logger:
     """Collects per-step metrics on device; checks, averages and writes them in windows."""
 
-    def __init__(self, path: pathlib.Path, every: int, schedule, last_saved: int | None):
+    def __init__(
+        self,
+        path: pathlib.Path,
+        every: int,
+        schedule,
+        last_saved: int | None,
+        metric: str = "accuracy",
+    ):
         self.path = path
+        self.metric = metric  # the task's score ("accuracy", "psnr")
         self.last_saved = last_saved  # the step of the latest checkpoint, None before one
         self.every = every
         self.schedule = schedule
@@ -305,7 +327,7 @@ class _Logger:
             "step": step,
             "epoch": epoch + 1,
             "train_loss": mean.pop("loss"),
-            "train_accuracy": mean.pop("accuracy"),
+            f"train_{self.metric}": mean.pop(self.metric),
             **{f"train_{k}": v for k, v in mean.items()},
             "learning_rate": float(self.schedule(step - 1)),
         }
@@ -493,6 +515,13 @@ def _train_and_evaluate(
             "'checkpoint', or init_student=False"
         )
     model, report = build_model(config, dataset)
+    task = model_task(model)
+    metric = task.metric
+    if task.name != "classify" and config.teacher.mode != "none":
+        raise ValueError(
+            f"teacher.mode={config.teacher.mode!r} distils logits; model {config.model!r} is "
+            f"trained to {task.name}; allowed: teacher.mode='none'"
+        )
     _check_workdir(config, workdir)  # every check above passed: now files are written
 
     teacher_model, fp_test_accuracy, teacher_wall = None, None, 0.0
@@ -546,7 +575,7 @@ def _train_and_evaluate(
         records = []
 
     schedule, _ = learning_rate_schedules(config, steps_per_epoch)
-    log = _Logger(metrics_path, config.log_every_steps, schedule, latest)
+    log = _Logger(metrics_path, config.log_every_steps, schedule, latest, metric)
     total_steps = config.epochs * steps_per_epoch
     step = int(jax.device_get(state.step))
 
@@ -558,6 +587,7 @@ def _train_and_evaluate(
             dataset.test_x,
             dataset.test_y,
             config.eval_batch_size,
+            metric,
         )
 
     def elapsed() -> float:
@@ -600,7 +630,7 @@ def _train_and_evaluate(
                 bar.update(1)
                 if step % config.log_every_steps == 0:
                     log.flush(epoch)
-                    bar.set_postfix(_postfix(log.latest, test))
+                    bar.set_postfix(_postfix(log.latest, test, metric))
             log.flush(epoch)
             train = log.end_epoch()
             record = {
@@ -608,7 +638,7 @@ def _train_and_evaluate(
                 "step": step,
                 "epoch": epoch + 1,
                 "train_loss": train.pop("loss"),
-                "train_accuracy": train.pop("accuracy"),
+                f"train_{metric}": train.pop(metric),
                 **{f"train_{k}": v for k, v in train.items()},
                 "learning_rate": float(schedule(step - 1)),
                 "wall_seconds": elapsed(),
@@ -616,15 +646,15 @@ def _train_and_evaluate(
             last_epoch = epoch + 1 == config.epochs
             if (epoch + 1) % config.eval_every_epochs == 0 or last_epoch:
                 test = test_metrics(state)
-                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+                record.update({"test_loss": test["loss"], f"test_{metric}": test[metric]})
             if last_epoch and _ends_exact(model):
                 # DBSSQ / relaxed pairs: report the training-time (blended, relaxed) model, then
                 # keep and evaluate the exact one (ε = 0; sign forward).
-                record.update(blended_test_accuracy=test["accuracy"])
-                blended_accuracy = test["accuracy"]
+                record[f"blended_test_{metric}"] = test[metric]
+                blended_accuracy = test[metric]
                 state = _set_schedules(graphdef, state, config, config.epochs)
                 test = test_metrics(state)
-                record.update(test_loss=test["loss"], test_accuracy=test["accuracy"])
+                record.update({"test_loss": test["loss"], f"test_{metric}": test[metric]})
             stop = False
             if report is not None:
                 current = nnx.merge(graphdef, state.params, state.rest)
@@ -644,7 +674,7 @@ def _train_and_evaluate(
             with metrics_path.open("a") as f:
                 f.write(json.dumps(_json_ready(record)) + "\n")
             records.append(record)
-            bar.set_postfix(_postfix(log.latest, test))
+            bar.set_postfix(_postfix(log.latest, test, metric))
             if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch or stop:
                 save(epoch + 1)
             if stop:
@@ -659,10 +689,10 @@ def _train_and_evaluate(
     if test is None or stopped_epoch is not None:  # resumed a finished run, or stopped early
         test = test_metrics(state)
     summary = {
-        "test_accuracy": test["accuracy"],
+        f"test_{metric}": test[metric],
         "test_loss": test["loss"],
         **({"fp_test_accuracy": fp_test_accuracy} if fp_test_accuracy is not None else {}),
-        **({"blended_test_accuracy": blended_accuracy} if blended_accuracy is not None else {}),
+        **({f"blended_test_{metric}": blended_accuracy} if blended_accuracy is not None else {}),
         "dataset": config.dataset,
         "model": config.model,
         "recipe": config.quant.recipe,
@@ -676,7 +706,7 @@ def _train_and_evaluate(
     }
     summary = _json_ready(summary)
     (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}")
+    _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}", metric)
     return state, summary
 
 
@@ -700,15 +730,18 @@ def _bits_summary(model: nnx.Module, converged_epoch, stopped_epoch) -> dict[str
     }
 
 
-def _postfix(latest: dict[str, float], test: dict[str, float] | None) -> dict[str, str]:
+def _postfix(
+    latest: dict[str, float], test: dict[str, float] | None, metric: str = "accuracy"
+) -> dict[str, str]:
+    short = "acc" if metric == "accuracy" else metric
     postfix = {}
     if latest:
-        postfix = {"loss": f"{latest['loss']:.3f}", "acc": f"{latest['accuracy']:.3f}"}
+        postfix = {"loss": f"{latest['loss']:.3f}", short: f"{latest[metric]:.3f}"}
         bits = [
             f"{k[0]} {latest[f'{k}_bits']:.2f}" for k in ("weight", "act") if f"{k}_bits" in latest
         ]
         if bits:  # learned bit-widths (means of the continuous widths)
             postfix["bits"] = " ".join(bits)
     if test is not None:
-        postfix["test_acc"] = f"{test['accuracy']:.3f}"
+        postfix[f"test_{short}"] = f"{test[metric]:.3f}"
     return postfix

@@ -21,6 +21,7 @@ from flax import nnx
 
 from qflax.layers import AuxLoss
 from qflax.train._penalty import PenaltyState, penalty_init, penalty_loss, violated_share
+from qflax.train._tasks import cross_entropy, model_task
 
 __all__ = [
     "Batch",
@@ -154,11 +155,6 @@ def _log_softmax(logits: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Per-example (per-token) softmax cross-entropy with integer labels, in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
 def kl_divergence(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """``KL(p || q) = sum p (log p - log q)`` over the last axis, from log-probabilities."""
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
@@ -188,10 +184,6 @@ def distillation_divergence(
     return (temperature**2) * divergence
 
 
-def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-
-
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -204,7 +196,9 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Makes ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
-    The loss is the mean cross-entropy; with a teacher it is
+    The loss is the mean of the model's task loss (:func:`qflax.train.model_task`: the
+    cross-entropy of classifiers and language models, the squared error of autoencoders); with
+    a teacher (classifiers) it is
     ``(1 - distill_weight) * CE + distill_weight * T^2 * D`` (see
     :func:`distillation_divergence`), the teacher run in inference mode, plus the model's
     auxiliary losses (:func:`aux_loss`; metric ``aux_loss``). BatchNorm statistics
@@ -228,7 +222,8 @@ def make_train_step(
       penalty: the bit-width penalty's settings, or None (no penalty, no learning-rate decay).
 
     Returns:
-      The jitted step. ``metrics`` holds float32 scalars ``loss`` and ``accuracy`` and, with
+      The jitted step. ``metrics`` holds float32 scalars ``loss`` and the task's score
+      (``accuracy``, or ``psnr`` for autoencoders) and, with
       a teacher, ``cross_entropy`` and ``divergence``. Do not reuse a state after
       passing it in (its buffers are donated).
     """
@@ -246,9 +241,10 @@ def make_train_step(
             # the forward pass may update them (BatchNorm statistics).
             rest = jax.tree.map(lambda x: x, state.rest)
             model = nnx.merge(graphdef, params, rest)
+            task = model_task(model)
             logits = model(inputs, train=True)
-            ce = jnp.mean(cross_entropy(logits, labels))
-            metrics = {"accuracy": jnp.mean(_accuracy(logits, labels))}
+            ce = jnp.mean(task.loss(logits, inputs, labels))
+            metrics = {task.metric: jnp.mean(task.score(logits, inputs, labels))}
             loss = ce
             if teacher_logits is not None:
                 metrics["cross_entropy"] = ce
@@ -329,20 +325,21 @@ def make_eval_step(
 
     ``weights`` (float32, shape of the labels' leading axis) masks padded examples, so a short
     last batch padded to the full size reuses the compiled step. Returns float32 sums
-    ``loss_sum``, ``correct`` and ``count`` (positions count for sequence models); the model
+    ``loss_sum``, ``score_sum`` (of the task's score: correct predictions, or PSNR) and
+    ``count`` (positions count for sequence models); the model
     runs in inference mode (BatchNorm running averages).
     """
 
     def step(params: Any, rest: Any, batch: Batch, weights: jax.Array) -> dict[str, jax.Array]:
         inputs, labels = batch
         model = nnx.merge(graphdef, params, rest)
+        task = model_task(model)
         logits = model(inputs, train=False)
-        w = jnp.broadcast_to(
-            weights.reshape(weights.shape + (1,) * (labels.ndim - 1)), labels.shape
-        )
+        loss, score = task.loss(logits, inputs, labels), task.score(logits, inputs, labels)
+        w = jnp.broadcast_to(weights.reshape(weights.shape + (1,) * (loss.ndim - 1)), loss.shape)
         return {
-            "loss_sum": jnp.sum(cross_entropy(logits, labels) * w),
-            "correct": jnp.sum(_accuracy(logits, labels) * w),
+            "loss_sum": jnp.sum(loss * w),
+            "score_sum": jnp.sum(score * w),
             "count": jnp.sum(w),
         }
 

@@ -49,6 +49,12 @@ HELPERS = {
     "leverage_probabilities",
     "leverage_sample",
     "water_fill",
+    # the split compressor's decoder, alignment loss, byte count and level choice
+    "split_decode",
+    "split_alignment_loss",
+    "split_payload_bytes",
+    "code_entropy",
+    "choose_levels",
     "affine_params",
     "check_granularity",
     "grouped",

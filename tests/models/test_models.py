@@ -21,6 +21,7 @@ from flax import nnx
 
 from qflax import models
 from qflax.models import MODELS, build_model
+from qflax.train import model_task
 
 
 def rngs(seed: int = 0) -> nnx.Rngs:
@@ -90,6 +91,14 @@ TRAINED = {
     "char_transformer": Case(
         "char_transformer", (6,), 11, dict(dim=16, depth=2, num_heads=2), convs=0, linears=13
     ),
+    # stem, enc2, to_latent, from_latent, dec1, head (an autoencoder: no linear layers)
+    "conv_autoencoder": Case(
+        "conv_autoencoder", (8, 8, 1), 5, dict(channels=(4, 8), latent_dim=2), convs=6, linears=0
+    ),
+    # stem, conv2; split_down, split_up, dense, head
+    "split_cnn": Case(
+        "split_cnn", (8, 8, 1), 5, dict(channels=(4, 8), hidden=16, split_dim=3), 2, 4
+    ),
 }
 # More configurations whose structure is checked on abstract models (hand-counted layers).
 STRUCTURE_ONLY = {
@@ -146,14 +155,15 @@ def make_batch(case: Case) -> tuple[jax.Array, jax.Array]:
 
 
 def expected_logits_shape(case: Case, batch: int = BATCH) -> tuple[int, ...]:
+    if case.name == "conv_autoencoder":  # the reconstruction
+        return (batch, *case.input_shape)
     if case.name == "char_transformer":
         return (batch, *case.input_shape, case.num_classes)
     return (batch, case.num_classes)
 
 
 def loss_fn(model: nnx.Module, x: jax.Array, y: jax.Array) -> jax.Array:
-    logits = model(x, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return model_task(model).loss(model(x, train=True), x, y).mean()
 
 
 @dataclasses.dataclass
@@ -258,8 +268,12 @@ def test_stem_head_paths_and_output_shape(key):
     case = ALL_CASES[key]
     model = build(case, CountingFactories(), abstract=True)
     nodes = dict(nnx.iter_graph(model))
-    assert type(nodes[("head",)]) is CountedLinear
-    assert nodes[("head",)].out_features == case.num_classes
+    if case.name == "conv_autoencoder":  # its head is the last convolution: the image's channels
+        assert type(nodes[("head",)]) is CountedConv
+        assert nodes[("head",)].out_features == case.input_shape[-1]
+    else:
+        assert type(nodes[("head",)]) is CountedLinear
+        assert nodes[("head",)].out_features == case.num_classes
     stem_type = {"mlp": CountedLinear, "char_transformer": nnx.Embed}.get(case.name, CountedConv)
     assert type(nodes[("stem",)]) is stem_type
     # "head" names only the classifier: no other module path contains it.
@@ -327,7 +341,16 @@ def test_cnn_pools_only_while_the_map_is_large_enough():
 
 
 def test_registry_names_and_build_model():
-    assert list(MODELS) == ["mlp", "cnn", "resnet20", "resnet18", "vit", "char_transformer"]
+    assert list(MODELS) == [
+        "mlp",
+        "cnn",
+        "resnet20",
+        "resnet18",
+        "vit",
+        "char_transformer",
+        "conv_autoencoder",
+        "split_cnn",
+    ]
     covered = {case.name for case in TRAINED.values()}
     assert covered == set(MODELS)
     model = nnx.eval_shape(

@@ -21,6 +21,8 @@ from qflax.train import (
     make_eval_step,
     make_optimizer,
     make_train_step,
+    model_task,
+    psnr,
 )
 
 KEY = jax.random.key(0)
@@ -184,7 +186,7 @@ def test_eval_step_padding_is_masked(shared):
     padded = eval_step(state.params, state.rest, (xp, yp), weights)
     assert float(padded["count"]) == 10.0
     np.testing.assert_allclose(padded["loss_sum"], full["loss_sum"], rtol=1e-5)
-    np.testing.assert_allclose(padded["correct"], full["correct"])
+    np.testing.assert_allclose(padded["score_sum"], full["score_sum"])
 
 
 def test_sequence_model_step():
@@ -237,3 +239,50 @@ def test_aux_losses_are_added_to_the_loss_and_differentiated():
         aux_loss(models.build_model("mlp", input_shape=(8, 8, 1), num_classes=10, rngs=nnx.Rngs(0)))
         is None
     )
+
+
+class _TinyAutoencoder(nnx.Module):
+    task = "reconstruct"
+
+    def __init__(self):
+        self.down = nnx.Linear(6, 2, rngs=nnx.Rngs(0))
+        self.up = nnx.Linear(2, 6, rngs=nnx.Rngs(1))
+
+    def __call__(self, x, train=False):
+        return self.up(self.down(x))
+
+
+def test_reconstruct_task_trains_on_squared_error_and_scores_psnr():
+    model = _TinyAutoencoder()
+    task = model_task(model)
+    assert (task.name, task.metric) == ("reconstruct", "psnr")
+    x = jax.random.uniform(KEY, (16, 6))
+    x = x.at[:, 3:].set(x[:, :3])  # rank 3: a 2-d code cannot be exact
+    y = jnp.zeros(16, jnp.int32)  # labels are ignored
+    out = model(x)
+    mse = np.mean((np.asarray(out) - np.asarray(x)) ** 2, axis=1)
+    np.testing.assert_allclose(task.loss(out, x, y), mse, rtol=1e-5)
+    np.testing.assert_allclose(task.score(out, x, y), 10 * np.log10(1 / mse), rtol=1e-5)
+    assert float(psnr(jnp.zeros(()))) == 100.0  # a perfect reconstruction, floored
+    eval_step = make_eval_step(nnx.split(model, nnx.Param, ...)[0])
+    tx = optax.sgd(0.3, momentum=0.9)
+    graphdef, state, _ = create_train_state(model, tx, seed=0)
+    sums = eval_step(state.params, state.rest, (x, y), jnp.ones(16))
+    np.testing.assert_allclose(sums["loss_sum"], mse.sum(), rtol=1e-5)
+    step = make_train_step(graphdef, tx)
+    first = None
+    for _ in range(60):
+        state, metrics = step(state, (x, y))
+        first = first or float(metrics["loss"])
+    assert set(metrics) == {"loss", "psnr"}
+    assert float(metrics["loss"]) < 0.5 * first
+    assert float(metrics["psnr"]) > 10 * np.log10(1 / first)
+    with pytest.raises(ValueError, match="does not match its input"):
+        task.loss(out[:, :3], x, y)
+
+
+def test_unknown_task_is_refused():
+    model = _TinyAutoencoder()
+    model.task = "segment"
+    with pytest.raises(ValueError, match="task='segment' is not allowed; allowed: classify"):
+        model_task(model)
