@@ -791,6 +791,38 @@ def hadamard_int4(
     )
 
 
+def latent(kind: str = "fsq", **config: Any) -> Recipe:
+    """A latent code: the activation quantizer ``kind`` (``"fsq"``, ``"q2d2"``, ``"vq"``,
+    ``"rvq"``, ``"split"``, or any family that quantizes activations) with its config type built
+    from ``config``; for a model's :class:`~qflax.layers.Latent` slot, by a rule on its path
+    (e.g. ``("^latent$", "latent", {"kind": "fsq", "levels": (8, 5, 5, 5)})``). Lists become
+    tuples (config files give lists).
+
+    >>> str(latent("split", levels=4))
+    'a:split4'
+    """
+    family = qz.get_family(kind)
+    if not family.config_types:
+        spec = TensorQuant(kind=kind)
+    else:
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+        config_type = family.config_types[0]
+        try:
+            cfg = config_type(**values)
+        except TypeError as error:
+            fields = ", ".join(f.name for f in dataclasses.fields(config_type))
+            raise ValueError(
+                f"latent(kind={kind!r}) got {sorted(values)}; allowed keywords: {fields}"
+            ) from error
+        spec = TensorQuant(kind=kind, config=cfg)
+    if "act" not in spec.roles:
+        raise ValueError(
+            f"kind={kind!r} quantizes {'/'.join(spec.roles)} tensors; allowed: a family that "
+            "quantizes activations"
+        )
+    return Recipe(act=spec)
+
+
 _RECIPES: dict[str, Callable[..., Recipe]] = {
     "float": float_recipe,
     "absmax": absmax,
@@ -805,6 +837,7 @@ _RECIPES: dict[str, Callable[..., Recipe]] = {
     "dbssq": dbssq,
     "codeq": codeq,
     "hadamard_int4": hadamard_int4,
+    "latent": latent,
 }
 # Name -> recipe factory (for configs: ``recipes.build(name, **kwargs)``): a read-only view of
 # the built-in factories and those registered by user code (:func:`register_recipe`).
@@ -912,6 +945,7 @@ recipes = types.SimpleNamespace(
     dbssq=dbssq,
     codeq=codeq,
     hadamard_int4=hadamard_int4,
+    latent=latent,
     build=build,
     with_grad=with_grad,
     register=register_recipe,
