@@ -230,6 +230,12 @@ def _fsq_constants(config: FSQConfig) -> _FSQConstants:
     )
 
 
+# The array work of the public functions, compiled once per config and shape (the public
+# functions validate, then call these).
+_compiled = functools.partial(jax.jit, static_argnames="config")
+_compiled_indices = functools.partial(jax.jit, static_argnames=("config", "quantized"))
+
+
 def _fsq_bound(z: jax.Array, config: FSQConfig) -> jax.Array:
     """The paper's ``bound``: ``tanh(z + shift)·half_l − offset`` (``bound=False``: ``z·half_l −
     offset``, which maps [-1, 1] onto the same range)."""
@@ -266,6 +272,11 @@ def fsq(z: ArrayLike, config: FSQConfig) -> jax.Array:
     Array([[-1. ,  0. ,  0.5]], dtype=float32)
     """
     z = _check_vectors(z, len(config.levels), "fsq", "len(config.levels)")
+    return _fsq(z, config=config)
+
+
+@_compiled
+def _fsq(z: jax.Array, config: FSQConfig) -> jax.Array:
     dt = _compute_dtype(z.dtype)
     b = _fsq_bound(z.astype(dt), config)
     codes = _fsq_round(jax.lax.stop_gradient(b), config)
@@ -290,6 +301,11 @@ def fsq_indices(z: ArrayLike, config: FSQConfig, *, quantized: bool = False) -> 
     7
     """
     z = _check_vectors(z, len(config.levels), "fsq_indices", "len(config.levels)")
+    return _fsq_indices(z, config=config, quantized=bool(quantized))
+
+
+@_compiled_indices
+def _fsq_indices(z: jax.Array, config: FSQConfig, quantized: bool) -> jax.Array:
     dt = _compute_dtype(z.dtype)
     c = _fsq_constants(config)
     z = jax.lax.stop_gradient(z.astype(dt))
@@ -305,7 +321,11 @@ def fsq_indices(z: ArrayLike, config: FSQConfig, *, quantized: bool = False) -> 
 def fsq_from_indices(idx: ArrayLike, config: FSQConfig) -> jax.Array:
     """The quantized vectors of codes ``idx`` (float32, shape ``idx.shape + (len(levels),)``):
     exactly the values :func:`fsq` gave; NaN for an index outside ``[0, Π L_i)``."""
-    idx = _check_indices(idx, "fsq_from_indices")
+    return _fsq_from_indices(_check_indices(idx, "fsq_from_indices"), config=config)
+
+
+@_compiled
+def _fsq_from_indices(idx: jax.Array, config: FSQConfig) -> jax.Array:
     c = _fsq_constants(config)
     valid = (idx >= 0) & (idx < config.codebook_size)
     digits = (idx[..., None] // jnp.asarray(c.basis, jnp.int32)) % jnp.asarray(c.levels, jnp.int32)
@@ -330,8 +350,9 @@ class Q2D2Config:
     * ``"rhombic"``: ``X × Y`` and the cell centres ``X' × Y'`` (``L_x·L_y + (L_x − 1)(L_y −
       1)`` points);
     * ``"hexagonal"`` (true hexagonal): ``R = ⌊(L_y − 1)/(√3/2)⌋ + 1`` rows ``y_r = (r − (R −
-      1)/2)·√3/2`` (the most that fit in ``Y``'s range); even rows hold ``X``, odd rows ``X'``
-      (offset by ½): ``⌈R/2⌉·L_x + ⌊R/2⌋·(L_x − 1)`` points;
+      1)/2)·√3/2`` (the most that fit in ``Y``'s range); row ``r`` holds ``X`` when ``r −
+      ⌊(R − 1)/2⌋`` is even (the centre row, for odd ``R``: odd ``L_x`` then has the origin),
+      ``X'`` (offset by ½) otherwise: ``L_x`` points per ``X`` row, ``L_x − 1`` per ``X'`` row;
     * ``"hexagonal_upstream"`` (tashQ/Q2D2's ``"hexagon"``; ``L_x = L_y = L`` required, as
       upstream reads only ``L_x``): ``L`` rows one apart at ``Y``, row ``r`` holding ``X + ¼``
       (even ``r``) or ``X − ¼`` (odd ``r``): ``L²`` points.
@@ -415,7 +436,8 @@ def _pair_cosets(config: Q2D2Config, p: int) -> tuple[tuple[np.ndarray, np.ndarr
     if config.lattice == "hexagonal":
         rows = int(np.floor((ly - 1) / _ROW + 1e-9)) + 1
         y = _centred(rows, _ROW)
-        return ((xs, y[0::2]), (xm, y[1::2]))
+        first = ((rows - 1) // 2) % 2  # the (lower) centre row holds X
+        return ((xs, y[first::2]), (xm, y[1 - first :: 2]))
     y = _centred(ly)  # hexagonal_upstream: rows one apart, offsets ±1/4 (L_x == L_y)
     return ((xs + 0.25, y[0::2]), (xs - 0.25, y[1::2]))
 
@@ -521,7 +543,8 @@ def q2d2(z: ArrayLike, config: Q2D2Config) -> jax.Array:
 
     ``s = tanh(z)·(L − 1)(1 + ε)/2`` per channel (``bound=False``: without the tanh), each pair
     ``(s_2p, s_2p+1)`` replaced by the nearest point of its finite grid (:class:`Q2D2Config`,
-    exact; ties go to the lower coordinate per axis, then to the first coset), divided by
+    exact; a tie within a coset goes to the even grid position per axis — rounding half to
+    even — and between the cosets to the first), divided by
     ``⌊L/2⌋`` per channel. Gradient: straight through the snapping, ``∂/∂z = (1 −
     tanh²z)·(L − 1)(1 + ε)/(2⌊L/2⌋)``. ``config.lattice`` names the grid a result used (the
     true hexagonal one, or upstream's ``"hexagonal_upstream"``).
@@ -537,6 +560,11 @@ def q2d2(z: ArrayLike, config: Q2D2Config) -> jax.Array:
     Array([ 0., -1.], dtype=float32)
     """
     z = _check_vectors(z, len(config.levels), "q2d2", "len(config.levels)")
+    return _q2d2(z, config=config)
+
+
+@_compiled
+def _q2d2(z: jax.Array, config: Q2D2Config) -> jax.Array:
     dt = _compute_dtype(z.dtype)
     t = _q2d2_tables(config)
     b = jnp.tanh(z.astype(dt)) if config.bound else z.astype(dt)
@@ -556,6 +584,11 @@ def q2d2_indices(z: ArrayLike, config: Q2D2Config, *, quantized: bool = False) -
     quantized again through the bound and scale.
     """
     z = _check_vectors(z, len(config.levels), "q2d2_indices", "len(config.levels)")
+    return _q2d2_indices(z, config=config, quantized=bool(quantized))
+
+
+@_compiled_indices
+def _q2d2_indices(z: jax.Array, config: Q2D2Config, quantized: bool) -> jax.Array:
     dt = _compute_dtype(z.dtype)
     t = _q2d2_tables(config)
     z = jax.lax.stop_gradient(z.astype(dt))
@@ -570,7 +603,11 @@ def q2d2_indices(z: ArrayLike, config: Q2D2Config, *, quantized: bool = False) -
 def q2d2_from_indices(idx: ArrayLike, config: Q2D2Config) -> jax.Array:
     """The quantized vectors of codes ``idx`` (float32, shape ``idx.shape + (len(levels),)``):
     exactly the values :func:`q2d2` gave; NaN for an index outside ``[0, codebook_size)``."""
-    idx = _check_indices(idx, "q2d2_from_indices")
+    return _q2d2_from_indices(_check_indices(idx, "q2d2_from_indices"), config=config)
+
+
+@_compiled
+def _q2d2_from_indices(idx: jax.Array, config: Q2D2Config) -> jax.Array:
     t = _q2d2_tables(config)
     valid = (idx >= 0) & (idx < config.codebook_size)
     local = (idx[..., None] // jnp.asarray(t.basis, jnp.int32)) % jnp.asarray(t.sizes, jnp.int32)
@@ -634,8 +671,12 @@ def code_perplexity(indices: ArrayLike, size: int) -> jax.Array:
     >>> float(code_perplexity(jnp.array([0, 1, 2, 3]), 8))
     4.0
     """
-    size = _check_size(size)
-    idx = _check_indices(indices, "code_perplexity").reshape(-1)
+    return _perplexity(_check_indices(indices, "code_perplexity"), _check_size(size))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _perplexity(idx: jax.Array, size: int) -> jax.Array:
+    idx = idx.reshape(-1)
     valid = (idx >= 0) & (idx < size)
     counts = (
         jnp.zeros((size,), jnp.float32).at[jnp.where(valid, idx, 0)].add(valid.astype(jnp.float32))

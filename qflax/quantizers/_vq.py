@@ -21,6 +21,7 @@ vector); ``*_from_indices`` decodes an index outside ``[0, K)`` to NaN.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -175,9 +176,11 @@ def _nearest(x: jax.Array, codebook: jax.Array) -> jax.Array:
 
 def _take(codebook: jax.Array, idx: jax.Array) -> jax.Array:
     """``codebook[idx]`` (differentiable in the codebook), NaN rows for ``idx`` outside."""
+    idx = jnp.where(idx < 0, codebook.shape[0], idx)  # take would wrap negative indices
     return jnp.take(codebook, idx, axis=0, mode="fill", fill_value=jnp.nan)
 
 
+@jax.jit
 def _encode(x: jax.Array, codebooks: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Greedy residual encoding of rows ``x`` (``[N, D]``) with ``[S, K, D]`` codebooks:
     ``(indices [N, S], values [N, D])``; the value is ``Σ_s e_s`` summed in stage order (as
@@ -195,6 +198,7 @@ def _encode(x: jax.Array, codebooks: jax.Array) -> tuple[jax.Array, jax.Array]:
     return idx, jnp.where(valid[:, None], q, jnp.nan)
 
 
+@jax.jit
 def _decode(idx: jax.Array, codebooks: jax.Array) -> jax.Array:
     """``Σ_s codebooks[s, idx[..., s]]`` in stage order; NaN where an index is outside."""
     q = None
@@ -326,9 +330,14 @@ def kmeans_codebook(
     iters = _check_int(iters, "iters", 0, 10_000)
     check_choice(init, "init", KMEANS_INITS)
     x = _flat(jax.lax.stop_gradient(x)).astype(_compute_dtype(x.dtype))
-    n = x.shape[0]
-    if n == 0:
+    if x.shape[0] == 0:
         raise ValueError("kmeans_codebook: x holds no vectors; allowed: at least one")
+    return _kmeans(x, key, k=k, iters=iters, init=init)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "iters", "init"))
+def _kmeans(x: jax.Array, key: jax.Array, k: int, iters: int, init: str) -> jax.Array:
+    n = x.shape[0]
     seed_key, _ = jax.random.split(key)
     if init == "kmeans++":
         centres = _kmeans_pp(x, k, seed_key)
@@ -425,17 +434,16 @@ def _ema_update(state, z, indices, config, name, stages):
     z = _check_vectors(z, config.dim, name, "config.dim")
     x = _flat(jax.lax.stop_gradient(z)).astype(jnp.float32)
     idx = _check_indices(indices, name).reshape(x.shape[0], S)
+    return _unstack(_ema_stages(st, x, idx, config.decay, config.epsilon), stages)
+
+
+@jax.jit
+def _ema_stages(st, x, idx, decay, epsilon):
     inputs = _stage_inputs(x, idx, st["codebook"])
     cb, cs, es = jax.vmap(_ema_stage, in_axes=(0, 0, 0, 0, 1, None, None))(
-        st["codebook"],
-        st["cluster_size"],
-        st["embed_sum"],
-        inputs,
-        idx,
-        config.decay,
-        config.epsilon,
+        st["codebook"], st["cluster_size"], st["embed_sum"], inputs, idx, decay, epsilon
     )
-    return _unstack({"codebook": cb, "cluster_size": cs, "embed_sum": es}, stages)
+    return {"codebook": cb, "cluster_size": cs, "embed_sum": es}
 
 
 def vq_ema_update(
@@ -484,18 +492,18 @@ def _restart(state, z, key, config, name, stages):
     x = _flat(jax.lax.stop_gradient(z)).astype(jnp.float32)
     if x.shape[0] == 0 or config.restart_threshold == 0:
         return _unstack(st, stages)
+    keys = jax.random.split(key, S)
+    return _unstack(_restart_stages(st, x, keys, config.restart_threshold), stages)
+
+
+@jax.jit
+def _restart_stages(st, x, keys, threshold):
     idx, _ = _encode(x, st["codebook"])
     inputs = _stage_inputs(x, idx, st["codebook"])
-    keys = jax.random.split(key, S)
     cb, cs, es = jax.vmap(_restart_stage, in_axes=(0, 0, 0, 0, 0, None))(
-        st["codebook"],
-        st["cluster_size"],
-        st["embed_sum"],
-        inputs,
-        keys,
-        config.restart_threshold,
+        st["codebook"], st["cluster_size"], st["embed_sum"], inputs, keys, threshold
     )
-    return _unstack({"codebook": cb, "cluster_size": cs, "embed_sum": es}, stages)
+    return {"codebook": cb, "cluster_size": cs, "embed_sum": es}
 
 
 def vq_restart_dead(
@@ -547,13 +555,17 @@ def rvq_from_indices(idx: ArrayLike, codebooks: ArrayLike, config: RVQConfig) ->
 def _losses(z, codebooks, config, name):
     """Codebook and commitment losses summed over the stages of ``[S, K, D]`` codebooks."""
     z = _check_vectors(z, config.dim, name, "config.dim")
-    x = z.astype(_compute_dtype(z.dtype))
+    return _stage_losses(z.astype(_compute_dtype(z.dtype)), codebooks, beta=config.beta)
+
+
+@functools.partial(jax.jit, static_argnames="beta")
+def _stage_losses(x: jax.Array, codebooks: jax.Array, beta: float):
     idx, _ = _encode(_flat(jax.lax.stop_gradient(x)), jax.lax.stop_gradient(codebooks))
     codebook_loss = commitment = jnp.zeros((), x.dtype)
     r = _flat(x)
     for s in range(codebooks.shape[0]):
         q = _take(codebooks[s], idx[:, s])
-        a, b = vq_losses(r, q, beta=config.beta)
+        a, b = vq_losses(r, q, beta=beta)
         codebook_loss, commitment = codebook_loss + a, commitment + b
         r = r - jax.lax.stop_gradient(q)
     return codebook_loss, commitment
