@@ -493,7 +493,14 @@ def _q2d2_tables(config: Q2D2Config) -> _Q2D2Tables:
 
 def _coset_point(t: _Q2D2Tables, c: jax.Array | int, k: jax.Array, axis: int, dt) -> jax.Array:
     """The coordinate on ``axis`` of point ``k`` (int, ``[..., P]``) of coset ``c`` of every
-    pair: read from the table, so snapping and decoding give the same float."""
+    pair, the same float when snapping and decoding: ``start + k`` for unit steps (exact: the
+    starts are multiples of ¼), else read from the table (the hexagonal rows, √3 apart)."""
+    if np.all(t.step[:, :, axis] == 1.0):
+        start = jnp.asarray(t.start[:, :, axis], dt)
+        start = start[:, 1] if isinstance(c, int) and c == 1 else start[:, 0]
+        if not isinstance(c, int):
+            start = jnp.where(c == 1, jnp.asarray(t.start[:, 1, axis], dt), start)
+        return start + k.astype(dt)
     P, _, _, M = t.coords.shape
     flat = jnp.asarray(t.coords.reshape(-1), dt)
     pair = jnp.arange(P, dtype=jnp.int32)
@@ -510,28 +517,32 @@ def _q2d2_snap(s: jax.Array, config: Q2D2Config) -> tuple[jax.Array, jax.Array]:
     without squaring huge coordinates).
     """
     t, dt = _q2d2_tables(config), s.dtype
-    bad = jnp.any(jnp.isnan(s), axis=-1)
-    s = jnp.clip(s, -_FAR, _FAR)
+    # Per-axis planes [..., P] throughout (XLA:CPU is slow on size-2 minor axes).
+    axes = [jnp.clip(s[..., a], -_FAR, _FAR) for a in (0, 1)]
+    bad = jnp.isnan(axes[0]) | jnp.isnan(axes[1])
     points, local = [], []
-    for c in (0, 1):
+    cosets = 2 if np.all(t.count[:, 1, 0] > 0) else 1  # the lattice is the same for all pairs
+    for c in range(cosets):
         pts, ks = [], []
         for a in (0, 1):
             n = jnp.asarray(np.maximum(t.count[:, c, a] - 1, 0), dt)
-            k = (s[..., a] - jnp.asarray(t.start[:, c, a], dt)) / jnp.asarray(t.step[:, c, a], dt)
+            k = (axes[a] - jnp.asarray(t.start[:, c, a], dt)) / jnp.asarray(t.step[:, c, a], dt)
             k = jnp.clip(jnp.round(k), 0, n)
             k = jnp.where(jnp.isnan(k), 0, k).astype(jnp.int32)
             pts.append(_coset_point(t, c, k, a, dt))
             ks.append(k)
-        points.append(jnp.stack(pts, axis=-1))
+        points.append(pts)
         ny = jnp.asarray(t.count[:, c, 1], jnp.int32)
         local.append(jnp.asarray(t.first[:, c], jnp.int32) + ks[0] * ny + ks[1])
-    p0, p1 = points
-    gap = jnp.sum((p1 - p0) * ((s - p0) + (s - p1)), axis=-1)  # d0² − d1²
-    second = jnp.asarray(t.count[:, 1, 0] > 0) & (gap > 0)
-    point = jnp.where(second[..., None], p1, p0)
-    point = jnp.where(bad[..., None], jnp.nan, point)
-    index = jnp.where(bad, -1, jnp.where(second, local[1], local[0]))
-    return point, index
+    (px, py), index = points[0], local[0]
+    if cosets == 2:
+        (x1, y1), (x, y) = points[1], axes
+        gap = (x1 - px) * ((x - px) + (x - x1)) + (y1 - py) * ((y - py) + (y - y1))  # d0² − d1²
+        second = gap > 0
+        px, py = jnp.where(second, x1, px), jnp.where(second, y1, py)
+        index = jnp.where(second, local[1], index)
+    px, py = jnp.where(bad, jnp.nan, px), jnp.where(bad, jnp.nan, py)
+    return jnp.stack([px, py], axis=-1), jnp.where(bad, -1, index)
 
 
 def _pairs_of(v: jax.Array) -> jax.Array:
