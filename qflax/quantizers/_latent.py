@@ -493,14 +493,16 @@ def _q2d2_tables(config: Q2D2Config) -> _Q2D2Tables:
 
 def _coset_point(t: _Q2D2Tables, c: jax.Array | int, k: jax.Array, axis: int, dt) -> jax.Array:
     """The coordinate on ``axis`` of point ``k`` (int, ``[..., P]``) of coset ``c`` of every
-    pair, the same float when snapping and decoding: ``start + k`` for unit steps (exact: the
-    starts are multiples of ¼), else read from the table (the hexagonal rows, √3 apart)."""
-    if np.all(t.step[:, :, axis] == 1.0):
-        start = jnp.asarray(t.start[:, :, axis], dt)
-        start = start[:, 1] if isinstance(c, int) and c == 1 else start[:, 0]
-        if not isinstance(c, int):
-            start = jnp.where(c == 1, jnp.asarray(t.start[:, 1, axis], dt), start)
-        return start + k.astype(dt)
+    pair, the same float when snapping and decoding: ``start + k·step`` for steps 1 and 2
+    (exact in any evaluation order: the starts are multiples of ¼), else read from the table
+    (the true hexagonal rows, √3 apart)."""
+    steps = t.step[:, :, axis]
+    if np.all((steps == 1.0) | (steps == 2.0)):
+        start, step = (jnp.asarray(v[:, :, axis], dt) for v in (t.start, t.step))
+        if isinstance(c, int):
+            return start[:, c] + k.astype(dt) * step[:, c]
+        start = jnp.where(c == 1, start[:, 1], start[:, 0])
+        return start + k.astype(dt) * jnp.where(c == 1, step[:, 1], step[:, 0])
     P, _, _, M = t.coords.shape
     flat = jnp.asarray(t.coords.reshape(-1), dt)
     pair = jnp.arange(P, dtype=jnp.int32)
