@@ -19,6 +19,11 @@ of its own module and registered with :func:`register_family`, exactly as a user
     qz.register_family(MyFamily())
     recipe = Recipe(weight=TensorQuant(kind="my_sign", config=MyConfig()))
 
+Latent (vector) quantizers also describe their training-time state and losses (``losses``,
+``update_stats``, ``calibrate_stats``: an EMA codebook, its k-means init, the commitment loss)
+and their codes per vector (``indices``, ``from_indices``, ``codebook_size``, ``vector_dim``);
+the defaults describe a scalar quantizer with neither.
+
 Every method takes the :class:`~qflax.layers.TensorQuant` (``spec``: ``kind``, ``config``,
 ``target_bits``, ``role``) first. Learnable params are kept in a *compact* layout that does not
 depend on the tensor's rank (``()`` per tensor, ``(C,)`` per channel, the quantizer's own shape
