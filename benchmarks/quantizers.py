@@ -305,6 +305,52 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         FWD_GOAL_OTHER,
     )
 
+    # Latent (vector) quantizers of the last axis, on x viewed as [-1, D] vectors.
+    def vectors(fn, dim):
+        return lambda x, p, a: fn(x.reshape(-1, dim), p).reshape(x.shape)
+
+    fsq_config = qz.FSQConfig(levels=(8, 5, 5, 5))
+    add(
+        "fsq/8x5x5x5",
+        "fsq",
+        vectors(lambda v, p: qz.fsq(v, fsq_config), 4),
+        lambda x: ({}, {}),
+        FWD_GOAL_OTHER,
+    )
+    for lattice in qz.Q2D2_LATTICES:
+        q2d2_config = qz.Q2D2Config(levels=(5, 5), lattice=lattice)
+        add(
+            f"q2d2/{lattice}/5x5",
+            "q2d2",
+            vectors(lambda v, p, c=q2d2_config: qz.q2d2(v, c), 2),
+            lambda x: ({}, {}),
+            FWD_GOAL_OTHER,
+        )
+
+    def codebook_init(shape):
+        def init(x):
+            cb = jax.random.normal(jax.random.key(0), shape, jnp.float32) * jnp.std(x)
+            return {"codebook": cb}, {}
+
+        return init
+
+    vq_config = qz.VQConfig(codebook_size=64, dim=4)
+    add(
+        "vq/64x4",
+        "vq",
+        vectors(lambda v, p: qz.vq(v, p["codebook"], vq_config), 4),
+        codebook_init((64, 4)),
+        FWD_GOAL_OTHER,
+    )
+    rvq_config = qz.RVQConfig(stages=4, codebook_size=64, dim=4)
+    add(
+        "rvq/4x64x4",
+        "rvq",
+        vectors(lambda v, p: qz.rvq(v, p["codebook"], rvq_config), 4),
+        codebook_init((4, 64, 4)),
+        FWD_GOAL_OTHER,
+    )
+
     for name, factory in qz.PAIRS.items():
         q = factory()
         goal = FWD_GOAL_ELEMENTWISE if name == "bc" else FWD_GOAL_OTHER

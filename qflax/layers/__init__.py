@@ -5,11 +5,14 @@
 * :class:`QuantLinear`, :class:`QuantConv`, :class:`QuantEinsum`: own a wrapped ``nnx.Linear`` /
   ``nnx.Conv`` / ``nnx.Einsum`` (``.inner``) and inject the quantized ops of :mod:`qflax.ops`
   through its own hook; learnable quantizer params are :class:`QuantParam`.
+* :class:`QuantLatent`: quantizes a latent tensor with any family (FSQ, Q2D2, VQ, RVQ, ...),
+  training its state (EMA codebooks) and auxiliary losses (:class:`AuxLoss`); codes per vector.
 * :func:`quantize_model` with :class:`Rule` s (regex on "."-joined module paths) and its
   :class:`QuantReport`; :func:`first_last_float_rules`; :func:`calibrate`; :func:`is_quant_layer`.
 * :func:`layer_summaries`, :func:`count_macs`, :func:`totals`: sizes, bits, BOPs, sparsity.
 """
 
+from qflax.layers._latent import QuantLatent
 from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate, is_quant_layer
 from qflax.layers._recipes import (
     GRAD_KEYWORDS,
@@ -40,6 +43,7 @@ __all__ = [
     "register_recipe",
     "QuantConv",
     "QuantEinsum",
+    "QuantLatent",
     "QuantLinear",
     "QuantParam",
     "QuantReport",

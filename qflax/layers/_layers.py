@@ -28,6 +28,7 @@ from flax import nnx
 from jax import lax
 
 from qflax.layers._graph import definition_order, sort_paths
+from qflax.layers._latent import QuantLatent
 from qflax.layers._recipes import FLOAT_BITS, Recipe, TensorQuant
 from qflax.layers._variables import QuantParam, QuantStat
 from qflax.numerics import check_finite
@@ -342,6 +343,10 @@ class _QuantLayer(nnx.Module):
             self._set_params("weight", _init_params(recipe.weight, self._kernel()))
         if recipe.act is not None and recipe.act.learnable:
             self._set_params("act", _init_params(recipe.act, x))
+        if recipe.act is not None and self._stats("act"):
+            # Data-dependent state (e.g. a vector quantizer's k-means codebook).
+            for name, value in recipe.act.calibrate_stats(x, self._stats("act")).items():
+                getattr(self, f"act_{name}")[...] = jnp.asarray(value, jnp.float32)
 
     def _call_inner(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         if self.calibrating:
@@ -694,8 +699,10 @@ def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any
     Every quant layer whose recipe has learned params (``"learned_step"``) sets them, during
     ``model(x, **call_kwargs)``, from the tensors it actually sees: the weight scale from its
     kernel and the activation scale from its input (``TensorQuant.init``: absmax-based for
-    symmetric configs). Layers run in order, so each sees the quantized outputs of the layers
-    calibrated before it. Call it before training (and before ``nnx.split`` for a jitted step).
+    symmetric configs), and data-dependent activation state (``TensorQuant.calibrate_stats``:
+    e.g. a vector quantizer's k-means codebook, in quant layers and :class:`QuantLatent` s).
+    Layers run in order, so each sees the quantized outputs of the layers calibrated before it.
+    Call it before training (and before ``nnx.split`` for a jitted step).
     Other state the forward updates (BatchNorm statistics with ``train=True``) is updated too.
 
     Args:
@@ -706,7 +713,8 @@ def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any
       **call_kwargs: passed to the model (e.g. ``train=False``); static under ``jit``.
 
     Returns:
-      The paths (``"."``-joined) of the layers whose params were initialised.
+      The paths (``"."``-joined) of the layers whose params (or data-dependent state: a
+      :class:`~qflax.layers.QuantLatent`'s k-means codebook) were initialised.
 
     Raises:
       TypeError: if ``model`` is not an ``nnx.Module``.
@@ -715,7 +723,11 @@ def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any
     """
     check_model(model, "calibrate")
     _check_batch(x, "calibrate")
-    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, _QuantLayer)]
+    found = [
+        (path, node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, (_QuantLayer, QuantLatent))
+    ]
     layers = [
         (".".join(map(str, path)), node)
         for path, node in sort_paths(found, definition_order(model))
@@ -730,9 +742,11 @@ def calibrate(model: nnx.Module, x: Any, *, jit: bool = True, **call_kwargs: Any
     finally:
         for _, layer in layers:
             layer.calibrating = False
-    learned = [
-        path
-        for path, layer in layers
-        if any(tq is not None and tq.learnable for tq in (layer.recipe.weight, layer.recipe.act))
-    ]
-    return learned
+    return [path for path, layer in layers if _calibrates(layer)]
+
+
+def _calibrates(layer: Any) -> bool:
+    """Whether :func:`calibrate` sets a layer's params or state from data."""
+    if isinstance(layer, QuantLatent):
+        return layer.calibrates
+    return any(tq is not None and tq.learnable for tq in (layer.recipe.weight, layer.recipe.act))

@@ -67,6 +67,8 @@ class TensorQuant:
       rounding per tensor, per sample, block Householder (Chen et al. 2020) and DoReFa's;
     * ``"hadamard"``: LSQ on the Hadamard-rotated tensor; ``"bitsplit"``: INT4 bit-splitting
       gradients with leverage-score sampling (Xi et al. 2023);
+    * ``"fsq"``, ``"q2d2"``, ``"vq"``, ``"rvq"``: latent (vector) quantizers of the last axis,
+      with code indices (:class:`~qflax.layers.QuantLatent` trains their state and losses);
 
     and any family registered by user code (:func:`qflax.quantizers.register_family`).
 
@@ -283,6 +285,69 @@ class TensorQuant:
     def used_bits(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
         """The integer bit-width this quantizer actually uses (None: the nominal bits)."""
         return self.family.used_bits(self, x, params) if self.reads_bits else None
+
+    # ---------------------------------------------------------------- training state, codes
+
+    def losses(
+        self,
+        x: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+    ) -> dict[str, jax.Array]:
+        """The family's auxiliary training losses of quantizing ``x`` (weighted; ``{}``: none)."""
+        return dict(self.family.losses(self, jnp.asarray(x), dict(params or {}), dict(stats or {})))
+
+    def update_stats(
+        self,
+        x: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+        *,
+        key: jax.Array | None = None,
+    ) -> dict[str, jax.Array]:
+        """The state after a training step that saw ``x`` (e.g. an EMA codebook)."""
+        return dict(
+            self.family.update_stats(
+                self, jnp.asarray(x), dict(params or {}), dict(stats or {}), key=key
+            )
+        )
+
+    def calibrate_stats(
+        self, x: ArrayLike, stats: Mapping[str, ArrayLike] | None = None
+    ) -> dict[str, jax.Array]:
+        """The state set from the first real tensor (e.g. a k-means codebook)."""
+        x = jax.lax.stop_gradient(jnp.asarray(x))
+        return dict(self.family.calibrate_stats(self, x, dict(stats or {})))
+
+    def indices(
+        self,
+        x: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+    ) -> jax.Array:
+        """The int32 code of every vector of ``x`` (vector quantizers; else NotExportable)."""
+        return self.family.indices(self, jnp.asarray(x), dict(params or {}), dict(stats or {}))
+
+    def from_indices(
+        self,
+        idx: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+    ) -> jax.Array:
+        """The quantized vectors of codes ``idx`` (the inverse of :meth:`indices`)."""
+        return self.family.from_indices(
+            self, jnp.asarray(idx), dict(params or {}), dict(stats or {})
+        )
+
+    @property
+    def codebook_size(self) -> int | None:
+        """Distinct code vectors (vector quantizers), else None."""
+        return self.family.codebook_size(self)
+
+    @property
+    def vector_dim(self) -> int | None:
+        """Elements per code vector (vector quantizers), else None."""
+        return self.family.vector_dim(self)
 
 
 class _Bound:

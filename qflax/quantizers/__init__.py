@@ -25,6 +25,11 @@ dataclass and ``name_init(x, config) -> params`` for data-dependent parameters; 
   per-sample μ ± 3σ, K-level codes, straight-through (:func:`split_quantize`, family
   ``"split"``), the byte count of what is sent (:func:`split_payload_bytes`) and the entropy
   of the codes (:func:`code_entropy`, :func:`choose_levels`);
+* latent (vector) quantizers with codes per vector: finite scalar quantization :func:`fsq`,
+  Q2D2's 2-D grids :func:`q2d2` (rectangular, true hexagonal, rhombic, upstream hexagonal),
+  codebook VQ :func:`vq` (k-means init :func:`kmeans_codebook`, EMA codebooks, dead-code
+  restarts, VQ-VAE losses) and residual VQ :func:`rvq`; codes ``*_indices`` /
+  ``*_from_indices``, utilisation :func:`code_perplexity`, rate :func:`bits_per_vector`;
 * ProxConnect++ forward/backward pairs: :func:`pair`, the catalogue :data:`PAIRS`, and the named
   elementwise functions in :data:`FORWARDS` / :data:`BACKWARDS`; :class:`PairConfig` puts a pair
   (named, or composed from a forward and a backward) in a layer, and :func:`register_pair`,
@@ -137,6 +142,21 @@ from qflax.quantizers._int4 import (
     leverage_sample,
     water_fill,
 )
+from qflax.quantizers._latent import (
+    Q2D2_LATTICES,
+    FSQConfig,
+    Q2D2Config,
+    bits_per_vector,
+    code_perplexity,
+    code_utilisation,
+    fsq,
+    fsq_from_indices,
+    fsq_indices,
+    q2d2,
+    q2d2_from_indices,
+    q2d2_grid,
+    q2d2_indices,
+)
 from qflax.quantizers._lsq import (
     LSQConfig,
     lsq,
@@ -240,6 +260,25 @@ from qflax.quantizers._uniform import (
     uniform_dequantize,
     uniform_init,
 )
+from qflax.quantizers._vq import (
+    KMEANS_INITS,
+    RVQConfig,
+    VQConfig,
+    kmeans_codebook,
+    rvq,
+    rvq_ema_update,
+    rvq_from_indices,
+    rvq_indices,
+    rvq_losses,
+    rvq_restart_dead,
+    vq,
+    vq_ema_init,
+    vq_ema_update,
+    vq_from_indices,
+    vq_indices,
+    vq_losses,
+    vq_restart_dead,
+)
 
 __all__ = [
     "SIDE_DTYPES",
@@ -315,6 +354,36 @@ __all__ = [
     "leverage_rows",
     "leverage_sample",
     "water_fill",
+    "FSQConfig",
+    "Q2D2Config",
+    "Q2D2_LATTICES",
+    "bits_per_vector",
+    "code_perplexity",
+    "code_utilisation",
+    "fsq",
+    "fsq_from_indices",
+    "fsq_indices",
+    "q2d2",
+    "q2d2_from_indices",
+    "q2d2_grid",
+    "q2d2_indices",
+    "KMEANS_INITS",
+    "RVQConfig",
+    "VQConfig",
+    "kmeans_codebook",
+    "rvq",
+    "rvq_ema_update",
+    "rvq_from_indices",
+    "rvq_indices",
+    "rvq_losses",
+    "rvq_restart_dead",
+    "vq",
+    "vq_ema_init",
+    "vq_ema_update",
+    "vq_from_indices",
+    "vq_indices",
+    "vq_losses",
+    "vq_restart_dead",
     "PACTConfig",
     "pact",
     "pact_init",

@@ -19,6 +19,11 @@ of its own module and registered with :func:`register_family`, exactly as a user
     qz.register_family(MyFamily())
     recipe = Recipe(weight=TensorQuant(kind="my_sign", config=MyConfig()))
 
+Latent (vector) quantizers also describe their training-time state and losses (``losses``,
+``update_stats``, ``calibrate_stats``: an EMA codebook, its k-means init, the commitment loss)
+and their codes per vector (``indices``, ``from_indices``, ``codebook_size``, ``vector_dim``);
+the defaults describe a scalar quantizer with neither.
+
 Every method takes the :class:`~qflax.layers.TensorQuant` (``spec``: ``kind``, ``config``,
 ``target_bits``, ``role``) first. Learnable params are kept in a *compact* layout that does not
 depend on the tensor's rank (``()`` per tensor, ``(C,)`` per channel, the quantizer's own shape
@@ -339,6 +344,80 @@ class QuantizerFamily:
         """``(y, α)`` with ``apply(x) = α·y`` and ``y = ±1`` (traceable): the weights of a
         ``"binary"`` lowering. Families whose weight lowering is binary define it."""
         raise NotExportable(f"kind={self.name!r} defines no sign values")
+
+    # ------------------------------------------------------------------ training-time state
+
+    def losses(
+        self,
+        spec: Any,
+        x: jax.Array,
+        params: Mapping[str, jax.Array],
+        stats: Mapping[str, jax.Array],
+    ) -> dict[str, jax.Array]:
+        """Auxiliary training losses of quantizing ``x`` (float32 scalars, already weighted,
+        differentiable in ``x`` and ``params``), e.g. a vector quantizer's codebook and
+        commitment losses; a layer adds their sum to the task loss. ``{}``: none."""
+        return {}
+
+    def update_stats(
+        self,
+        spec: Any,
+        x: jax.Array,
+        params: Mapping[str, jax.Array],
+        stats: Mapping[str, jax.Array],
+        *,
+        key: jax.Array | None,
+    ) -> dict[str, jax.Array]:
+        """The state after one training step that saw ``x`` (traceable; same names, shapes and
+        dtypes as ``stats``), e.g. an EMA codebook and dead-code restarts. Default: unchanged."""
+        return dict(stats)
+
+    def calibrate_stats(
+        self, spec: Any, x: jax.Array, stats: Mapping[str, jax.Array]
+    ) -> dict[str, jax.Array]:
+        """The state set from the first real tensor an activation quantizer sees
+        (:func:`qflax.layers.calibrate`), e.g. a k-means codebook. Default: unchanged."""
+        return dict(stats)
+
+    # ------------------------------------------------------------------ codes per vector
+
+    def codebook_size(self, spec: Any) -> int | None:
+        """Distinct code vectors of a vector quantizer (its implicit or explicit codebook; a
+        residual quantizer: the product over stages); None: not a vector quantizer."""
+        return None
+
+    def vector_dim(self, spec: Any) -> int | None:
+        """Elements of the last axis coded together by one code (the vector length); None: not
+        a vector quantizer."""
+        return None
+
+    def indices(
+        self,
+        spec: Any,
+        x: jax.Array,
+        params: Mapping[str, jax.Array],
+        stats: Mapping[str, jax.Array],
+    ) -> jax.Array:
+        """The int32 code of every vector of ``x`` (shape ``x.shape[:-1]``, or with a trailing
+        stage axis for residual quantizers). Raises :class:`NotExportable` when the family is
+        not a vector quantizer."""
+        raise NotExportable(
+            f"kind={self.name!r} has no code indices (QuantizerFamily.indices); allowed: a "
+            "vector quantizer (fsq, q2d2, vq, rvq)"
+        )
+
+    def from_indices(
+        self,
+        spec: Any,
+        idx: jax.Array,
+        params: Mapping[str, jax.Array],
+        stats: Mapping[str, jax.Array],
+    ) -> jax.Array:
+        """The quantized vectors of codes ``idx`` (the inverse of :meth:`indices`)."""
+        raise NotExportable(
+            f"kind={self.name!r} has no code indices (QuantizerFamily.from_indices); allowed: "
+            "a vector quantizer (fsq, q2d2, vq, rvq)"
+        )
 
     def __repr__(self) -> str:
         return f"<quantizer family {self.name!r}>"

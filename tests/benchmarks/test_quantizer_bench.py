@@ -72,6 +72,27 @@ HELPERS = {
     "pack",
     "unpack",
     "dbssq_quantize",  # the hard level function Q of dbssq (no custom gradient)
+    # latent quantizers' codes, losses, codebook fitting and updates, utilisation (the
+    # quantizers fsq, q2d2, vq, rvq have rows)
+    "fsq_indices",
+    "fsq_from_indices",
+    "q2d2_indices",
+    "q2d2_from_indices",
+    "q2d2_grid",
+    "vq_indices",
+    "vq_from_indices",
+    "vq_losses",
+    "vq_ema_update",
+    "vq_restart_dead",
+    "rvq_indices",
+    "rvq_from_indices",
+    "rvq_losses",
+    "rvq_ema_update",
+    "rvq_restart_dead",
+    "kmeans_codebook",
+    "code_perplexity",
+    "code_utilisation",
+    "bits_per_vector",
     "dorefa",  # dispatches on its config's role to dorefa_weights / dorefa_activations (rows)
     "pair",
     *(f.__name__ for f in quantizers.PAIRS.values()),
