@@ -12,7 +12,7 @@
 * :func:`layer_summaries`, :func:`count_macs`, :func:`totals`: sizes, bits, BOPs, sparsity.
 """
 
-from qflax.layers._latent import QuantLatent
+from qflax.layers._latent import QuantLatent, latent_codes, latent_summaries
 from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate, is_quant_layer
 from qflax.layers._recipes import (
     GRAD_KEYWORDS,
@@ -55,6 +55,8 @@ __all__ = [
     "count_macs",
     "first_last_float_rules",
     "is_quant_layer",
+    "latent_codes",
+    "latent_summaries",
     "layer_summaries",
     "quantize_model",
     "recipes",

@@ -13,13 +13,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qflax.layers._recipes import TensorQuant
 from qflax.layers._variables import AuxLoss, QuantParam, QuantStat
 from qflax.quantizers import QuantizerFamily
 
-__all__ = ["QuantLatent"]
+__all__ = ["QuantLatent", "latent_codes", "latent_summaries"]
 
 
 class QuantLatent(nnx.Module):
@@ -71,6 +72,25 @@ class QuantLatent(nnx.Module):
         self.stat_names = tuple(stats)
         self.noise_key = QuantStat(jax.random.key_data(jax.random.key(seed)))
         self.aux_loss = AuxLoss(jnp.zeros((), jnp.float32))
+        # Static: True only inside `latent_codes` (the call sows its codes as an Intermediate).
+        self.record = False
+
+    @classmethod
+    def from_module(cls, module: Any, recipe: Any) -> QuantLatent:
+        """The quantized version of a :class:`~qflax.layers.Latent` slot: the recipe's
+        activation quantizer on vectors of ``module.dim`` (``quantize_model``)."""
+        from qflax.layers._slots import Latent
+
+        if not isinstance(module, Latent):
+            raise ValueError(
+                f"module={type(module).__name__} is not allowed; allowed: a qflax.layers.Latent"
+            )
+        if recipe.act is None:
+            raise ValueError(
+                f"recipe {recipe} has no activation quantizer for a Latent slot; allowed: a "
+                "recipe with one (recipes.latent(kind, ...))"
+            )
+        return cls(recipe.act, features=module.dim)
 
     def seed_noise(self, seed: int) -> None:
         """Reseeds ``noise_key``."""
@@ -111,6 +131,8 @@ class QuantLatent(nnx.Module):
         apply_key, update_key = jax.random.split(self._next_key())
         key = apply_key if self.quant.needs_key else None
         y = self.quant.apply(z, params, key=key, stats=stats)
+        if self.record:
+            self.sow(nnx.Intermediate, "codes", self.quant.indices(z, params, stats))
         if train and not self.calibrating:
             losses = self.quant.losses(z, params, stats)
             total = sum((jnp.asarray(v, jnp.float32) for v in losses.values()), jnp.zeros(()))
@@ -148,3 +170,95 @@ class QuantLatent(nnx.Module):
             "act_bits": self.quant.bits,
             "params": int(params),
         }
+
+
+def _latent_layers(model: nnx.Module) -> list[tuple[str, QuantLatent]]:
+    return [
+        (".".join(str(p) for p in path), node)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, QuantLatent)
+    ]
+
+
+def latent_codes(
+    model: nnx.Module, x: Any, *, batch_size: int = 500, **call_kwargs: Any
+) -> dict[str, np.ndarray]:
+    """The codes every :class:`QuantLatent` of ``model`` gives for the inputs ``x`` (the model
+    in inference mode, ``batch_size`` examples per compiled call): ``{path: int32 codes}``, the
+    codes of all of ``x`` concatenated along the first axis."""
+    layers = _latent_layers(model)
+    if not layers:
+        return {}
+
+    @nnx.jit
+    def run(model, xb):
+        model(xb, train=False, **call_kwargs)
+        return nnx.pop(model, nnx.Intermediate)
+
+    out: dict[str, list[np.ndarray]] = {path: [] for path, _ in layers}
+    x = np.asarray(x)
+    for _, layer in layers:
+        layer.record = True
+    try:
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            n = len(xb)
+            if n < batch_size and len(x) > batch_size:  # pad to reuse the compiled call
+                xb = np.concatenate([xb, np.repeat(xb[-1:], batch_size - n, axis=0)])
+            sown = run(model, xb)
+            for path, _layer in layers:
+                node = sown
+                for part in path.split("."):
+                    node = node[int(part) if part.isdigit() else part]
+                out[path].append(np.asarray(node["codes"].get_value()[0])[:n])
+    finally:
+        for _, layer in layers:
+            layer.record = False
+    return {path: np.concatenate(chunks) for path, chunks in out.items()}
+
+
+def latent_summaries(model: nnx.Module, x: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """One dict per :class:`QuantLatent`: its :meth:`~QuantLatent.quant_info` and, from its
+    codes of the inputs ``x`` (:func:`latent_codes`): ``codes_per_sample``, ``code_bits``
+    (``log2`` of the codebook size: the bits of one code; a scalar quantizer's codes are its
+    elements), ``bits_per_sample`` (nominal), ``perplexity`` (of the code frequencies; a
+    residual quantizer: the product over its stages), ``utilisation`` (perplexity / codebook
+    size; residual: the mean over stages), ``entropy_bits`` (of one code: the rate an entropy
+    coder reaches) and ``bytes_per_sample`` (the family's ``payload_bytes`` of one
+    sample when it defines it, else the nominal bits rounded up to bytes)."""
+    from qflax.quantizers import code_perplexity
+
+    codes = latent_codes(model, x, **kwargs)
+    rows = []
+    for path, layer in _latent_layers(model):
+        info = {"path": path, **layer.quant_info()}
+        c = codes[path]
+        family = layer.quant.family
+        size = layer.quant.codebook_size
+        if size is None:  # no codes to count
+            rows.append(info)
+            continue
+        stages = int(family.code_stages(layer.quant))
+        per_stage = round(size ** (1 / stages))
+        stage_codes = c.reshape(-1, stages) if stages > 1 else c.reshape(-1, 1)
+        perplexities = [
+            float(code_perplexity(jnp.asarray(stage_codes[:, s]), per_stage)) for s in range(stages)
+        ]
+        sample_shape = tuple(c.shape[1:])
+        per_sample = math.prod(sample_shape) // stages
+        code_bits = math.log2(size)
+        bits = per_sample * code_bits
+        payload = getattr(family, "payload_bytes", None)
+        info.update(
+            codes_per_sample=per_sample,
+            code_bits=code_bits,
+            bits_per_sample=bits,
+            perplexity=float(np.prod(perplexities)),
+            utilisation=float(np.mean([p / per_stage for p in perplexities])),
+            entropy_bits=float(sum(math.log2(max(p, 1.0)) for p in perplexities)),
+            bytes_per_sample=(
+                int(payload(layer.quant, sample_shape)) if payload else math.ceil(bits / 8)
+            ),
+        )
+        rows.append(info)
+    return rows

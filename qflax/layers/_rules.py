@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from qflax.layers._graph import definition_order, sort_paths
+from qflax.layers._latent import QuantLatent
 from qflax.layers._layers import (
     check_model,
     float_layer_info,
@@ -27,6 +28,7 @@ from qflax.layers._layers import (
     quant_layer_for,
 )
 from qflax.layers._recipes import Recipe
+from qflax.layers._slots import Latent
 
 __all__ = [
     "QuantReport",
@@ -167,6 +169,14 @@ def _targets(
     return sort_paths(out, definition_order(model) if order is None else order)
 
 
+def _latent_slots(
+    model: nnx.Module, order: dict[tuple[Any, ...], int]
+) -> list[tuple[tuple[Any, ...], Latent]]:
+    """``(path, slot)`` of every float :class:`~qflax.layers.Latent` slot."""
+    found = [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, Latent)]
+    return sort_paths(found, order)
+
+
 def _is_container(node: Any) -> bool:
     return isinstance(node, (nnx.List, list, tuple, Mapping))
 
@@ -239,6 +249,21 @@ def quantize_model(
                 rule=index,
             )
         )
+    for path, module in _latent_slots(model, order):
+        # A Latent slot takes the activation quantizer of its rule's recipe (float without one).
+        joined = _join(path)
+        index = next((i for i, c in enumerate(compiled) if c.search(joined)), None)
+        recipe = None if index is None else rules[index].recipe
+        if index is not None:
+            used.add(index)
+        if recipe is not None and recipe.act is not None:
+            layer = QuantLatent.from_module(module, recipe)
+            layer.seed_noise(zlib.crc32(joined.encode()))
+            _replace(model, path, layer)
+            described = f"a:{recipe.act}"
+        else:
+            described = "float"
+        lines.append(ReportLine(path=joined, module_type="Latent", recipe=described, rule=index))
     unmatched = tuple(rule for i, rule in enumerate(rules) if i not in used)
     return model, QuantReport(lines=tuple(lines), rules=rules, unmatched_rules=unmatched)
 

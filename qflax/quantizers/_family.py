@@ -386,6 +386,11 @@ class QuantizerFamily:
         residual quantizer: the product over stages); None: not a vector quantizer."""
         return None
 
+    def code_stages(self, spec: Any) -> int:
+        """Codes per vector: 1, or a residual quantizer's stages (its :meth:`indices` then end
+        in a stage axis, each stage a code of ``codebook_size ** (1 / stages)``)."""
+        return 1
+
     def vector_dim(self, spec: Any) -> int | None:
         """Elements of the last axis coded together by one code (the vector length); None: not
         a vector quantizer."""

@@ -293,7 +293,7 @@ class SplitFamily(QuantizerFamily):
         return spec.config.levels
 
     def vector_dim(self, spec):
-        return 1
+        return None  # a scalar quantizer: every element is a code
 
     def payload_bytes(self, spec, shape: tuple[int, ...]) -> int:
         """Bytes one sample of per-sample ``shape`` sends (:func:`split_payload_bytes`)."""

@@ -694,6 +694,9 @@ class RVQFamily(VQFamily):
     def codebook_size(self, spec) -> int:
         return int(spec.config.codebook_size) ** int(spec.config.stages)
 
+    def code_stages(self, spec) -> int:
+        return int(spec.config.stages)
+
     def describe(self, spec) -> str:
         c = spec.config
         return f"rvq{c.stages}x{c.codebook_size}/d{c.dim}"

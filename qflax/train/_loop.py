@@ -448,7 +448,9 @@ def train_and_evaluate(
     Files: ``config.json``, ``metrics.jsonl`` (``kind`` "step": window means every
     ``log_every_steps``; ``kind`` "epoch": epoch means and test metrics), ``checkpoints/``,
     ``summary.json`` (see :func:`_summary.summarize_model` for the size fields, plus
-    ``test_accuracy``, ``test_loss``, ``fp_test_accuracy`` with a teacher, ``wall_seconds``),
+    ``test_accuracy`` — ``test_psnr`` for autoencoders —, ``test_loss``, ``fp_test_accuracy``
+    with a teacher, ``wall_seconds``, and for models with quantized latent codes ``latent`` and
+    its headline fields: see :func:`_latent_report`),
     ``curves.png``, and ``quantization.txt`` (which rule matched which layer).
 
     Models with learned bit-widths (recipe ``gdnsq``) train with the exterior-point penalty
@@ -700,6 +702,7 @@ def _train_and_evaluate(
         "steps": step,
         **_summary.summarize_model(final_model, dataset.test_x[:1]),
         **(_bits_summary(final_model, converged_epoch, stopped_epoch) if penalty else {}),
+        **_latent_report(final_model, dataset.test_x, config.eval_batch_size),
         **_quantizer_reports(final_model, workdir),
         "teacher_wall_seconds": teacher_wall,
         "wall_seconds": elapsed(),  # includes training the teacher in this job
@@ -717,6 +720,19 @@ def _quantizer_reports(model: nnx.Module, workdir: pathlib.Path) -> dict[str, An
 
     specs = [tq for layer in _quant_layers(model) for tq in (layer.recipe.weight, layer.recipe.act)]
     return run_reports(specs, workdir)
+
+
+def _latent_report(model: nnx.Module, test_x: np.ndarray, batch_size: int) -> dict[str, Any]:
+    """The latent codes of the test split (:func:`qflax.layers.latent_summaries`): ``latent``
+    (one row per quantized latent) and, from the first, ``bits_per_vector``, ``utilisation``,
+    ``perplexity``, ``bits_per_sample`` and ``bytes_per_sample`` at the top level."""
+    from qflax.layers import latent_summaries
+
+    rows = latent_summaries(model, test_x, batch_size=batch_size)
+    if not rows:
+        return {}
+    keys = ("bits_per_vector", "utilisation", "perplexity", "bits_per_sample", "bytes_per_sample")
+    return {"latent": rows, **{k: rows[0][k] for k in keys if k in rows[0]}}
 
 
 def _bits_summary(model: nnx.Module, converged_epoch, stopped_epoch) -> dict[str, Any]:
