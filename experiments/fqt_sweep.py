@@ -14,16 +14,13 @@ resumes where it stopped. ``--jobs N`` runs N trainings at once.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
-import json
 import math
 import pathlib
 import shlex
 import statistics
-import subprocess
 import sys
 
-from experiments import fqt_rows
+from experiments import _sweeps, fqt_rows
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -39,35 +36,11 @@ BEGIN, END = "<!-- fqt table begin -->", "<!-- fqt table end -->"
 
 def command(dataset: str, row: str, seed: int, root: pathlib.Path) -> list[str]:
     """The ``qflax train`` command of one row and seed."""
-    return [
-        "qflax",
-        "train",
-        "--config",
-        f"{SETS[dataset]}:{row}",
-        f"--config.seed={seed}",
-        "--config.progress_bar=false",
-        "--workdir",
-        str(root / f"{dataset}-{row}-s{seed}"),
-    ]
-
-
-def run(dataset: str, row: str, seed: int, root: pathlib.Path) -> None:
-    """Trains one row and seed; its output goes to ``<root>/<set>-<row>-s<seed>.log``."""
-    args = command(dataset, row, seed, root)
-    print("$", shlex.join(args), flush=True)
-    root.mkdir(parents=True, exist_ok=True)
-    log = root / f"{dataset}-{row}-s{seed}.log"
-    with log.open("w") as out:
-        done = subprocess.run(
-            [sys.executable, "-m", "qflax.cli", *args[1:]], cwd=REPO, stdout=out, stderr=out
-        )
-    if done.returncode:
-        raise RuntimeError(f"{dataset} {row} seed {seed} failed (exit {done.returncode}); {log}")
+    return _sweeps.train_command(SETS[dataset], row, seed, root / f"{dataset}-{row}-s{seed}")
 
 
 def _summary(root: pathlib.Path, dataset: str, row: str, seed: int) -> dict | None:
-    path = root / f"{dataset}-{row}-s{seed}" / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _sweeps.summary(root / f"{dataset}-{row}-s{seed}")
 
 
 def _metric(dataset: str, summary: dict) -> float:
@@ -75,11 +48,6 @@ def _metric(dataset: str, summary: dict) -> float:
     if dataset == "pydoc_text":
         return summary["test_loss"] / math.log(2)
     return 100 * summary["test_accuracy"]
-
-
-def _mean_std(values: list[float], digits: int) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
 def _grads(summary: dict) -> str:
@@ -116,23 +84,11 @@ def table(dataset: str, root: pathlib.Path, seeds: list[int]) -> str:
                 cells.append(f"{means[row] - means[ref]:+.2f} pt")
         wall = statistics.fmean(s["wall_seconds"] for s in runs)
         lines.append(
-            f"| {fqt_rows.LABELS[row]} (`{row}`) | {_mean_std(values, 3 if text else 2)} | "
+            f"| {fqt_rows.LABELS[row]} (`{row}`) | {_sweeps.mean_std(values, 3 if text else 2)} | "
             f"{cells[0]} | {cells[1]} | {len(runs)} | {_grads(runs[0])} | {wall:.0f} |"
         )
     example = shlex.join(command(dataset, "bhq8", 0, pathlib.Path("runs/fqt")))
     return "\n".join(lines) + f"\n\nCommand (row `bhq8`, seed 0; `:ROW` picks the row): `{example}`"
-
-
-def write_readme(text: str) -> None:
-    """Replaces the text between the FQT markers of ``experiments/README.md``."""
-    body = README.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in body and END in body:
-        head, rest = body.split(BEGIN, 1)
-        body = head + block + rest.split(END, 1)[1]
-    else:
-        body = body.rstrip() + "\n\n" + block + "\n"
-    README.write_text(body)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,21 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     root = root if root.is_absolute() else (REPO / root).resolve()
     if not args.table_only:
         todo = [
-            (d, r, s)
+            (command(d, r, s, root), root / f"{d}-{r}-s{s}")
             for s in args.seeds
             for d in args.sets
             for r in SET_ROWS[d]
-            if (not args.rows or r in args.rows) and _summary(root, d, r, s) is None
+            if not args.rows or r in args.rows
         ]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            failures = []
-            for future in [pool.submit(run, d, r, s, root) for d, r, s in todo]:
-                try:
-                    future.result()
-                except RuntimeError as error:  # keep going: the other rows still count
-                    failures.append(str(error))
-        for failure in failures:
-            print("FAILED:", failure, file=sys.stderr)
+        _sweeps.run_all(todo, args.jobs)
     seeds = sorted(set(args.seeds))
     parts = []
     for dataset in SETS:
@@ -174,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n\n".join(parts)
     print(text)
     if not args.no_write:
-        write_readme(text)
+        _sweeps.write_block(README, BEGIN, END, text)
     return 0
 
 
