@@ -366,6 +366,20 @@ def _quant_layers(model: nnx.Module) -> list:
     return [node for _, node in nnx.iter_graph(model) if is_quant_layer(node)]
 
 
+def _committed(state: TrainState) -> TrainState:
+    """``state`` with every array committed to the device its arrays are on.
+
+    The jitted steps compile once per mix of committed and uncommitted arguments: a state with
+    restored or teacher-initialised (committed) weights beside fresh (uncommitted) counters, or
+    with eager values set between steps (annealed quantizer state, the ``converged`` flag),
+    would compile the train step (and the eval step) again. Placement and results are
+    unchanged."""
+    leaves = jax.tree.leaves(state)
+    if not leaves:
+        return state
+    return jax.device_put(state, next(iter(leaves[0].devices())))
+
+
 def _set_schedules(graphdef, state: TrainState, config, epoch: int) -> TrainState:
     """``state`` with every quant layer's annealed quantizer state set for ``epoch`` (0-based)
     by its family's schedule (DBSSQ's ε, an annealed pair μ, a relaxed pair's ``hard`` flag).
@@ -379,7 +393,7 @@ def _set_schedules(graphdef, state: TrainState, config, epoch: int) -> TrainStat
     if not done:
         return state
     _, _, rest = split_model(model)
-    return state.replace(rest=rest)
+    return _committed(state.replace(rest=rest))
 
 
 def _ends_exact(model: nnx.Module) -> bool:
@@ -565,6 +579,7 @@ def _train_and_evaluate(
     metrics_path = workdir / METRICS_FILE
     start_epoch, previous_wall = 0, 0.0
     state, meta, latest = _checkpoint.restore_latest_good(manager, state)
+    state = _committed(state)
     if latest is not None:
         start_epoch, previous_wall = int(meta["epoch"]), float(meta.get("wall_seconds", 0.0))
         if start_epoch > config.epochs:  # metrics.jsonl did not tell (_check_workdir)
@@ -668,7 +683,7 @@ def _train_and_evaluate(
                     record["within_target"] = within
                     if within and converged_epoch is None:
                         converged_epoch = epoch + 1
-                        state = state.replace(converged=jax.numpy.ones((), bool))
+                        state = _committed(state.replace(converged=jax.numpy.ones((), bool)))
                         logger.info("bit-widths within target at epoch %d", epoch + 1)
                     record["converged"] = converged_epoch is not None
                     if converged_epoch is not None:
