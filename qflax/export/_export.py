@@ -2,8 +2,10 @@
 
 The exported tree is a nested dict with string keys that mirrors the model's variable paths
 (``nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))``, list indices as strings): every quant
-layer's kernel (``<path>.inner.kernel``) is a packed :class:`~qflax.export.QArray` holding the
-codes the forward pass uses; every other variable (biases, BatchNorm parameters and statistics,
+layer's kernel (``<path>.inner.kernel``; a :class:`~qflax.layers.QuantEmbed`'s table,
+``<path>.inner.embedding``, stored transposed as the quantizer sees it, ``(features, vocab)``
+with one scale per token) is a packed :class:`~qflax.export.QArray` holding the codes the
+forward pass uses; every other variable (biases, BatchNorm parameters and statistics,
 float layers, learned quantizer scales) is a float array. The layers' ``QuantStat`` (MAC
 counts) and RNG state are not exported.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from qflax.layers import QuantConv, QuantEinsum, QuantLinear, TensorQuant
+from qflax.layers import QuantConv, QuantEinsum, QuantEmbed, QuantLinear, TensorQuant
 from qflax.quantizers import QArray, dequantize, nbytes, pack
 
 __all__ = [
@@ -35,7 +37,7 @@ __all__ = [
     "save_packed",
 ]
 
-_QUANT_TYPES = (QuantLinear, QuantConv, QuantEinsum)
+_QUANT_TYPES = (QuantLinear, QuantConv, QuantEinsum, QuantEmbed)
 _EXPORTED = nnx.Any(nnx.Param, nnx.BatchStat)
 
 
@@ -92,7 +94,8 @@ def _key(part: Any) -> str:
 
 
 def quant_layers(model: nnx.Module) -> list[tuple[tuple[str, ...], nnx.Module]]:
-    """``(path, layer)`` of every quant layer (QuantLinear/QuantConv/QuantEinsum), paths as str."""
+    """``(path, layer)`` of every quant layer (QuantLinear/QuantConv/QuantEinsum/QuantEmbed),
+    paths as str."""
     return [
         (tuple(_key(p) for p in path), node)
         for path, node in nnx.iter_graph(model)
@@ -101,9 +104,13 @@ def quant_layers(model: nnx.Module) -> list[tuple[tuple[str, ...], nnx.Module]]:
 
 
 def _layer_kernel(layer: nnx.Module) -> jax.Array:
-    kernel = layer.inner.kernel[...]
-    mask = getattr(layer.inner, "mask", None)
-    return kernel if mask is None else kernel * mask
+    """The weight in the quantizer's layout (a conv's masked kernel, an embedding's table
+    transposed)."""
+    return layer._kernel()
+
+
+def _weight_path(path: tuple[str, ...], layer: nnx.Module) -> tuple[str, ...]:
+    return (*path, "inner", layer.weight_attr)
 
 
 def _weight_params(layer: nnx.Module) -> dict[str, jax.Array]:
@@ -148,7 +155,7 @@ def export_model(model: nnx.Module) -> dict[str, Any]:
             continue
         stats = layer._stats("weight")  # a relaxed pair's `hard` flag
         q = quantize_tensor(spec, _layer_kernel(layer), _weight_params(layer), stats)
-        _set_nested(tree, (*path, "inner", "kernel"), pack(q))
+        _set_nested(tree, _weight_path(path, layer), pack(q))
         for name in _weight_params(layer):  # learned scales live in the QArray (no duplicate)
             del _get_nested(tree, path)[f"weight_{name}"]
     return tree
@@ -163,7 +170,7 @@ def _learned_weight_params(tree: Mapping[str, Any], model: nnx.Module) -> dict[t
         if spec is None:
             continue
         try:
-            kernel = _get_nested(tree, (*path, "inner", "kernel"))
+            kernel = _get_nested(tree, _weight_path(path, layer))
         except ValueError:
             continue
         if _is_qarray(kernel):
@@ -189,12 +196,12 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
         quantile ``a``), so ``ŵ`` does not map back to its own codes, and the export does not
         hold that state; an entry is missing or has another shape than the model's variable.
     """
-    kernels = {}  # kernel path -> the spec that maps its codes back to a kernel
+    kernels = {}  # weight path -> (the spec that maps its codes back to a kernel, the layer)
     for path, layer in quant_layers(model):
         spec = layer.recipe.weight
         if spec is not None:
             spec.family.check_importable(spec, ".".join(path))
-            kernels[(*path, "inner", "kernel")] = spec
+            kernels[_weight_path(path, layer)] = (spec, layer)
     learned = _learned_weight_params(tree, model)
     state = nnx.state(model, _EXPORTED)
     for path, variable in nnx.to_flat_state(state):
@@ -206,10 +213,11 @@ def import_model(model: nnx.Module, tree: Mapping[str, Any]) -> nnx.Module:
         else:
             value = _get_nested(tree, key)
             if _is_qarray(value):
-                spec = kernels.get(key)
-                value = (
-                    dequantize(value) if spec is None else spec.family.import_kernel(spec, value)
-                )
+                if key in kernels:
+                    spec, layer = kernels[key]
+                    value = layer.kernel_to_weight(spec.family.import_kernel(spec, value))
+                else:
+                    value = dequantize(value)
             else:
                 value = jnp.asarray(value)
         if tuple(value.shape) != tuple(old.shape):

@@ -5,6 +5,8 @@
 * :class:`QuantLinear`, :class:`QuantConv`, :class:`QuantEinsum`: own a wrapped ``nnx.Linear`` /
   ``nnx.Conv`` / ``nnx.Einsum`` (``.inner``) and inject the quantized ops of :mod:`qflax.ops`
   through its own hook; learnable quantizer params are :class:`QuantParam`.
+  :class:`QuantEmbed`: an ``nnx.Embed`` whose table is quantized (one scale per token), with a
+  quantized ``attend`` for tied output projections.
 * :class:`QuantLatent`: quantizes a latent tensor with any family (FSQ, Q2D2, VQ, RVQ, ...),
   training its state (EMA codebooks) and auxiliary losses (:class:`AuxLoss`); codes per vector.
 * :func:`quantize_model` with :class:`Rule` s (regex on "."-joined module paths) and its
@@ -13,7 +15,14 @@
 """
 
 from qflax.layers._latent import QuantLatent, latent_codes, latent_summaries
-from qflax.layers._layers import QuantConv, QuantEinsum, QuantLinear, calibrate, is_quant_layer
+from qflax.layers._layers import (
+    QuantConv,
+    QuantEinsum,
+    QuantEmbed,
+    QuantLinear,
+    calibrate,
+    is_quant_layer,
+)
 from qflax.layers._recipes import (
     GRAD_KEYWORDS,
     RECIPES,
@@ -43,6 +52,7 @@ __all__ = [
     "register_recipe",
     "QuantConv",
     "QuantEinsum",
+    "QuantEmbed",
     "QuantLatent",
     "QuantLinear",
     "QuantParam",

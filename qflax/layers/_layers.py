@@ -37,6 +37,7 @@ from qflax.ops import quantized_conv_general_dilated, quantized_dot_general, qua
 __all__ = [
     "QuantConv",
     "QuantEinsum",
+    "QuantEmbed",
     "QuantLinear",
     "calibrate",
     "macs_per_example",
@@ -133,9 +134,11 @@ class _QuantLayer(nnx.Module):
     # The wrapped Flax class, the name of its hook attribute, the quantized op and the default
     # hook (a wrapped layer with any other hook is refused).
     _inner_type: ClassVar[type]
-    _hook_name: ClassVar[str]
+    _hook_name: ClassVar[str | None]
     _op: ClassVar[Callable[..., jax.Array]]
     _default_hook: ClassVar[Callable[..., jax.Array]]
+    # The wrapped layer's weight attribute (``inner.<name>``).
+    weight_attr: ClassVar[str] = "kernel"
 
     def _setup(self, inner: nnx.Module, recipe: Recipe) -> None:
         if not isinstance(recipe, Recipe):
@@ -145,8 +148,8 @@ class _QuantLayer(nnx.Module):
                 f"module={type(inner).__name__} is not allowed for {type(self).__name__}; "
                 f"allowed: an nnx.{self._inner_type.__name__}"
             )
-        hook = getattr(inner, self._hook_name)
-        if hook is not self._default_hook:
+        hook = None if self._hook_name is None else getattr(inner, self._hook_name)
+        if hook is not None and hook is not self._default_hook:
             raise ValueError(
                 f"module.{self._hook_name}={hook!r} is a custom hook, which "
                 f"{type(self).__name__} would replace; allowed: the default "
@@ -202,6 +205,19 @@ class _QuantLayer(nnx.Module):
 
     def _kernel(self) -> jax.Array:
         return self.inner.kernel[...]
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The shape of the weight as the quantizer sees it (:meth:`quantized_kernel`'s)."""
+        return tuple(self.weight_variable().shape)
+
+    def weight_variable(self) -> nnx.Variable:
+        """The wrapped layer's weight variable (``inner.kernel``; ``inner.embedding``)."""
+        return getattr(self.inner, self.weight_attr)
+
+    def kernel_to_weight(self, kernel: jax.Array) -> jax.Array:
+        """A tensor in the quantizer's layout (:meth:`quantized_kernel`) in the weight
+        variable's layout (the identity but for :class:`QuantEmbed`: a transpose)."""
+        return kernel
 
     def _act_example_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -337,10 +353,13 @@ class _QuantLayer(nnx.Module):
 
     # ------------------------------------------------------------------ the call
 
-    def _calibrate(self, x: jax.Array) -> None:
+    def _calibrate(self, x: jax.Array | None) -> None:
+        """Sets learned params from the kernel and from the input ``x`` (None: weights only)."""
         recipe = self.recipe
         if recipe.weight is not None and recipe.weight.learnable:
             self._set_params("weight", _init_params(recipe.weight, self._kernel()))
+        if x is None:
+            return
         if recipe.act is not None and recipe.act.learnable:
             self._set_params("act", _init_params(recipe.act, x))
         if recipe.act is not None and self._stats("act"):
@@ -399,7 +418,7 @@ class _QuantLayer(nnx.Module):
         recipe = self.recipe
         info = float_layer_info(self.inner)
         weight_bits, act_bits = recipe.weight_bits, recipe.act_bits
-        if not _is_abstract(self.inner.kernel):
+        if not _is_abstract(self.weight_variable()):
             used = self.used_bits()
             weight_bits = used.get("weight", weight_bits)
             act_bits = used.get("act", act_bits)
@@ -410,7 +429,7 @@ class _QuantLayer(nnx.Module):
         if recipe.weight is not None:
             # Scales a stateless quantizer needs at rest, and what learned ones store besides
             # their QuantParams (GDNSQ's zero point min w_c per channel, CoDeQ's shift).
-            scales = recipe.weight.stored_scales(tuple(self.inner.kernel.shape))
+            scales = recipe.weight.stored_scales(self.kernel_shape())
         if weight_bits < FLOAT_BITS:
             num_bias = info["params"] - info["weights"]
             info["packed_bytes"] = packed_weight_bytes(info["weights"], weight_bits) + 4 * (
@@ -418,7 +437,7 @@ class _QuantLayer(nnx.Module):
             )
         else:
             info["packed_bytes"] += 4 * (quant_params + scales)
-        if not _is_abstract(self.inner.kernel) and recipe.weight is not None:
+        if not _is_abstract(self.weight_variable()) and recipe.weight is not None:
             info["sparsity"] = float(np.mean(np.asarray(self.quantized_kernel()) == 0))
         macs = self.macs.get_value()
         info.update(
@@ -439,15 +458,18 @@ def float_layer_info(module: nnx.Module) -> dict[str, Any]:
     """:meth:`quant_info` of an unquantized ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum``.
 
     Bits 32, ``packed_bytes = 4·params``, ``macs`` 0 (unknown: see ``count_macs``). Works on
-    abstract modules (``nnx.eval_shape``), whose ``sparsity`` is NaN.
+    abstract modules (``nnx.eval_shape``), whose ``sparsity`` is NaN. An ``nnx.Embed``'s weight
+    is its table (``embedding``; no bias).
     """
-    shape = tuple(module.kernel.shape)
+    weight = module.embedding if isinstance(module, nnx.Embed) else module.kernel
+    shape = tuple(weight.shape)
     num_weights = math.prod(shape)
-    num_bias = 0 if module.bias is None else math.prod(module.bias.shape)
-    if _is_abstract(module.kernel):
+    bias = getattr(module, "bias", None)
+    num_bias = 0 if bias is None else math.prod(bias.shape)
+    if _is_abstract(weight):
         sparsity = float("nan")
     else:
-        kernel = np.asarray(module.kernel[...])
+        kernel = np.asarray(weight[...])
         mask = getattr(module, "mask", None)
         if mask is not None:
             kernel = kernel * np.asarray(mask)
@@ -653,10 +675,118 @@ class QuantEinsum(_QuantLayer):
         return self._call_inner(inputs, einsum_str, out_sharding=out_sharding)
 
 
+class QuantEmbed(_QuantLayer):
+    """``nnx.Embed`` with a quantized table (and, in :meth:`attend`, quantized queries and
+    gradients), per a Recipe: a token embedding whose rows are integer codes at rest.
+
+    The weight quantizer sees the table transposed, ``(features, num_embeddings)`` — the kernel
+    of the tied output projection :meth:`attend` — so per-channel weight scales are one per
+    TOKEN (each row of the table its own range, as embedding quantization usually does).
+    A lookup quantizes only the table (its input is integer ids: the recipe's activation and
+    gradient quantizers apply to :meth:`attend`'s query and product); the table's gradient is
+    the weight quantizer's (straight-through for the uniform families), summed over the tokens
+    looked up. ``quant_info`` counts the lookup as 0 MACs. Ids outside
+    ``[-num_embeddings, num_embeddings)`` give NaN rows, as ``nnx.Embed``'s do.
+
+    Example:
+      >>> from qflax.layers import recipes
+      >>> layer = QuantEmbed(96, 16, recipe=recipes.absmax(4, 8), rngs=nnx.Rngs(0))
+      >>> layer(jnp.array([[1, 2, 3]])).shape, layer.kernel_shape()
+      ((1, 3, 16), (16, 96))
+      >>> layer.attend(jnp.ones((2, 16))).shape
+      (2, 96)
+    """
+
+    _inner_type = nnx.Embed
+    _hook_name = None
+    weight_attr = "embedding"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        recipe: Recipe,
+        rngs: nnx.Rngs | None = None,
+        _inner: nnx.Embed | None = None,
+        **embed_kwargs: Any,
+    ):
+        """Builds the wrapped ``nnx.Embed(num_embeddings, features, rngs=..., **embed_kwargs)``
+        and the quantizer params (per-token weight scales from the new table)."""
+        if _inner is None:
+            if rngs is None:
+                raise ValueError("rngs=None is not allowed; allowed: an nnx.Rngs")
+            _inner = nnx.Embed(num_embeddings, features, rngs=rngs, **embed_kwargs)
+        self._setup(_inner, recipe)
+
+    @classmethod
+    def from_module(cls, module: nnx.Embed, recipe: Recipe) -> QuantEmbed:
+        """Wraps an existing ``nnx.Embed`` (the same object: its table is kept)."""
+        if not isinstance(module, nnx.Embed):
+            raise ValueError(
+                f"module={type(module).__name__} is not allowed; allowed: an nnx.Embed"
+            )
+        return cls(module.num_embeddings, module.features, recipe=recipe, _inner=module)
+
+    def _kernel(self) -> jax.Array:
+        return self.inner.embedding[...].T
+
+    def kernel_shape(self) -> tuple[int, ...]:
+        return tuple(self.inner.embedding.shape)[::-1]
+
+    def kernel_to_weight(self, kernel: jax.Array) -> jax.Array:
+        return kernel.T
+
+    def _act_example_shape(self) -> tuple[int, ...]:
+        return (1, self.inner.features)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """The rows of the quantized table at the integer ids ``inputs`` (any shape), with a
+        trailing ``features`` axis."""
+        inputs = jnp.asarray(inputs)
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(
+                f"QuantEmbed got inputs of dtype {inputs.dtype}; allowed: integer token ids"
+            )
+        if self.calibrating:
+            self._calibrate(None)
+        weight_q, _, _ = self.quantizers(self._next_key())
+        kernel = self._kernel() if weight_q is None else weight_q(self._kernel())
+        table = kernel.T.astype(self.inner.dtype)
+        self.macs[...] = jnp.zeros((), jnp.int32)
+        if self.mac_recorder is not None:
+            self.mac_recorder(0)
+        if self.inner.num_embeddings == 1:
+            return jnp.broadcast_to(table, inputs.shape + (self.inner.features,))
+        return jnp.take(table, inputs, axis=0)
+
+    def attend(self, query: jax.Array) -> jax.Array:
+        """``query · tableᵀ`` (logits over the embeddings, for weight tying) with the quantized
+        table, the recipe's activation quantizer on ``query`` and its gradient quantizer on the
+        product's cotangent."""
+        query = jnp.asarray(query, self.inner.dtype)
+        if self.calibrating:
+            self._calibrate(query)
+        weight_q, act_q, grad_q = self.quantizers(self._next_key())
+        args = (query, self._kernel().astype(self.inner.dtype))
+        kwargs = {"dimension_numbers": (((query.ndim - 1,), (0,)), ((), ()))}
+        y = quantized_dot_general(
+            *args, **kwargs, lhs_quantizer=act_q, rhs_quantizer=weight_q, grad_quantizer=grad_q
+        )
+        macs = macs_per_example("dot_general", args, kwargs, y.shape)
+        self.macs[...] = jnp.asarray(macs, jnp.int32)
+        if self.mac_recorder is not None:
+            self.mac_recorder(macs)
+        if self.probe is not None:
+            y = self.probe(self, query, y)
+        return y
+
+
 QUANT_LAYERS: dict[type, type[_QuantLayer]] = {
     nnx.Linear: QuantLinear,
     nnx.Conv: QuantConv,
     nnx.Einsum: QuantEinsum,
+    nnx.Embed: QuantEmbed,
 }
 
 

@@ -1,7 +1,8 @@
 """Quantizing a whole model by regex rules on module paths, and per-layer size/cost summaries.
 
 Module paths are the NNX graph paths joined with ``"."`` (``stem``, ``blocks.0``,
-``stages.1.0.conv1``, ``head``). For each ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` the FIRST
+``stages.1.0.conv1``, ``head``). For each ``nnx.Linear`` / ``nnx.Conv`` / ``nnx.Einsum`` /
+``nnx.Embed`` the FIRST
 rule whose pattern ``re.search``-es its path decides: a ``None`` recipe keeps it float, a
 :class:`~qflax.layers.Recipe` replaces it in its parent by the quant wrapper (``from_module``: the
 same weights). Rules that matched nothing are reported (qwix's habit).
@@ -41,7 +42,13 @@ __all__ = [
     "totals",
 ]
 
-_HOOKS = {nnx.Linear: "dot_general", nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum_op"}
+# The hook each float layer's matmul goes through (an Embed's lookup has none: 0 MACs).
+_HOOKS = {
+    nnx.Linear: "dot_general",
+    nnx.Conv: "conv_general_dilated",
+    nnx.Einsum: "einsum_op",
+    nnx.Embed: None,
+}
 
 
 def _compile(pattern: Any) -> re.Pattern:
@@ -107,7 +114,7 @@ class QuantReport:
 
     lines: tuple[ReportLine, ...]
     rules: tuple[Rule, ...]
-    # Rules whose pattern matched no Linear/Conv/Einsum path.
+    # Rules whose pattern matched no Linear/Conv/Einsum/Embed path.
     unmatched_rules: tuple[Rule, ...]
 
     @property
@@ -157,7 +164,7 @@ def _join(path: tuple[Any, ...]) -> str:
 def _targets(
     model: nnx.Module, order: dict[tuple[Any, ...], int] | None = None
 ) -> list[tuple[tuple[Any, ...], nnx.Module]]:
-    """``(path, module)`` of every Linear/Conv/Einsum not already inside a quant layer."""
+    """``(path, module)`` of every Linear/Conv/Einsum/Embed not already inside a quant layer."""
     nodes = list(nnx.iter_graph(model))
     inside_quant = {path for path, node in nodes if is_quant_layer(node)}
     out = []
@@ -206,7 +213,7 @@ def _replace(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module) -> None:
 def quantize_model(
     model: nnx.Module, rules: Sequence[Rule], *, copy: bool = True
 ) -> tuple[nnx.Module, QuantReport]:
-    """Replaces Linear/Conv/Einsum modules by quant layers according to regex rules.
+    """Replaces Linear/Conv/Einsum/Embed modules by quant layers according to regex rules.
 
     Args:
       model: the float model (left unchanged when ``copy``).
@@ -272,7 +279,7 @@ def quantize_model(
 
 
 def _layers(model: nnx.Module) -> list[tuple[str, nnx.Module, bool]]:
-    """``(path, module, is_quant)`` of every quant layer and every float Linear/Conv/Einsum."""
+    """``(path, module, is_quant)`` of every quant layer and float Linear/Conv/Einsum/Embed."""
     nodes = list(nnx.iter_graph(model))
     found = [(path, node, True) for path, node in nodes if is_quant_layer(node)]
     found += [(path, node, False) for path, node in _targets(model)]
@@ -283,7 +290,7 @@ def _layers(model: nnx.Module) -> list[tuple[str, nnx.Module, bool]]:
 def layer_summaries(
     model: nnx.Module, macs: Mapping[str, int] | None = None
 ) -> list[dict[str, Any]]:
-    """One dict per quant layer and per float Linear/Conv/Einsum.
+    """One dict per quant layer and per float Linear/Conv/Einsum/Embed.
 
     In execution order when ``macs`` is given, else in definition order where the model keeps
     it (``nnx.split``/``merge`` and ``nnx.clone`` order attributes alphabetically).
@@ -329,7 +336,7 @@ class _RecordingHook:
 
 
 def count_macs(model: nnx.Module, x: Any, **call_kwargs: Any) -> dict[str, int]:
-    """MACs of one forward per example for every Linear/Conv/Einsum (quantized or not).
+    """MACs of one forward per example for every Linear/Conv/Einsum/Embed (quantized or not).
 
     Traces ``model(x, **call_kwargs)`` abstractly (``jax.eval_shape`` of a split/merge: no
     computation, the model's state is not modified) with every layer's hook reporting its
@@ -347,6 +354,8 @@ def count_macs(model: nnx.Module, x: Any, **call_kwargs: Any) -> dict[str, int]:
             module.mac_recorder = _MacSink(sink, path)
         else:
             name = next(h for b, h in _HOOKS.items() if isinstance(module, b))
+            if name is None:  # a float embedding lookup
+                continue
             hook = getattr(module, name)
             patched.append((module, name, hook))
             setattr(module, name, _RecordingHook(hook, name, _MacSink(sink, path)))

@@ -37,12 +37,13 @@ __all__ = ["gradient_table", "gradient_variance", "write_gradient_report"]
 
 
 def _quant_layers(model: nnx.Module) -> list[tuple[str, Any]]:
-    from qflax.layers import is_quant_layer
+    """The quant layers with a weight×input product (an embedding lookup has none)."""
+    from qflax.layers import QuantEmbed, is_quant_layer
 
     return [
         ("/".join(map(str, path)), node)
         for path, node in nnx.iter_graph(model)
-        if is_quant_layer(node)
+        if is_quant_layer(node) and not isinstance(node, QuantEmbed)
     ]
 
 
