@@ -14,8 +14,9 @@ learned bit-widths, with the exterior-point penalty in the loss; no teacher: dis
 add a float forward pass of its own); ``BNN++`` (``recipes.binary(pair="bnn++", mu=5.0)``);
 fully quantized training (METHODS.md §7, ``experiments/fqt_rows.py``): ``FQT PSQ8`` and
 ``FQT BHQ8`` (absmax W8A8 with 8-bit per-sample / block-Householder stochastic gradients, two
-draws per layer) and ``INT4 HQ+LSS`` (the Hadamard INT4 forward, bit-split gradients with
-leverage-score sampling).
+draws per layer; the rounding noise a counter hash, the default), the same two with
+``noise="threefry"`` (``jax.random.uniform``; no goal) and ``INT4 HQ+LSS`` (the Hadamard INT4
+forward, bit-split gradients with leverage-score sampling).
 Models: the small CNN (28×28×1), ResNet-20 (32×32×3), and the character transformer at its
 default size (d128, depth 4, 4 heads, 128 tokens, vocabulary 96; its attention's score and value
 einsums are activation×activation products, which the layer rules leave in float).
@@ -130,6 +131,31 @@ VARIANTS: tuple[Variant, ...] = (
         "FQT BHQ8",
         lambda: ql.recipes.build("absmax", weight_bits=8, act_bits=8, grad="bhq", grad_bits=8),
         FQT_GOAL,
+    ),
+    # The same with the rounding noise of jax.random.uniform (the default before 2026-12-05).
+    Variant(
+        "FQT PSQ8 threefry",
+        lambda: ql.recipes.build(
+            "absmax",
+            weight_bits=8,
+            act_bits=8,
+            grad="psq",
+            grad_bits=8,
+            grad_config={"noise": "threefry"},
+        ),
+        None,
+    ),
+    Variant(
+        "FQT BHQ8 threefry",
+        lambda: ql.recipes.build(
+            "absmax",
+            weight_bits=8,
+            act_bits=8,
+            grad="bhq",
+            grad_bits=8,
+            grad_config={"noise": "threefry"},
+        ),
+        None,
     ),
     Variant(
         "INT4 HQ+LSS",

@@ -13,28 +13,47 @@ same data, model, optimizer and epochs, and keep the first and last layers in fl
   ∇Y (the paper's constants) and leverage-score sampling for ∇W;
 * ``int4_unbiased``: as ``int4`` with the unbiased constants (max → 91, lo in [−7, 7]);
 * ``int4_plain``: absmax W4A4 per tensor, 4-bit per-tensor stochastic gradients (PTQ).
+
+The rows above draw their rounding noise with ``noise="threefry"`` (``jax.random.uniform``): the
+default until 2026-12-05, so their tables reproduce exactly. ``psq8_hash`` and ``bhq8_hash`` are
+``psq8`` and ``bhq8`` with the current default, ``noise="hash"`` (a counter hash, exactly uniform
+per element and ~8x cheaper on CPU: ``qflax.numerics.hash_uniform``).
 """
 
 from __future__ import annotations
 
+# The noise the published rows were trained with (the default before 2026-12-05).
+THREEFRY = {"noise": "threefry"}
+
 ROWS = {
     "float": dict(recipe="none"),
     "qat8": dict(recipe="absmax", bits=8),
-    "ptq8": dict(recipe="absmax", bits=8, grad="ptq", grad_bits=8),
-    "psq8": dict(recipe="absmax", bits=8, grad="psq", grad_bits=8),
-    "bhq8": dict(recipe="absmax", bits=8, grad="bhq", grad_bits=8),
-    "bhq5": dict(recipe="absmax", bits=8, grad="bhq", grad_bits=5),
-    "int4": dict(recipe="hadamard_int4", bits=4, grad="bitsplit", grad_config={"variant": "paper"}),
+    "ptq8": dict(recipe="absmax", bits=8, grad="ptq", grad_bits=8, grad_config=THREEFRY),
+    "psq8": dict(recipe="absmax", bits=8, grad="psq", grad_bits=8, grad_config=THREEFRY),
+    "bhq8": dict(recipe="absmax", bits=8, grad="bhq", grad_bits=8, grad_config=THREEFRY),
+    "bhq5": dict(recipe="absmax", bits=8, grad="bhq", grad_bits=5, grad_config=THREEFRY),
+    "int4": dict(
+        recipe="hadamard_int4",
+        bits=4,
+        grad="bitsplit",
+        grad_config={"variant": "paper", **THREEFRY},
+    ),
     "int4_unbiased": dict(
-        recipe="hadamard_int4", bits=4, grad="bitsplit", grad_config={"variant": "unbiased"}
+        recipe="hadamard_int4",
+        bits=4,
+        grad="bitsplit",
+        grad_config={"variant": "unbiased", **THREEFRY},
     ),
     "int4_plain": dict(
         recipe="absmax",
         bits=4,
         grad="ptq",
         grad_bits=4,
+        grad_config=THREEFRY,
         recipe_kwargs={"weight_granularity": "tensor"},
     ),
+    "psq8_hash": dict(recipe="absmax", bits=8, grad="psq", grad_bits=8),
+    "bhq8_hash": dict(recipe="absmax", bits=8, grad="bhq", grad_bits=8),
 }
 
 LABELS = {
@@ -47,6 +66,8 @@ LABELS = {
     "int4": "INT4: HQ forward + bit-split/LSS backward (paper constants)",
     "int4_unbiased": "INT4: HQ forward + bit-split/LSS backward (unbiased constants)",
     "int4_plain": "INT4 plain: per-tensor W4A4 + 4-bit PTQ gradients",
+    "psq8_hash": "FQT W8A8, 8-bit PSQ gradients, hash noise (the default)",
+    "bhq8_hash": "FQT W8A8, 8-bit BHQ gradients, hash noise (the default)",
 }
 
 

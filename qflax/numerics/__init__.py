@@ -3,7 +3,7 @@
 
 from qflax.numerics._checks import check_finite, check_nonempty, check_positive, is_concrete
 from qflax.numerics._packing import PACKABLE_BITS, pack_bits, packed_size, unpack_bits
-from qflax.numerics._powers import exp2, pow2_int
+from qflax.numerics._powers import exp2, pow2_int, times_pow2
 from qflax.numerics._ranges import (
     MAX_BITS,
     MIN_BITS,
@@ -13,11 +13,17 @@ from qflax.numerics._ranges import (
     num_levels,
     smallest_int_dtype,
 )
-from qflax.numerics._rounding import round_nearest_even, stochastic_round
+from qflax.numerics._rounding import (
+    NOISE_SOURCES,
+    hash_uniform,
+    round_nearest_even,
+    stochastic_round,
+)
 
 __all__ = [
     "MAX_BITS",
     "MIN_BITS",
+    "NOISE_SOURCES",
     "PACKABLE_BITS",
     "check_bits",
     "check_choice",
@@ -25,6 +31,7 @@ __all__ = [
     "check_nonempty",
     "check_positive",
     "exp2",
+    "hash_uniform",
     "int_range",
     "is_concrete",
     "num_levels",
@@ -34,5 +41,6 @@ __all__ = [
     "round_nearest_even",
     "smallest_int_dtype",
     "stochastic_round",
+    "times_pow2",
     "unpack_bits",
 ]

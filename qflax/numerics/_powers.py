@@ -14,7 +14,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-__all__ = ["exp2", "pow2_int"]
+__all__ = ["exp2", "pow2_int", "times_pow2"]
 
 
 def _float_dtype(x: jax.Array) -> np.dtype:
@@ -64,3 +64,25 @@ def exp2(x: ArrayLike) -> jax.Array:
     whole = lax.stop_gradient(jnp.floor(safe))
     y = pow2_int(whole) * jnp.exp2(safe - whole)
     return jnp.where(finite, y, jnp.exp2(x))
+
+
+def times_pow2(x: ArrayLike, e: ArrayLike) -> jax.Array:
+    """``x·2^e`` for integer ``e`` (broadcast against ``x``): ``jnp.ldexp`` by two multiplies.
+
+    The power is applied as two factors ``2^⌊e/2⌋·2^(e − ⌊e/2⌋)`` built from exponent bits
+    (:func:`pow2_int`), each a normal float for every ``|e|`` up to twice the largest exponent
+    (float32: ``|e| <= 252``), so the result is exact wherever it is a normal float: the
+    intermediate lies between ``x`` and the result, so nothing underflows that the result
+    would not. Where the result is subnormal it is rounded (and flushed on XLA:CPU) as the
+    product is; ``jnp.ldexp`` gets the same values there on CPU. Several times cheaper than
+    ``jnp.ldexp`` on large tensors with a per-row ``e`` (the factors are computed per row).
+
+    >>> times_pow2(jnp.array([2.0**100, 3.0, -1.5]), jnp.array([-130, -127, 127])).tolist()
+    [9.313225746154785e-10, 1.7632415262334313e-38, -2.5521177519070385e+38]
+    """
+    x = jnp.asarray(x)
+    e = jnp.asarray(e)
+    half = jnp.floor_divide(e, 2)
+    a = pow2_int(half.astype(x.dtype))
+    b = pow2_int((e - half).astype(x.dtype))
+    return x * a * b

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_bits, check_choice, stochastic_round
+from qflax.numerics import NOISE_SOURCES, check_bits, check_choice, stochastic_round
 from qflax.ops import with_operands
 from qflax.quantizers._family import NotExportable, QuantizerFamily, register_family
 from qflax.quantizers._lsq import LSQConfig, lsq, lsq_init
@@ -296,11 +296,15 @@ class BitSplitConfig:
     variant: str = "paper"
     # Leverage-score sampling of the 2N hi/lo rows in the ∇W product (N kept on average).
     lss: bool = True
+    # The lo codes' stochastic rounding variates: "hash" or "threefry"
+    # (qflax.numerics.stochastic_round).
+    noise: str = "hash"
 
     def __post_init__(self):
         check_bits(self.bits, "bits", 3, 8)
         check_choice(self.variant, "variant", BITSPLIT_VARIANTS)
         _check_bool(self.lss, "lss")
+        check_choice(self.noise, "noise", NOISE_SOURCES)
 
     @property
     def radix(self) -> int:
@@ -353,7 +357,8 @@ def bit_split(g: ArrayLike, key: jax.Array, config: BitSplitConfig) -> BitSplit:
     v = jnp.where(usable, g / safe_m, jnp.zeros_like(g)) * float(config.target)
     radix = float(config.radix)
     hi = jnp.round(jnp.clip(v / radix, -config.hi_max, config.hi_max))
-    lo = jnp.clip(stochastic_round(v - radix * hi, key), -config.lo_max, config.lo_max)
+    lo = stochastic_round(v - radix * hi, key, noise=config.noise)
+    lo = jnp.clip(lo, -config.lo_max, config.lo_max)
     unit = jnp.where(usable, m / float(config.target), jnp.zeros_like(m))
     unit = jnp.where(finite, unit, jnp.full_like(m, jnp.nan))
     return BitSplit(hi.astype(jnp.int8), lo.astype(jnp.int8), unit)
@@ -503,7 +508,8 @@ class BitSplitFamily(QuantizerFamily):
 
     def describe(self, spec) -> str:
         cfg = spec.config
-        return f"bitsplit{cfg.bits}/{cfg.variant}{'+lss' if cfg.lss else ''}"
+        noise = "" if cfg.noise == "hash" else f"/{cfg.noise}"
+        return f"bitsplit{cfg.bits}/{cfg.variant}{'+lss' if cfg.lss else ''}{noise}"
 
     def needs_key(self, spec) -> bool:
         return True

@@ -11,6 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
+import qflax.numerics
 from qflax import data
 from qflax import layers as ql
 from qflax import quantizers as qz
@@ -67,10 +68,17 @@ BOUNDS = {
 # ------------------------------------------------------------------------------- references
 
 
-def rows_reference(g, bits, key):
+def noise_draws(key, shape, noise):
+    """The uniform variates stochastic_round(..., noise=noise) uses."""
+    if noise == "hash":
+        return np.asarray(qflax.numerics.hash_uniform(key, shape), np.float64)
+    return np.asarray(jax.random.uniform(key, shape, jnp.float32), np.float64)
+
+
+def rows_reference(g, bits, key, noise="hash"):
     """Per-row stochastic rounding in numpy (float64) with the draws stochastic_round makes."""
     g = np.asarray(g, np.float64)
-    u = np.asarray(jax.random.uniform(key, g.shape, jnp.float32), np.float64)
+    u = noise_draws(key, g.shape, noise)
     lo, hi = g.min(1, keepdims=True), g.max(1, keepdims=True)
     step = (hi - lo) / (2**bits - 1)
     t = (g - lo) / np.where(step > 0, step, 1.0)
@@ -78,7 +86,7 @@ def rows_reference(g, bits, key):
     return lo + k * step
 
 
-def bhq_reference(g, bits, key):
+def bhq_reference(g, bits, key, noise="hash"):
     """BHQ with an explicit N×N matrix T: the C++ get_transform's grouping, blocks H·diag(s)."""
     g = np.asarray(g, np.float64)
     n_rows = g.shape[0]
@@ -104,7 +112,7 @@ def bhq_reference(g, bits, key):
         t_mat[np.ix_(members, members)] = h * s[None, :]
         t_inv[np.ix_(members, members)] = inv_s[:, None] * h
         prev = cum[i]
-    back = t_inv @ rows_reference(t_mat @ x, bits, key)
+    back = t_inv @ rows_reference(t_mat @ x, bits, key, noise)
     back[lam == 0] = 0.0  # constant rows are exact
     return back + offset
 
@@ -113,34 +121,54 @@ def bhq_reference(g, bits, key):
 
 
 def test_golden_values():
-    # draws of KEY: [[0.948, 0.979, 0.332], [0.469, 0.570, 0.166]]; k = ⌊t⌋ + 1[u < t − ⌊t⌋]
     g = jnp.array([[0.0, 0.25, 1.0], [-2.0, 0.0, 2.0]])
     third = 2.0 / 3.0
+    # threefry draws of KEY: [[0.948, 0.979, 0.332], [0.469, 0.570, 0.166]];
+    # k = ⌊t⌋ + 1[u < t − ⌊t⌋]
     np.testing.assert_allclose(
-        qz.ptq_gradient(g, bits=2, key=KEY),
+        qz.ptq_gradient(g, bits=2, key=KEY, noise="threefry"),
         [[-third, -third, third], [-2.0, -third, 2.0]],
         rtol=1e-6,
     )
     np.testing.assert_allclose(
-        qz.psq_gradient(g, bits=2, key=KEY), [[0.0, 0.0, 1.0], [-2.0, -third, 2.0]], rtol=1e-6
+        qz.psq_gradient(g, bits=2, key=KEY, noise="threefry"),
+        [[0.0, 0.0, 1.0], [-2.0, -third, 2.0]],
+        rtol=1e-6,
+    )
+    # hash draws of KEY (the default): [[0.084, 0.615, 0.307], [0.598, 0.684, 0.798]];
+    # t = (g + 2)·3/4 = [[1.5, 1.6875, 2.25], [0, 1.5, 3]]
+    np.testing.assert_allclose(
+        noise_draws(KEY, (2, 3), "hash"), [[0.084, 0.615, 0.307], [0.598, 0.684, 0.798]], atol=5e-4
+    )
+    np.testing.assert_allclose(
+        qz.ptq_gradient(g, bits=2, key=KEY),
+        [[third, third, third], [-2.0, -third, 2.0]],
+        rtol=1e-6,
     )
 
 
-def test_ptq_and_psq_match_the_numpy_reference():
+@pytest.mark.parametrize("noise", qflax.numerics.NOISE_SOURCES)
+def test_ptq_and_psq_match_the_numpy_reference(noise):
     g = one_large_row(1)
     np.testing.assert_allclose(
-        qz.psq_gradient(g, bits=5, key=KEY), rows_reference(g, 5, KEY), rtol=1e-5, atol=1e-6
+        qz.psq_gradient(g, bits=5, key=KEY, noise=noise),
+        rows_reference(g, 5, KEY, noise),
+        rtol=1e-5,
+        atol=1e-6,
     )
-    flat = rows_reference(g.reshape(1, -1), 5, KEY).reshape(g.shape)
-    np.testing.assert_allclose(qz.ptq_gradient(g, bits=5, key=KEY), flat, rtol=1e-5, atol=1e-6)
+    flat = rows_reference(g.reshape(1, -1), 5, KEY, noise).reshape(g.shape)
+    np.testing.assert_allclose(
+        qz.ptq_gradient(g, bits=5, key=KEY, noise=noise), flat, rtol=1e-5, atol=1e-6
+    )
 
 
-def test_bhq_matches_the_explicit_matrix_reference():
+@pytest.mark.parametrize("noise", qflax.numerics.NOISE_SOURCES)
+def test_bhq_matches_the_explicit_matrix_reference(noise):
     g = np.array(one_large_row(2))
     g[5] = 0.0  # a zero row and a constant row inside the groups
     g[7] = 0.3
-    got = np.asarray(qz.bhq_gradient(jnp.asarray(g), bits=5, key=KEY))
-    ref = bhq_reference(g, 5, KEY)
+    got = np.asarray(qz.bhq_gradient(jnp.asarray(g), bits=5, key=KEY, noise=noise))
+    ref = bhq_reference(g, 5, KEY, noise)
     # (a rounding decision may flip where t lands within float error of the draw)
     close = np.isclose(got, ref, rtol=1e-4, atol=1e-5)
     assert close.mean() > 0.99, close.mean()
@@ -491,3 +519,20 @@ def test_tiny_fqt_run_with_5_bit_bhq_gradients_learns_digits():
     predict = nnx.jit(lambda model, x: jnp.argmax(model(x), -1))
     accuracy = float(jnp.mean(predict(model, x_test) == jnp.asarray(ds.test_y)))
     assert accuracy > 0.6, accuracy  # measured 0.91; chance 0.1
+
+
+def test_bhq_reflections_dense_and_by_segment_sums_agree(monkeypatch):
+    """Up to _DENSE_REFLECT_ROWS rows the group reflections are one (N, N) matrix product,
+    beyond by segment sums: the same H·x to float rounding, and H·H = I (a reflection)."""
+    from qflax.quantizers import _statquant
+
+    x = jnp.asarray(one_large_row(4))
+    x = x.reshape(x.shape[0], -1)
+    groups = qz.bhq_groups(jnp.max(x, 1) - jnp.min(x, 1))
+    assert int(jnp.max(groups.size)) >= 3  # groups of several rows are mixed
+    dense = _statquant._reflect(x, groups)
+    monkeypatch.setattr(_statquant, "_DENSE_REFLECT_ROWS", 0)
+    by_segments = _statquant._reflect(x, groups)
+    np.testing.assert_allclose(dense, by_segments, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_statquant._reflect(by_segments, groups), x, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(dense, x)
