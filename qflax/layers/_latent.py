@@ -190,10 +190,14 @@ def latent_codes(
     if not layers:
         return {}
 
+    def forward(model, xb):
+        return model(xb, train=False, **call_kwargs)
+
     @nnx.jit
     def run(model, xb):
-        model(xb, train=False, **call_kwargs)
-        return nnx.pop(model, nnx.Intermediate)
+        # The layers sow their codes as Intermediates; nnx.capture collects them.
+        _, sown = nnx.capture(forward, nnx.Intermediate)(model, xb)
+        return sown
 
     out: dict[str, list[np.ndarray]] = {path: [] for path, _ in layers}
     x = np.asarray(x)
