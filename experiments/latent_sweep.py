@@ -93,6 +93,7 @@ def codec_rows(root: pathlib.Path, seeds: list[int]) -> dict[str, dict]:
             "cell": _sweeps.mean_std(psnr, 2),
             "bits": found[0].get("bits_per_vector"),
             "utilisation": statistics.fmean(s.get("utilisation", math.nan) for s in found),
+            "usage": statistics.fmean(s.get("usage", math.nan) for s in found),
             "perplexity": statistics.fmean(s.get("perplexity", math.nan) for s in found),
             "seeds": len(found),
             "quantizer": found[0]["latent"][0]["quantizer"] if "latent" in found[0] else "float",
@@ -112,12 +113,14 @@ def _interpolate(points: list[tuple[float, float]], bits: float) -> float | None
 def codec_table(rows: dict[str, dict]) -> str:
     lines = [
         "| method | row | code | bits per vector | bits per image | test PSNR dB (mean ± std) "
-        "| utilisation (mean) | seeds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| utilisation: perplexity / K (mean) | usage: codes used / K (mean) | seeds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     if "float" in rows:
         r = rows["float"]
-        lines.append(f"| float latent | `float` | — | 32×4 | — | {r['cell']} | — | {r['seeds']} |")
+        lines.append(
+            f"| float latent | `float` | — | 32×4 | — | {r['cell']} | — | — | {r['seeds']} |"
+        )
     for method, names in latent_rows.CODEC_METHODS.items():
         for row in names:
             if row not in rows:
@@ -126,7 +129,7 @@ def codec_table(rows: dict[str, dict]) -> str:
             lines.append(
                 f"| {method} | `{row}` | {r['quantizer']} | {r['bits']:.2f} | "
                 f"{49 * r['bits']:.0f} | {r['cell']} | {100 * r['utilisation']:.1f}% | "
-                f"{r['seeds']} |"
+                f"{100 * r['usage']:.1f}% | {r['seeds']} |"
             )
     # The goal: Q2D2 hexagonal ≥ FSQ at equal bits (FSQ's curve read at each hex point).
     fsq = [

@@ -227,9 +227,12 @@ def latent_summaries(model: nnx.Module, x: Any, **kwargs: Any) -> list[dict[str,
     (``log2`` of the codebook size: the bits of one code; a scalar quantizer's codes are its
     elements), ``bits_per_sample`` (nominal), ``perplexity`` (of the code frequencies; a
     residual quantizer: the product over its stages), ``utilisation`` (perplexity / codebook
-    size; residual: the mean over stages), ``entropy_bits`` (of one code: the rate an entropy
-    coder reaches) and ``bytes_per_sample`` (the family's ``payload_bytes`` of one
-    sample when it defines it, else the nominal bits rounded up to bytes)."""
+    size; residual: the mean over stages), ``usage`` (the fraction of the codebook's codes
+    used at least once — the FSQ paper's "codebook usage"; residual: the mean over stages; it
+    depends on how many vectors ``x`` holds: compare runs on the same inputs), ``entropy_bits``
+    (of one code: the rate an entropy coder reaches) and ``bytes_per_sample`` (the family's
+    ``payload_bytes`` of one sample when it defines it, else the nominal bits rounded up to
+    bytes)."""
     from qflax.quantizers import code_perplexity
 
     codes = latent_codes(model, x, **kwargs)
@@ -248,6 +251,7 @@ def latent_summaries(model: nnx.Module, x: Any, **kwargs: Any) -> list[dict[str,
         perplexities = [
             float(code_perplexity(jnp.asarray(stage_codes[:, s]), per_stage)) for s in range(stages)
         ]
+        used = [np.unique(stage_codes[:, s]).size / per_stage for s in range(stages)]
         sample_shape = tuple(c.shape[1:])
         per_sample = math.prod(sample_shape) // stages
         code_bits = math.log2(size)
@@ -259,6 +263,7 @@ def latent_summaries(model: nnx.Module, x: Any, **kwargs: Any) -> list[dict[str,
             bits_per_sample=bits,
             perplexity=float(np.prod(perplexities)),
             utilisation=float(np.mean([p / per_stage for p in perplexities])),
+            usage=float(np.mean(used)),
             entropy_bits=float(sum(math.log2(max(p, 1.0)) for p in perplexities)),
             bytes_per_sample=(
                 int(payload(layer.quant, sample_shape)) if payload else math.ceil(bits / 8)

@@ -740,13 +740,20 @@ def _quantizer_reports(model: nnx.Module, workdir: pathlib.Path) -> dict[str, An
 def _latent_report(model: nnx.Module, test_x: np.ndarray, batch_size: int) -> dict[str, Any]:
     """The latent codes of the test split (:func:`qflax.layers.latent_summaries`): ``latent``
     (one row per quantized latent) and, from the first, ``bits_per_vector``, ``utilisation``,
-    ``perplexity``, ``bits_per_sample`` and ``bytes_per_sample`` at the top level."""
+    ``usage``, ``perplexity``, ``bits_per_sample`` and ``bytes_per_sample`` at the top level."""
     from qflax.layers import latent_summaries
 
     rows = latent_summaries(model, test_x, batch_size=batch_size)
     if not rows:
         return {}
-    keys = ("bits_per_vector", "utilisation", "perplexity", "bits_per_sample", "bytes_per_sample")
+    keys = (
+        "bits_per_vector",
+        "utilisation",
+        "usage",
+        "perplexity",
+        "bits_per_sample",
+        "bytes_per_sample",
+    )
     return {"latent": rows, **{k: rows[0][k] for k in keys if k in rows[0]}}
 
 

@@ -57,6 +57,7 @@ def test_split_summary_counts_the_packed_payload():
     p = counts[counts > 0]
     assert row["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-5)
     assert row["utilisation"] == pytest.approx(row["perplexity"] / 4, rel=1e-6)
+    assert row["usage"] == np.unique(codes).size / 4
 
 
 def test_vector_and_residual_summaries():
@@ -78,6 +79,8 @@ def test_vector_and_residual_summaries():
     assert codes.shape == (12, 2, 2, 2) and row["codes_per_sample"] == 4
     per_stage = [float(qz.code_perplexity(jnp.asarray(codes[..., s]), 4)) for s in range(2)]
     assert row["utilisation"] == pytest.approx(np.mean(per_stage) / 4, rel=1e-5)
+    used = [np.unique(codes[..., s]).size / 4 for s in range(2)]
+    assert row["usage"] == pytest.approx(np.mean(used)) and 0 < row["usage"] <= 1
     assert row["code_bits"] == 4.0 and row["bits_per_sample"] == 16.0
     assert ql.latent_summaries(ae, X) == [] and ql.latent_codes(ae, X) == {}
     # the float model's output is unchanged by recording codes (inference mode)
