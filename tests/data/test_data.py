@@ -27,7 +27,7 @@ def test_import_does_not_load_heavy_libraries():
 def test_public_names():
     for name in qdata.__all__:
         assert hasattr(qdata, name), name
-    assert qdata.DATASETS == ("digits", "mnist5k", "pydoc_text")
+    assert qdata.DATASETS == ("digits", "mnist5k", "pydoc_text", "fashion_mnist")
 
 
 # --------------------------------------------------------------------------------------------
