@@ -699,7 +699,7 @@ def gdnsq(
     weight_bits: int | None = 4,
     act_bits: int | None = 4,
     *,
-    backward: str = "ste",
+    backward: str = "noise",
     act_signed: bool = False,
     init_bits: float | None = 8.0,
     weight_granularity: str = "channel",
@@ -716,7 +716,9 @@ def gdnsq(
     Args:
       weight_bits: target bit-width of the weights.
       act_bits: target bit-width of the input activations.
-      backward: the rounding-noise gradient rule: ``"ste"``, ``"noise"`` or ``"lsq"``.
+      backward: the rounding-noise gradient rule: ``"noise"`` (the paper's: ``∂n/∂s = r/√3``,
+        the default), ``"ste"`` (``∂n/∂s = 0``) or ``"lsq"`` (the reference code's
+        ``∂n/∂s = n``); see :mod:`qflax.quantizers` ``GDNSQWeightConfig``.
       act_signed: learn the activations' lower bound (inputs not known to be >= 0).
       init_bits: the bit-width both start at (weights: per channel from the kernel's spread;
         activations: from the calibration batch's range); None: the code's fixed

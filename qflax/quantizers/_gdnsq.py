@@ -3,16 +3,22 @@ Apache-2.0) and arXiv:2508.14004; METHODS.md §3 [code].
 
 Differs from the code: the noise ``r`` is drawn from an explicit PRNG key; the activation
 parameters are scalars per call (one quantizer per layer input); the integer bit-width used at
-evaluation counts the distinct codes present (the code takes ``log2(max − min + 1)`` of them);
-``lsq`` is the METHODS.md rule ``∂n/∂s = round(v) − v`` (in the code it shares the STE backward).
+evaluation counts the distinct codes present (the code takes ``log2(max − min + 1)`` of them).
 
 Rounding is written ``round(v) = v + n`` with the rounding noise ``n = round(v) − v``. Every rule
 sets ``∂n/∂v = 0`` (straight through) and replaces ``∂n/∂s`` by ``ρ``::
 
-    backward="ste"    ρ = 0
     backward="noise"  ρ = r/√3,  r uniform on {−½, +½} per element (needs a key; |ρ| = 1/√12,
-                                 the std of uniform rounding noise)
-    backward="lsq"    ρ = round(v) − v = n
+                                 the std of uniform rounding noise) — the DEFAULT: the paper's
+                                 rule, the code's ``QNSTE`` (its default ``qnmethod: STE``)
+    backward="ste"    ρ = 0      (a plain straight-through estimator: no noise-scale term; the
+                                 code has no such rule)
+    backward="lsq"    ρ = round(v) − v = n   (the code's ``QNLSQ``: ``grad_scale = g·n``)
+
+``lsq`` is the code's rule as written, and it is dimensionally odd: ``ρ`` stands for ``∂n/∂s``,
+which has units of 1/step, but ``n`` is a pure number, so ``∂ŵ/∂s = n + s·n = (1 + s)·n``
+depends on the units of ``w``. LSQ's own step gradient (Esser et al. 2020, inside the range) is
+``∂ŵ/∂s = round(v) − v = n``: that is ``backward="ste"`` here.
 
 **Weights** (:func:`gdnsq_weight`), per output channel ``c`` (or per tensor): ``z_c = min w_c``,
 ``s_c = 2^ℓ_c``, ``v = (w − z)/s``, ``ŵ = s·round(v) + z`` (no clip). Since ``s·v + z = w``,
@@ -114,8 +120,8 @@ class GDNSQWeightConfig:
     granularity: str = "channel"
     # The output-channel axis for granularity="channel".
     axis: int = -1
-    # Gradient rule of the rounding noise: "ste", "noise" (needs a key) or "lsq".
-    backward: str = "ste"
+    # Gradient rule of the rounding noise: "noise" (the paper's; needs a key), "ste" or "lsq".
+    backward: str = "noise"
     # The log2 step that gdnsq_weight_init returns (the code uses -12).
     init_log_step: float = -12.0
     # None: start at init_log_step; a number: start each channel at this continuous bit-width
@@ -142,8 +148,8 @@ class GDNSQActConfig:
 
     # False: the lower bound β is fixed (0 after a ReLU); True: β is learnable.
     signed: bool = False
-    # Gradient rule of the rounding noise: "ste", "noise" (needs a key) or "lsq".
-    backward: str = "ste"
+    # Gradient rule of the rounding noise: "noise" (the paper's; needs a key), "ste" or "lsq".
+    backward: str = "noise"
     # The log2 step ℓ_s that gdnsq_act_init returns (the code uses -10).
     init_log_step: float = -10.0
     # The log2 range ℓ_q that gdnsq_act_init returns (the code uses 10); None: from the data.

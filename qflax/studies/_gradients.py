@@ -74,7 +74,9 @@ def _kernel_grads(model: nnx.Module, x: jax.Array, y: jax.Array, rests: list | N
 
     graphdef, params, rest = split_model(model)
 
-    def grads(rest):
+    # Weights and batch are ARGUMENTS of the compiled computations: closed over, they would be
+    # constants, and XLA constant-folds the whole forward pass (minutes of compilation).
+    def grads(params, x, y, rest):
         def loss(params):
             m = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
             return _loss(m, x, y)
@@ -84,9 +86,14 @@ def _kernel_grads(model: nnx.Module, x: jax.Array, y: jax.Array, rests: list | N
         return {path: layer.inner.kernel[...] for path, layer in _quant_layers(m)}
 
     if rests is None:
-        return jax.jit(grads)(rest)
+        return jax.jit(grads)(params, x, y, rest)
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *rests)
-    return jax.jit(lambda stacked: jax.lax.map(grads, stacked))(stacked)
+
+    @jax.jit
+    def each(params, x, y, stacked):
+        return jax.lax.map(lambda r: grads(params, x, y, r), stacked)
+
+    return each(params, x, y, stacked)
 
 
 class _Record:
@@ -123,15 +130,15 @@ def _cotangents(model: nnx.Module, x: jax.Array, y: jax.Array):
 
     graphdef, params, rest = split_model(model)
 
-    def merged(probes):
-        m = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
-        for path, layer in _quant_layers(m):
-            layer.probe = probes(path)
-        return m
-
     @jax.jit
-    def run(params_, rest_):
-        del params_, rest_  # (closed over; arguments keep one compile per model)
+    def run(params, rest, x, y):
+        # (weights and batch as arguments, not constants XLA would fold)
+        def merged(probes):
+            m = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
+            for path, layer in _quant_layers(m):
+                layer.probe = probes(path)
+            return m
+
         seen: dict[str, Any] = {}
         merged(lambda path: _Record(seen, path))(x, train=True)
 
@@ -142,7 +149,7 @@ def _cotangents(model: nnx.Module, x: jax.Array, y: jax.Array):
         dy = jax.grad(loss)(zeros)
         return {path: (seen[path][0], dy[path]) for path in seen}
 
-    return run(params, rest)
+    return run(params, rest, x, y)
 
 
 def _slot_for_weights(slots: Any) -> Any:
@@ -161,20 +168,21 @@ def _quantizer_variance(layer, spec, inputs, dy, keys: int, seed: int):
         rhs = layer.inner.kernel[...]
         rhs = rhs if weight_q is None else weight_q(rhs)
 
-    def draw(key):
-        q = _slot_for_weights(spec.grad_quantizer(key if spec.needs_key else None))
-        if isinstance(q, OperandGradQuantizer):
-            return q(dy, lhs, rhs)
-        return q(dy)
-
     @jax.jit
-    def stats(keys_):
+    def stats(keys_, dy, lhs, rhs):
+        # (∇Y and the operands as arguments: closed over, XLA would constant-fold the draws)
+        def draw(key):
+            q = _slot_for_weights(spec.grad_quantizer(key if spec.needs_key else None))
+            if isinstance(q, OperandGradQuantizer):
+                return q(dy, lhs, rhs)
+            return q(dy)
+
         # lax.map, not vmap: a batch of threefry draws compiles ~5x slower (the same values)
         err = (jax.lax.map(draw, keys_) - dy[None]).astype(jnp.float32)
         variance = jnp.mean(jnp.sum(err**2, axis=tuple(range(1, err.ndim))))
         return variance, jnp.linalg.norm(jnp.mean(err, axis=0))
 
-    variance, bias = stats(jax.random.split(jax.random.key(seed), keys))
+    variance, bias = stats(jax.random.split(jax.random.key(seed), keys), dy, lhs, rhs)
     bound = spec.family.variance_bound(spec, dy)
     return float(variance), float(bias), None if bound is None else float(bound)
 

@@ -79,7 +79,7 @@ def test_pact_and_dorefa_layers_match_their_functions():
 
 def test_gdnsq_layer_matches_the_quantizers_and_reports_bits():
     x = jax.nn.relu(_x())
-    layer = _linear(recipes.gdnsq(3, 4, init_bits=6.0))
+    layer = _linear(recipes.gdnsq(3, 4, init_bits=6.0, backward="ste"))
     layer.calibrating = True
     layer(x)
     layer.calibrating = False

@@ -33,6 +33,34 @@ NOISE = 0.5 / math.sqrt(3.0)
 WEIGHT_LAYOUTS = [("channel", -1), ("channel", 0), ("tensor", -1)]
 
 
+def _wcfg(**kwargs):
+    """A weight config; ``backward="ste"`` unless given (the default, ``"noise"``, needs a key
+    even where a test reads only the forward)."""
+    kwargs.setdefault("backward", "ste")
+    return GDNSQWeightConfig(**kwargs)
+
+
+def _acfg(**kwargs):
+    """An activation config; ``backward="ste"`` unless given."""
+    kwargs.setdefault("backward", "ste")
+    return GDNSQActConfig(**kwargs)
+
+
+def test_the_default_rule_is_the_papers_noise_rule_and_needs_a_key():
+    assert GDNSQWeightConfig().backward == "noise" and GDNSQActConfig().backward == "noise"
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    params = gdnsq_weight_init(w, GDNSQWeightConfig())
+    with pytest.raises(
+        ValueError, match="key=None is not allowed for gdnsq_weight with backward='noise'"
+    ):
+        gdnsq_weight(w, params, GDNSQWeightConfig())
+    # The forward does not depend on the key or the rule.
+    np.testing.assert_array_equal(
+        gdnsq_weight(w, params, GDNSQWeightConfig(), key=jax.random.key(0)),
+        gdnsq_weight(w, params, _wcfg()),
+    )
+
+
 def _data(seed: int, shape=SHAPE, scale: float = 1.0) -> np.ndarray:
     return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
@@ -63,7 +91,7 @@ def _per_element_dlog(fn, x, params, name):
 
 @given(layout=st.sampled_from(WEIGHT_LAYOUTS), seed=st.integers(0, 2**16))
 def test_weight_forward_grid_error_idempotence(layout, seed):
-    config = GDNSQWeightConfig(granularity=layout[0], axis=layout[1])
+    config = _wcfg(granularity=layout[0], axis=layout[1])
     w = _data(seed)
     params = _log_steps(config, seed)
     s = np.exp2(np.asarray(params["log_step"], np.float64))
@@ -83,10 +111,10 @@ def test_weight_forward_grid_error_idempotence(layout, seed):
 def test_weight_golden_per_channel():
     w = jnp.array([[0.1, -1.0], [0.9, 0.0], [1.3, 2.0]])
     params = {"log_step": jnp.array([[-1.0, 0.0]])}  # s = 0.5 and 1
-    out = gdnsq_weight(w, params, GDNSQWeightConfig())
+    out = gdnsq_weight(w, params, _wcfg())
     # channel 0: z = 0.1, v = 0, 1.6, 2.4 -> 0, 2, 2; channel 1: z = -1, v = 0, 1, 3.
     np.testing.assert_allclose(np.asarray(out), [[0.1, -1.0], [1.1, 0.0], [1.1, 2.0]], atol=1e-7)
-    bits = gdnsq_weight_bits(w, params, GDNSQWeightConfig())
+    bits = gdnsq_weight_bits(w, params, _wcfg())
     np.testing.assert_allclose(
         np.asarray(bits), [[math.log2(1.2 + 0.5) + 1, math.log2(3.0 + 1.0)]], rtol=1e-6
     )
@@ -99,7 +127,7 @@ def test_weight_golden_per_channel():
 @pytest.mark.parametrize("backward", ["ste", "lsq"])
 @pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
 def test_weight_gradients_equal_the_formulas(backward, layout):
-    config = GDNSQWeightConfig(granularity=layout[0], axis=layout[1], backward=backward)
+    config = _wcfg(granularity=layout[0], axis=layout[1], backward=backward)
     for seed in range(3):
         w = _data(seed)
         params = _log_steps(config, seed)
@@ -117,7 +145,7 @@ def test_weight_gradients_equal_the_formulas(backward, layout):
 
 
 def test_weight_noise_rule_per_element_factor():
-    config = GDNSQWeightConfig(backward="noise")
+    config = _wcfg(backward="noise")
     w = jnp.asarray(_data(1))
     params = {"log_step": jnp.array([[-1.0, -2.0, 0.0, -3.0]])}
     key = jax.random.key(3)
@@ -136,7 +164,7 @@ def test_weight_noise_rule_per_element_factor():
 
 def test_weight_noise_scale_gradient_has_the_stated_distribution():
     # One weight per channel: n = 0, so dℓ_c = ln2·s²·g·ρ_c exposes ρ_c directly.
-    config = GDNSQWeightConfig(backward="noise", axis=-1)
+    config = _wcfg(backward="noise", axis=-1)
     count = 8192
     w = jnp.asarray(_data(0, shape=(1, count)))
     params = {"log_step": jnp.full((1, count), -1.0)}
@@ -156,17 +184,15 @@ def test_weight_noise_scale_gradient_has_the_stated_distribution():
 def test_noise_rule_needs_a_key():
     w = jnp.zeros(SHAPE)
     with pytest.raises(ValueError, match=r"key=None.*allowed"):
-        gdnsq_weight(
-            w, gdnsq_weight_init(w, GDNSQWeightConfig()), GDNSQWeightConfig(backward="noise")
-        )
-    config = GDNSQActConfig(backward="noise")
+        gdnsq_weight(w, gdnsq_weight_init(w, _wcfg()), _wcfg(backward="noise"))
+    config = _acfg(backward="noise")
     with pytest.raises(ValueError, match=r"key=None.*allowed"):
         gdnsq_act(w, gdnsq_act_init(None, config), config)
 
 
 @pytest.mark.parametrize("layout", WEIGHT_LAYOUTS)
 def test_weight_bits_formula_and_smooth_gradients(layout):
-    config = GDNSQWeightConfig(granularity=layout[0], axis=layout[1])
+    config = _wcfg(granularity=layout[0], axis=layout[1])
     w = _data(5)
     params = _log_steps(config, 5)
     axes = _axes(*layout, 2)
@@ -187,14 +213,14 @@ def test_weight_bits_formula_and_smooth_gradients(layout):
 
 
 def test_weight_init():
-    p = gdnsq_weight_init(jnp.zeros((3, 5)), GDNSQWeightConfig())
+    p = gdnsq_weight_init(jnp.zeros((3, 5)), _wcfg())
     assert p["log_step"].shape == (1, 5) and p["log_step"].dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(p["log_step"]), -12.0)
     # At init (s = 2^-12) the bit-width of a unit-range channel is log2(1 + s) + 12 ≈ 12.
     bits = gdnsq_weight_bits(
         jnp.array([[0.0], [1.0]]),
-        gdnsq_weight_init(jnp.zeros((2, 1)), GDNSQWeightConfig()),
-        GDNSQWeightConfig(),
+        gdnsq_weight_init(jnp.zeros((2, 1)), _wcfg()),
+        _wcfg(),
     )
     np.testing.assert_allclose(np.asarray(bits), [[12.0 + math.log2(1 + 2**-12)]], rtol=1e-6)
 
@@ -218,7 +244,7 @@ def _act_params(log_step, log_range, lower):
     seed=st.integers(0, 2**16),
 )
 def test_act_forward_grid_range_idempotence(signed, log_step, bits, seed):
-    config = GDNSQActConfig(signed=signed)
+    config = _acfg(signed=signed)
     lower = -(2.0 ** (log_step + bits - 1)) if signed else 0.0
     params = _act_params(log_step, log_step + bits, lower)
     x = _data(seed, scale=2.0 ** (log_step + bits - 1))
@@ -238,14 +264,14 @@ def test_act_forward_grid_range_idempotence(signed, log_step, bits, seed):
 
 def test_act_golden():
     p = _act_params(-1.0, 1.0, 0.0)  # s = 0.5, range [0, 1.5]
-    out = gdnsq_act(jnp.array([-1.0, 0.25, 0.3, 0.8, 1.5, 5.0]), p, GDNSQActConfig())
+    out = gdnsq_act(jnp.array([-1.0, 0.25, 0.3, 0.8, 1.5, 5.0]), p, _acfg())
     np.testing.assert_allclose(np.asarray(out), [0.0, 0.0, 0.5, 1.0, 1.5, 1.5])  # 0.5 ties to 0
 
 
 @pytest.mark.parametrize("backward", ["ste", "lsq"])
 @pytest.mark.parametrize("signed", [False, True])
 def test_act_gradients_equal_the_formulas(backward, signed):
-    config = GDNSQActConfig(signed=signed, backward=backward)
+    config = _acfg(signed=signed, backward=backward)
     params = _act_params(-2.0, 1.0, -1.0 if signed else 0.0)  # s = 1/4, Q = 2
     x = _data(3, scale=1.5)
     lo = float(params["lower"])
@@ -269,7 +295,7 @@ def test_act_gradients_equal_the_formulas(backward, signed):
 
 
 def test_act_noise_rule_per_element_factor():
-    config = GDNSQActConfig(backward="noise")
+    config = _acfg(backward="noise")
     params = _act_params(-2.0, 1.0, 0.0)
     x = jnp.asarray(_data(8, shape=(5, 7)))
     key = jax.random.key(11)
@@ -285,18 +311,18 @@ def test_act_noise_rule_per_element_factor():
 
 def test_act_init():
     x = jnp.array([-3.0, 0.5, 5.0])
-    p = gdnsq_act_init(x, GDNSQActConfig())
+    p = gdnsq_act_init(x, _acfg())
     assert all(v.shape == () and v.dtype == jnp.float32 for v in p.values())
     assert (float(p["log_step"]), float(p["log_range"]), float(p["lower"])) == (-10, 10, 0)
-    assert float(gdnsq_act_init(None, GDNSQActConfig(signed=True))["lower"]) == -512.0
-    p = gdnsq_act_init(x, GDNSQActConfig(signed=True, init_log_range=None))
+    assert float(gdnsq_act_init(None, _acfg(signed=True))["lower"]) == -512.0
+    p = gdnsq_act_init(x, _acfg(signed=True, init_log_range=None))
     hi = float(p["lower"]) + 2.0 ** float(p["log_range"]) - 2.0 ** float(p["log_step"])
     assert float(p["lower"]) == -3.0 and hi == pytest.approx(5.0, abs=1e-4)
-    p = gdnsq_act_init(x, GDNSQActConfig(init_log_range=None))
+    p = gdnsq_act_init(x, _acfg(init_log_range=None))
     assert float(p["lower"]) == 0.0
     assert float(p["log_range"]) == pytest.approx(math.log2(5.0 + 2**-10), rel=1e-6)
     with pytest.raises(ValueError, match=r"x=None.*allowed"):
-        gdnsq_act_init(None, GDNSQActConfig(init_log_range=None))
+        gdnsq_act_init(None, _acfg(init_log_range=None))
     g = jax.grad(lambda p: gdnsq_act_bits(p))(p)
     assert (float(g["log_range"]), float(g["log_step"])) == (1.0, -1.0)
 
@@ -317,7 +343,7 @@ def test_used_bits_golden():
 
 
 def test_used_bits_of_weight_codes_meet_the_continuous_width():
-    config = GDNSQWeightConfig()
+    config = _wcfg()
     w = _data(2, shape=(64, 3))
     params = {"log_step": jnp.array([[-1.0, -2.0, -3.0]])}
     used = np.asarray(gdnsq_used_bits(gdnsq_weight_codes(w, params, config), axis=-1))
@@ -337,8 +363,8 @@ def test_used_bits_bad_axis():
 
 @pytest.mark.parametrize("backward", ["ste", "noise", "lsq"])
 def test_jit_vmap_grad(backward):
-    wconfig = GDNSQWeightConfig(backward=backward)
-    aconfig = GDNSQActConfig(signed=True, backward=backward)
+    wconfig = _wcfg(backward=backward)
+    aconfig = _acfg(signed=True, backward=backward)
     ws = jnp.asarray(np.stack([_data(i) for i in range(3)]))
     wparams = {"log_step": jnp.full((3, 1, 4), -2.0)}
     aparams = jax.tree.map(lambda a: jnp.stack([a] * 3), _act_params(-3.0, 1.0, -1.0))
@@ -380,29 +406,27 @@ def test_bad_configs_raise(cls, kwargs, field):
 def test_bad_params_raise():
     w = jnp.zeros(SHAPE)
     with pytest.raises(ValueError, match=r"needs shape \(1, 4\)"):
-        gdnsq_weight(w, {"log_step": jnp.zeros((6, 1))}, GDNSQWeightConfig())
+        gdnsq_weight(w, {"log_step": jnp.zeros((6, 1))}, _wcfg())
     with pytest.raises(ValueError, match=r"needs shape \(1, 4\)"):
-        jax.jit(lambda w, p: gdnsq_weight(w, p, GDNSQWeightConfig())).lower(
-            w, {"log_step": jnp.zeros((4,))}
-        )
+        jax.jit(lambda w, p: gdnsq_weight(w, p, _wcfg())).lower(w, {"log_step": jnp.zeros((4,))})
     with pytest.raises(ValueError, match="log_step"):
-        gdnsq_weight(w, {"scale": jnp.zeros((1, 4))}, GDNSQWeightConfig())
+        gdnsq_weight(w, {"scale": jnp.zeros((1, 4))}, _wcfg())
     with pytest.raises(ValueError, match=r"needs shape \(\)"):
-        gdnsq_act(w, {"log_step": jnp.zeros(1), "log_range": 1.0, "lower": 0.0}, GDNSQActConfig())
+        gdnsq_act(w, {"log_step": jnp.zeros(1), "log_range": 1.0, "lower": 0.0}, _acfg())
     with pytest.raises(ValueError, match="lower"):
-        gdnsq_act(w, {"log_step": 0.0, "log_range": 1.0}, GDNSQActConfig())
+        gdnsq_act(w, {"log_step": 0.0, "log_range": 1.0}, _acfg())
     with pytest.raises(ValueError, match=r"axis=2"):
-        gdnsq_weight(w, {"log_step": jnp.zeros((1, 4))}, GDNSQWeightConfig(axis=2))
+        gdnsq_weight(w, {"log_step": jnp.zeros((1, 4))}, _wcfg(axis=2))
 
 
 def test_min_bits_floor_keeps_two_levels_and_leaves_the_penalty_unfloored():
     w = jax.random.normal(jax.random.key(3), (16, 4))
-    cfg = GDNSQWeightConfig(min_bits=1.0)
+    cfg = _wcfg(min_bits=1.0)
     huge = {"log_step": jnp.full((1, 4), 10.0)}  # a step far wider than any channel
     out = np.asarray(gdnsq_weight(w, huge, cfg))
     for c in range(4):
         assert len(np.unique(out[:, c])) == 2  # min and max of the channel, not one constant
-    assert len(np.unique(np.asarray(gdnsq_weight(w, huge, GDNSQWeightConfig()))[:, 0])) == 1
+    assert len(np.unique(np.asarray(gdnsq_weight(w, huge, _wcfg()))[:, 0])) == 1
     codes = np.asarray(gdnsq_weight_codes(w, huge, cfg))
     assert codes.min() == 0 and codes.max() == 1
     # floored: the task gradient does not reach ℓ; the bit-width (the penalty's) is unfloored
@@ -410,7 +434,7 @@ def test_min_bits_floor_keeps_two_levels_and_leaves_the_penalty_unfloored():
     assert not np.any(np.asarray(g["log_step"]))
     assert np.all(np.asarray(gdnsq_weight_bits(w, huge, cfg)) < 1.0)
 
-    acfg = GDNSQActConfig(min_bits=1.0)
+    acfg = _acfg(min_bits=1.0)
     p = {"log_step": jnp.asarray(0.0), "log_range": jnp.asarray(-3.0), "lower": jnp.asarray(0.0)}
     x = jnp.linspace(0.0, 3.0, 31)
     assert set(np.asarray(gdnsq_act(x, p, acfg)).tolist()) == {0.0, 1.0}  # 2 levels, step 1
@@ -421,7 +445,7 @@ def test_min_bits_floor_keeps_two_levels_and_leaves_the_penalty_unfloored():
 @pytest.mark.parametrize("value", [0.0, 9.0, "1"])
 def test_min_bits_is_checked(value):
     with pytest.raises(ValueError, match="min_bits="):
-        GDNSQWeightConfig(min_bits=value)
+        _wcfg(min_bits=value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +460,7 @@ def test_weight_grid_points_and_ties_are_exact_at_integer_log_step(log_step):
     s = 2.0**log_step
     w = jnp.asarray(np.array([[0.0], [1.5], [2.5], [3.0], [-0.5]]) * s, jnp.float32)
     params = {"log_step": jnp.full((1, 1), log_step, jnp.float32)}
-    config = GDNSQWeightConfig(granularity="tensor")
+    config = _wcfg(granularity="tensor")
     z = -0.5  # min w, in steps: the codes count from it
     # (w − z)/s = 0.5, 2, 3, 3.5, 0: the ties 0.5 and 3.5 round to even (0 and 4).
     want_codes = np.array([[0.0], [2.0], [3.0], [4.0], [0.0]])
@@ -455,7 +479,7 @@ def test_act_bound_and_ties_are_exact_at_integer_logs(log_step):
     }
     hi = 7 * s
     x = jnp.asarray([hi, 1.5 * s, 2.5 * s, 0.0], jnp.float32)
-    config = GDNSQActConfig()
+    config = _acfg()
     for f in (gdnsq_act, jax.jit(gdnsq_act, static_argnums=2)):
         np.testing.assert_array_equal(np.asarray(f(x, params, config)), [hi, 2 * s, 2 * s, 0.0])
     np.testing.assert_array_equal(np.asarray(gdnsq_act_codes(x, params)), [7, 2, 2, 0])
@@ -469,7 +493,7 @@ def test_weight_log_step_gradient_matches_the_formula(log_step):
     w = jnp.asarray(np.random.default_rng(0).normal(size=(8, 1)) * 2.0**log_step * 5, jnp.float32)
     g = jnp.asarray(np.random.default_rng(1).normal(size=(8, 1)), jnp.float32)
     params = {"log_step": jnp.full((1, 1), log_step, jnp.float32)}
-    config = GDNSQWeightConfig(granularity="tensor")
+    config = _wcfg(granularity="tensor")
     got = jax.grad(lambda p: jnp.sum(gdnsq_weight(w, {"log_step": p}, config) * g))(
         params["log_step"]
     )
@@ -481,7 +505,7 @@ def test_weight_log_step_gradient_matches_the_formula(log_step):
 
 def test_weight_bits_gradient_in_log_step_is_smooth_and_exact_at_integers():
     w = jnp.asarray([[0.0], [3.0]], jnp.float32)
-    config = GDNSQWeightConfig(granularity="tensor")
+    config = _wcfg(granularity="tensor")
     bits = lambda ell: gdnsq_weight_bits(w, {"log_step": ell}, config)  # noqa: E731
     check_grads(bits, (jnp.full((1, 1), -0.4, jnp.float32),), order=1, modes=["fwd", "rev"])
     # d/dℓ [log2(3 + 2^ℓ) − ℓ] = 2^ℓ/(3 + 2^ℓ) − 1; at ℓ = 0: −3/4.

@@ -120,7 +120,9 @@ def fake_quant_forward(
                     "from static_act_scales(model, batches)"
                 )
             else:
-                x = spec.apply(x, params(layer, "act"), stats=stats(layer, "act"))
+                # (the forward never depends on the noise of a stochastic backward rule)
+                key = jax.random.key(0) if spec.needs_key else None
+                x = spec.apply(x, params(layer, "act"), key=key, stats=stats(layer, "act"))
         if is_binary_step(step):
             signs, alpha = binary_weight(layer)
             y = _linear_op(step, x, signs) * alpha
