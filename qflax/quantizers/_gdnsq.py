@@ -2,8 +2,13 @@
 Apache-2.0) and arXiv:2508.14004; METHODS.md §3 [code].
 
 Differs from the code: the noise ``r`` is drawn from an explicit PRNG key; the activation
-parameters are scalars per call (one quantizer per layer input); the integer bit-width used at
-evaluation counts the distinct codes present (the code takes ``log2(max − min + 1)`` of them).
+parameters are scalars per call (one quantizer per layer input).
+
+The convergence test (one, as the code's): a layer has converged when its integer bit-width
+``GDNSQFamily.used_bits`` — ``ceil(log2(max code − min code + 1))`` over the widest weight
+channel; for inputs, the codes of the whole clip range — is at most its target; the training
+loop applies it after every evaluation (``qflax.train``). :func:`gdnsq_used_bits` (distinct
+codes present) is a diagnostic, never larger than that width, not the test.
 
 Rounding is written ``round(v) = v + n`` with the rounding noise ``n = round(v) − v``. Every rule
 sets ``∂n/∂v = 0`` (straight through) and replaces ``∂n/∂s`` by ``ρ``::
@@ -337,7 +342,7 @@ def gdnsq_weight(
       ``ŵ``, shape and dtype of ``w``.
 
     >>> gdnsq_weight(jnp.array([[0.1], [0.9], [1.3]]), {"log_step": jnp.full((1, 1), -1.0)},
-    ...              GDNSQWeightConfig()).ravel().tolist()
+    ...              GDNSQWeightConfig(backward="ste")).ravel().tolist()
     [0.10000000149011612, 1.100000023841858, 1.100000023841858]
     """
     w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight")
@@ -365,7 +370,7 @@ def gdnsq_weight_bits(
     Differentiable in ``w`` (through the max and min) and in ``ℓ``.
 
     >>> gdnsq_weight_bits(jnp.array([[0.0], [3.0]]), {"log_step": jnp.zeros((1, 1))},
-    ...                   GDNSQWeightConfig()).tolist()
+    ...                   GDNSQWeightConfig(backward="ste")).tolist()
     [[2.0]]
     """
     w, wc, log_step = _weight_prepare(w, params, config, "gdnsq_weight_bits")
@@ -486,7 +491,7 @@ def gdnsq_act(
 
     >>> p = {"log_step": jnp.asarray(-1.0), "log_range": jnp.asarray(1.0),
     ...      "lower": jnp.asarray(0.0)}
-    >>> gdnsq_act(jnp.array([-1.0, 0.3, 0.8, 5.0]), p, GDNSQActConfig()).tolist()
+    >>> gdnsq_act(jnp.array([-1.0, 0.3, 0.8, 5.0]), p, GDNSQActConfig(backward="ste")).tolist()
     [0.0, 0.5, 1.0, 1.5]
     """
     x, xc, (log_step, log_range, lower) = _act_prepare(x, params, "gdnsq_act")
@@ -517,10 +522,11 @@ def gdnsq_act_bits(params: Mapping[str, ArrayLike]) -> jax.Array:
 
 
 def gdnsq_used_bits(codes: ArrayLike, *, axis: int | None = None) -> jax.Array:
-    """``ceil(log2(number of distinct values present))`` — the integer bit-width actually used.
+    """``ceil(log2(number of distinct values present))`` — how many codes a tensor really uses.
 
-    Used at evaluation (GDNSQ's convergence test: every layer's used width ≤ its target). One
-    distinct value gives 0 bits.
+    A diagnostic: never more than the range-based width of the convergence test
+    (``ceil(log2(max − min + 1))``, ``GDNSQFamily.used_bits``, see the module docstring) and less
+    when codes inside the range go unused. One distinct value gives 0 bits.
 
     Args:
       codes: the codes (integers, or integer-valued floats) of one tensor, e.g. from
