@@ -161,6 +161,11 @@ class _QuantLayer(nnx.Module):
         self.calibrating = False
         # Static: a callback receiving the MACs of each call (set by `count_macs`), or None.
         self.mac_recorder = None
+        # Static, nnx's train/eval switch (`model.train()` sets it False, `model.eval()` True):
+        # False in a training step, where quantizers that keep running statistics (DBSSQ's
+        # activation normalisation) use the batch's own and update them; True (the default)
+        # everywhere else, where they use the running ones.
+        self.use_running_average = True
         # Static: ``probe(layer, inputs, y) -> y`` called on the output of each call, or None
         # (``qflax.studies.gradient_variance`` reads inputs and output cotangents through it).
         self.probe = None
@@ -183,7 +188,12 @@ class _QuantLayer(nnx.Module):
         for role, tq in (("weight", recipe.weight), ("act", recipe.act)):
             if tq is None:
                 continue
-            values = tq.stats_init(self._kernel() if role == "weight" else None)
+            if role == "weight":
+                example = self._kernel()
+            else:
+                features = self._act_features()
+                example = None if features is None else jnp.zeros((1, features), jnp.float32)
+            values = tq.stats_init(example)
             for name, value in values.items():
                 setattr(self, f"{role}_{name}", QuantStat(jnp.asarray(value, jnp.float32)))
             if values:
@@ -221,6 +231,10 @@ class _QuantLayer(nnx.Module):
 
     def _act_example_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    def _act_features(self) -> int | None:
+        """The size of the input's last (feature) axis, or None when the layer cannot tell."""
+        return getattr(self.inner, "in_features", None)
 
     # ------------------------------------------------------------------ quantizers
 
@@ -290,11 +304,12 @@ class _QuantLayer(nnx.Module):
                 self._params("weight"), key=w_key, stats=self._stats("weight")
             )
         )
-        act = (
-            None
-            if recipe.act is None
-            else recipe.act.quantizer(self._params("act"), key=a_key, stats=self._stats("act"))
-        )
+        act = None
+        if recipe.act is not None:
+            act_stats = self._stats("act")
+            if not self.use_running_average:
+                act_stats = recipe.act.training_stats(act_stats)
+            act = recipe.act.quantizer(self._params("act"), key=a_key, stats=act_stats)
         grad = None
         if recipe.grad is not None:
             # Its own stream (fold_in), so adding a gradient quantizer leaves the weight and
@@ -391,6 +406,15 @@ class _QuantLayer(nnx.Module):
             y = self.inner(inputs, *args, **kwargs)
         finally:
             setattr(self.inner, hook_name, saved)
+        act = self.recipe.act
+        if not (self.use_running_average or self.calibrating) and act is not None:
+            if act.updates_stats and self._stats("act"):  # e.g. DBSSQ's running statistics
+                x = jax.lax.stop_gradient(jnp.asarray(inputs))
+                new = act.update_stats(x, self._params("act"), self._stats("act"))
+                for name, value in new.items():
+                    getattr(self, f"act_{name}")[...] = jax.lax.stop_gradient(
+                        jnp.asarray(value, jnp.float32)
+                    )
         macs = sum(seen)
         self.macs[...] = jnp.asarray(macs, jnp.int32)
         if self.mac_recorder is not None:
@@ -667,6 +691,13 @@ class QuantEinsum(_QuantLayer):
         shape = [1] * len(lhs)
         shape[axis] = self.inner.kernel_shape[rhs.index(lhs[axis])]
         return tuple(shape)
+
+    def _act_features(self) -> int | None:
+        lhs, rhs = self.inner.einsum_str.split("->")[0].split(",")
+        lhs = lhs.strip()
+        if not lhs or lhs[-1] == "." or lhs[-1] not in rhs:
+            return None
+        return int(self.inner.kernel_shape[rhs.index(lhs[-1])])
 
     def __call__(
         self, inputs: jax.Array, einsum_str: str | None = None, out_sharding: Any = None

@@ -193,6 +193,17 @@ class TensorQuant:
         ``sigma``, a pair's ``mu`` and ``hard``; ``{}`` otherwise."""
         return self.family.stats_init(self, x)
 
+    def training_stats(self, stats: Mapping[str, ArrayLike]) -> dict[str, jax.Array]:
+        """The state the quantizer sees in a training step (the family's
+        :meth:`~qflax.quantizers.QuantizerFamily.training_stats`: e.g. without the running
+        statistics a DBSSQ activation normalises with outside training)."""
+        return self.family.training_stats(self, dict(stats))
+
+    @property
+    def updates_stats(self) -> bool:
+        """Whether a training step updates the family's state (``update_stats`` defined)."""
+        return type(self.family).update_stats is not qz.QuantizerFamily.update_stats
+
     def schedule(self, *, epoch: int, epochs: int, anneal: Any) -> dict[str, Any]:
         """The annealed state for ``epoch`` of ``epochs`` (``epoch = epochs``: the final,
         exact state): the family's :meth:`~qflax.quantizers.QuantizerFamily.schedule`."""

@@ -82,6 +82,7 @@ from qflax.quantizers._dbssq import (
     dbssq_epsilon_schedule,
     dbssq_level_set,
     dbssq_quantize,
+    dbssq_running_stats,
     dbssq_weight,
     dbssq_weight_init,
 )
@@ -437,6 +438,7 @@ __all__ = [
     "dbssq_epsilon_schedule",
     "dbssq_level_set",
     "dbssq_quantize",
+    "dbssq_running_stats",
     "dbssq_weight",
     "dbssq_weight_init",
     "BACKWARDS",

@@ -6,7 +6,9 @@ without affine parameters, both quantized at ``x/3`` and rescaled by 3 [code]. W
 the authors' code: levels for any number of shift bits (their code spells out s = 0..3 and
 q = 1..4 case by case), built from exponent bits; the gradient rescaling is a flag on a
 ``custom_vjp`` (their backward hook); the activation normalisation uses batch statistics over all
-axes but the last (their ``BatchNorm2d`` works on NCHW) [inferred].
+axes but the last (their ``BatchNorm2d`` works on NCHW) [inferred] in training, and running
+statistics (PyTorch's update, momentum 0.1, unbiased variance) in evaluation, as their
+``BatchNorm2d`` does in ``eval()`` mode [code].
 
 Levels (``config.levels``), with ``b = config.bits``:
 
@@ -63,6 +65,7 @@ __all__ = [
     "dbssq_epsilon_schedule",
     "dbssq_level_set",
     "dbssq_quantize",
+    "dbssq_running_stats",
     "dbssq_weight",
     "dbssq_weight_init",
 ]
@@ -85,6 +88,7 @@ _MAX_BITS = {"shift": 6, "uniform": 16}
 _MIN_BITS = {"shift": 0, "uniform": 1}
 _SIGMA_MULTIPLE = 3.0  # quantize x/3, rescale by 3 (±3σ covers the range)
 _BN_EPS = 1e-5  # the variance guard of batch normalisation (PyTorch's default)
+_BN_MOMENTUM = 0.1  # PyTorch's BatchNorm momentum: the new batch's weight in the running stats
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -338,18 +342,27 @@ def dbssq_weight(
     return out.astype(w.dtype)
 
 
-def dbssq_act(x: ArrayLike, epsilon: ArrayLike, config: DBSSQConfig) -> jax.Array:
+def dbssq_act(
+    x: ArrayLike,
+    epsilon: ArrayLike,
+    config: DBSSQConfig,
+    *,
+    running: tuple[ArrayLike, ArrayLike] | None = None,
+) -> jax.Array:
     """DBSSQ activations: ``3·q_ε(x̂/3)``, ``x̂`` batch-normalised without affine parameters.
 
-    ``x̂ = (x − μ)/sqrt(var + 1e-5)`` with the batch mean and (population) variance of each
-    feature, over every axis but the last (NHWC / (batch, features)); the statistics are not
-    detached (training-mode batch norm), so the gradient flows through them [inferred]. There are
-    no running statistics: inference-time normalisation belongs to the layer that owns them.
+    ``x̂ = (x − μ)/sqrt(var + 1e-5)`` per feature (the last axis). ``running=None`` (training):
+    ``μ``, ``var`` are this batch's mean and (population) variance over every axis but the last
+    (NHWC / (batch, features)), not detached (training-mode batch norm: the gradient flows
+    through them) [inferred]. ``running=(mean, var)`` (evaluation, the authors' ``BatchNorm2d``
+    in ``eval()`` mode): the running statistics of :func:`dbssq_running_stats`, each of shape
+    ``(features,)``, detached — the output of one example then does not depend on the others.
 
     Args:
       x: floating array with at least 2 axes, features last.
       epsilon: scalar ``ε ∈ [0, 1]`` (may be traced).
       config: the quantizer's configuration.
+      running: the running ``(mean, var)``, or None for this batch's statistics.
 
     Returns:
       The quantized, normalised activations (same shape and dtype as ``x``).
@@ -363,11 +376,56 @@ def dbssq_act(x: ArrayLike, epsilon: ArrayLike, config: DBSSQConfig) -> jax.Arra
         )
     xf = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(xf, axis=axes, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    if running is None:
+        mean = jnp.mean(xf, axis=axes, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=axes, keepdims=True)
+    else:
+        mean = _running(running[0], x.shape[-1], "mean")
+        var = _running(running[1], x.shape[-1], "var")
     x_hat = (xf - mean) * lax.rsqrt(var + _BN_EPS)
     out = _SIGMA_MULTIPLE * dbssq(x_hat / _SIGMA_MULTIPLE, epsilon, config)
     return out.astype(x.dtype)
+
+
+def _running(value: ArrayLike, features: int, name: str) -> jax.Array:
+    value = jnp.asarray(value)
+    if value.shape != (features,):
+        raise ValueError(
+            f"running {name} has shape {value.shape}; allowed for x with {features} features "
+            f"(last axis): ({features},)"
+        )
+    return lax.stop_gradient(value.astype(jnp.float32))
+
+
+def dbssq_running_stats(
+    x: ArrayLike, mean: ArrayLike, var: ArrayLike, *, momentum: float = _BN_MOMENTUM
+) -> tuple[jax.Array, jax.Array]:
+    """The running ``(mean, var)`` after a training batch ``x`` (PyTorch's BatchNorm update).
+
+    ``mean ← (1 − m)·mean + m·μ_B`` and ``var ← (1 − m)·var + m·σ²_B·n/(n − 1)`` with the batch
+    mean ``μ_B`` and population variance ``σ²_B`` of each feature (last axis) over the ``n``
+    elements of every other axis (the unbiased variance, as PyTorch keeps; ``n = 1``: the
+    population one). Detached; float32 of shape ``(features,)``.
+
+    >>> m, v = dbssq_running_stats(jnp.array([[0.0], [2.0]]), jnp.zeros(1), jnp.ones(1))
+    >>> [round(float(m[0]), 6), round(float(v[0]), 6)]
+    [0.1, 1.1]
+    """
+    x = lax.stop_gradient(jnp.asarray(x)).astype(jnp.float32)
+    _check_float(x, "dbssq_running_stats")
+    if x.ndim < 2:
+        raise ValueError(f"x has shape {x.shape}; allowed: at least 2 axes, features last")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"momentum={momentum!r} is out of range; allowed: 0 <= momentum <= 1")
+    features = x.shape[-1]
+    mean = _running(mean, features, "mean")
+    var = _running(var, features, "var")
+    axes = tuple(range(x.ndim - 1))
+    n = int(np.prod([x.shape[a] for a in axes]))
+    batch_mean = jnp.mean(x, axis=axes)
+    batch_var = jnp.mean(jnp.square(x - batch_mean), axis=axes) * (n / max(n - 1, 1))
+    m = jnp.float32(momentum)
+    return (1 - m) * mean + m * batch_mean, (1 - m) * var + m * batch_var
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,7 +499,26 @@ class DBSSQFamily(QuantizerFamily):
         if spec.role == "weight":
             sigma = dbssq_weight_init(jax.lax.stop_gradient(jnp.asarray(x)), axis=-1)
             out["sigma"] = jnp.asarray(sigma, jnp.float32).reshape(-1)
+        elif x is not None:  # activations of a layer that knows its input features
+            features = jnp.shape(x)[-1]
+            out["mean"] = jnp.zeros((features,), jnp.float32)
+            out["var"] = jnp.ones((features,), jnp.float32)
         return out
+
+    def training_stats(self, spec, stats):
+        """A training step normalises with the batch's own statistics: the running ones are
+        dropped from what :meth:`apply` sees (and updated by :meth:`update_stats`)."""
+        return {k: v for k, v in stats.items() if k not in ("mean", "var")}
+
+    def update_stats(self, spec, x, params, stats, *, key):
+        if spec.role != "act" or "mean" not in stats:
+            return dict(stats)
+        mean, var = dbssq_running_stats(x, stats["mean"], stats["var"])
+        return {**stats, "mean": mean, "var": var}
+
+    @staticmethod
+    def _running(stats):
+        return (stats["mean"], stats["var"]) if "mean" in stats else None
 
     def schedule(self, spec, *, epoch, epochs, anneal):
         """``ε`` for ``epoch`` (0 at ``epoch = epochs``: the exact model training ends with)."""
@@ -452,7 +529,7 @@ class DBSSQFamily(QuantizerFamily):
 
     def apply(self, spec, x, params, *, key=None, stats=None):
         if spec.role == "act":
-            return dbssq_act(x, stats["epsilon"], spec.config)
+            return dbssq_act(x, stats["epsilon"], spec.config, running=self._running(stats))
         sigma = expand(jnp.asarray(stats["sigma"]), x, "channel", -1)
         return dbssq_weight(x, stats["epsilon"], sigma, spec.config, axis=-1)
 
@@ -468,7 +545,7 @@ class DBSSQFamily(QuantizerFamily):
                 "DBSSQ training ends in (layer.set_stat('epsilon', 0.0))"
             )
         if spec.role == "act":
-            return quantize_dbssq_act(x, spec.config)
+            return quantize_dbssq_act(x, spec.config, running=self._running(stats))
         sigma = jnp.asarray(stats["sigma"], jnp.float32)
         sigma = sigma.reshape((1,) * (x.ndim - 1) + (-1,))  # compact (C,) -> last axis
         return quantize_dbssq_weight(x, sigma, spec.config, axis=-1)

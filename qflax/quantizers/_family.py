@@ -63,8 +63,9 @@ ROLES = ("weight", "act")
 # Optimizer tags a learnable quantizer param may carry (``QuantizerFamily.param_tags``):
 # ``"clip"``: a learned clipping level (``quant.clip_decay`` adds an L2 term, as PACT's α);
 # ``"deadzone"`` / ``"bits"``: CoDeQ-style dead-zone width and bit-width parameters, decayed
-# (decoupled) by ``quant.deadzone_decay`` / ``quant.bits_decay``.
-PARAM_TAGS = ("clip", "deadzone", "bits")
+# (decoupled) by ``quant.deadzone_decay`` / ``quant.bits_decay``; ``"step"``: a positive step
+# size learned directly (LSQ's ``s``), updated relative to its size when ``quant.relative_steps``.
+PARAM_TAGS = ("clip", "deadzone", "bits", "step")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +181,17 @@ class QuantizerFamily:
 
     def stats_init(self, spec: Any, x: jax.Array | None) -> dict[str, jax.Array]:
         """Non-learned quantizer state (``QuantStat`` s; float32, compact), e.g. a blend factor
-        the training loop anneals. ``x``: the kernel for weights, None for activations."""
+        the training loop anneals. ``x``: the kernel for weights; for activations zeros of shape
+        ``(1, features)`` when the layer knows its input features (running statistics are
+        sized from it), else None."""
         return {}
+
+    def training_stats(self, spec: Any, stats: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The state :meth:`apply` sees in a training step (a layer in ``model.train()`` mode);
+        outside training it sees all of ``stats``. A family whose forward normalises with
+        running statistics at evaluation drops them here, so training uses the batch's own
+        (and keeps them current in :meth:`update_stats`). Default: all of it."""
+        return dict(stats)
 
     def stat_start(self, spec: Any, name: str) -> float:
         """The value the state ``name`` starts an annealing schedule from (e.g. a pair's μ)."""

@@ -244,6 +244,9 @@ class LSQFamily(QuantizerFamily):
     def learnable(self, spec) -> bool:
         return True
 
+    def param_tags(self, spec):
+        return {"step": ("step",)}
+
     def init(self, spec, x):
         return {k: compact(v, spec.config.granularity) for k, v in lsq_init(x, spec.config).items()}
 

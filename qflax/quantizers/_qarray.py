@@ -546,12 +546,15 @@ def quantize_dbssq_weight(
     return _dbssq_qarray(y.astype(jnp.float32), scale, config, "channel", axis)
 
 
-def quantize_dbssq_act(x: ArrayLike, config: qz.DBSSQConfig) -> QArray:
+def quantize_dbssq_act(
+    x: ArrayLike, config: qz.DBSSQConfig, *, running: tuple[ArrayLike, ArrayLike] | None = None
+) -> QArray:
     """The codes of :func:`qflax.quantizers.dbssq_act` at ``ε = 0``: ``3·Q(x̂/3)`` with ``x̂``
-    ``x`` batch-normalised (this batch's statistics); the encodings of
-    :func:`quantize_dbssq_weight` with the scale 3 per tensor. Exact (float32)."""
+    ``x`` batch-normalised (``running``: the running ``(mean, var)``; None: this batch's
+    statistics); the encodings of :func:`quantize_dbssq_weight` with the scale 3 per tensor.
+    Exact (float32)."""
     x = jnp.asarray(x)
-    y = qz.dbssq_act(jax.lax.stop_gradient(x), 0.0, config)
+    y = qz.dbssq_act(jax.lax.stop_gradient(x), 0.0, config, running=running)
     scale = jnp.full((1,) * x.ndim, _DBSSQ_SIGMA_MULTIPLE, jnp.float32)
     return _dbssq_qarray(y.astype(jnp.float32), scale, config, "tensor")
 

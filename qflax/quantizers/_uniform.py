@@ -600,6 +600,9 @@ class LearnedStepFamily(AbsmaxFamily):
     def learnable(self, spec) -> bool:
         return True
 
+    def param_tags(self, spec):
+        return {"scale": ("step",)}
+
     def init(self, spec, x):
         params = _symmetric_only(uniform_init(x, spec.config), spec.config)
         return {k: compact(v, spec.config.granularity) for k, v in params.items()}

@@ -91,6 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
       step to ``max_update·lr`` (0: no bound; Adam's steps after a sudden large gradient reach
       ~31·lr); ``rules`` are ``(pattern, recipe_name)`` pairs tried before the default ones
       (recipe "none" keeps matching layers float).
+    - ``quant.relative_steps``: learned step sizes (params their family tags ``"step"``:
+      ``learned_step``'s scale, LSQ's step) move by ``lr·|s|`` times Adam's direction instead of
+      ``lr`` (as on ``log s``; never through zero while ``lr·max_update < 1``; default False).
     - ``quant.{deadzone_decay, bits_decay, latent_clip}``: decoupled decay of CoDeQ's
       dead-zone and bit-width parameters (larger: sparser, fewer bits); ``latent_clip > 0``
       keeps the latent weights of 1-bit layers in ``[−latent_clip, latent_clip]``
@@ -163,6 +166,7 @@ def default_config() -> ml_collections.ConfigDict:
             bits_decay=0.0,
             latent_clip=0.0,
             max_update=1.0,
+            relative_steps=False,
             rules=(),
         )
     )

@@ -294,6 +294,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             )
     for key in ("clip_decay", "deadzone_decay", "bits_decay", "latent_clip", "max_update"):
         _check_number(quant[key], f"quant.{key}", 0.0)
+    if not isinstance(quant.relative_steps, bool):
+        raise ValueError(f"quant.relative_steps={quant.relative_steps!r}; allowed: True, False")
+    if quant.relative_steps and not 0 < quant.learning_rate * quant.max_update < 1:
+        raise ValueError(
+            f"quant.relative_steps=True with quant.learning_rate={quant.learning_rate!r} and "
+            f"quant.max_update={quant.max_update!r}; allowed: 0 < learning_rate·max_update < 1 "
+            "(a relative step of 1 or more can reach zero)"
+        )
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
     pen = config.penalty
     _check_number(pen.warmup_epochs, "penalty.warmup_epochs", 0.0)

@@ -552,8 +552,12 @@ def _train_and_evaluate(
         if teacher_summary_path.is_file():
             fp_test_accuracy = json.loads(teacher_summary_path.read_text())["test_accuracy"]
     if config.teacher.init_student:
-        # Fine-tuning: the student starts from the teacher's weights (then is quantized).
-        model, report = quantize_for_config(config, nnx.clone(teacher_model), dataset)
+        # Fine-tuning: the student starts from the teacher's weights (then is quantized), in
+        # arrays of its own: the train step donates the student and the teacher state, and a
+        # float student would otherwise hand it the same buffers twice.
+        student = nnx.clone(teacher_model)
+        nnx.update(student, jax.tree.map(lambda a: a.copy(), nnx.state(student)))
+        model, report = quantize_for_config(config, student, dataset)
     if report is not None:
         (workdir / QUANTIZATION_FILE).write_text(report + "\n")
 

@@ -23,6 +23,7 @@ __all__ = [
     "QUANT",
     "WEIGHTS",
     "project_to_box",
+    "relative_steps",
     "tag_mask",
     "learning_rate_schedules",
     "make_optimizer",
@@ -70,9 +71,9 @@ def tag_mask(model_state: Any, tag: str) -> Any:
     return jax.tree.map(match, model_state, is_leaf=_is_variable)
 
 
-def project_to_box(bound: float, mask: Any) -> optax.GradientTransformation:
-    """Makes the final updates keep the masked parameters in ``[−bound, bound]``:
-    ``u ← clip(p + u, −bound, bound) − p`` (BinaryConnect's clipped latent weights)."""
+def _masked_update(name: str, fn: Any, mask: Any) -> optax.GradientTransformation:
+    """A stateless transformation replacing the update ``u`` of each masked parameter ``p`` by
+    ``fn(u, p)`` (``mask``: a bool per variable, a prefix of the trees)."""
 
     def init(params):
         del params
@@ -80,16 +81,32 @@ def project_to_box(bound: float, mask: Any) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         if params is None:
-            raise ValueError("project_to_box needs params; allowed: tx.update(g, s, params)")
+            raise ValueError(f"{name} needs params; allowed: tx.update(g, s, params)")
 
-        def project(m, u, p):  # `mask` is a prefix of the trees (a bool per variable)
-            if not m:
-                return u
-            return jax.tree.map(lambda a, b: jnp.clip(b + a, -bound, bound) - b, u, p)
+        def apply(m, u, p):
+            return jax.tree.map(fn, u, p) if m else u
 
-        return jax.tree.map(project, mask, updates, params), state
+        return jax.tree.map(apply, mask, updates, params), state
 
     return optax.GradientTransformation(init, update)
+
+
+def project_to_box(bound: float, mask: Any) -> optax.GradientTransformation:
+    """Makes the final updates keep the masked parameters in ``[−bound, bound]``:
+    ``u ← clip(p + u, −bound, bound) − p`` (BinaryConnect's clipped latent weights)."""
+    return _masked_update("project_to_box", lambda u, p: jnp.clip(p + u, -bound, bound) - p, mask)
+
+
+def relative_steps(mask: Any) -> optax.GradientTransformation:
+    """Scales the updates of the masked parameters by their magnitude: ``u ← u·|p|``.
+
+    For learned step sizes (params tagged ``"step"``): with Adam's normalised direction a step
+    then moves ``s`` by a fraction (at most ``lr·max_update``) of itself, as Adam on ``log s``
+    would to first order — a step size of ``1e-3`` and one of ``1`` learn at the same relative
+    rate, and a step can never cross zero while ``lr·max_update < 1`` (8-bit per-token steps of
+    an embedding, ~1/127 of each row's range, went negative under absolute updates).
+    """
+    return _masked_update("relative_steps", lambda u, p: u * jnp.abs(p), mask)
 
 
 def learning_rate_schedules(
@@ -138,7 +155,9 @@ def make_optimizer(
     -> [decoupled weight decay, masked to weights (adamw)] -> [each quantizer parameter's step
     clipped to ``±quant.max_update`` (in units of its learning rate)] -> [the decoupled decay
     of params tagged ``"deadzone"`` / ``"bits"`` (CoDeQ's ``θ_d`` / ``θ_b``):
-    ``quant.deadzone_decay`` / ``quant.bits_decay``] ->
+    ``quant.deadzone_decay`` / ``quant.bits_decay``] -> [the updates of params tagged
+    ``"step"`` (learned step sizes) times their magnitude, ``quant.relative_steps``:
+    :func:`relative_steps`] ->
     ``optax.partition``
     scaling weights by ``-schedule(step)`` and quantizer parameters by ``-quant_schedule(step)``
     -> [projection of 1-bit layers' latent weights onto ``[−quant.latent_clip,
@@ -213,6 +232,8 @@ def make_optimizer(
             parts.append(
                 optax.masked(optax.add_decayed_weights(coefficient), tag_mask(model_state, tag))
             )
+    if config.quant.get("relative_steps", False):
+        parts.append(relative_steps(tag_mask(model_state, "step")))
     parts.append(
         optax.partition(
             {

@@ -241,6 +241,9 @@ def make_train_step(
             # the forward pass may update them (BatchNorm statistics).
             rest = jax.tree.map(lambda x: x, state.rest)
             model = nnx.merge(graphdef, params, rest)
+            # nnx's training mode: quant layers whose quantizers keep running statistics
+            # (DBSSQ activations) use the batch's and update them (models get `train=True`).
+            model.train()
             task = model_task(model)
             logits = model(inputs, train=True)
             ce = jnp.mean(task.loss(logits, inputs, labels))
@@ -333,6 +336,7 @@ def make_eval_step(
     def step(params: Any, rest: Any, batch: Batch, weights: jax.Array) -> dict[str, jax.Array]:
         inputs, labels = batch
         model = nnx.merge(graphdef, params, rest)
+        model.eval()  # quant layers use running statistics (the default; explicit here)
         task = model_task(model)
         logits = model(inputs, train=False)
         loss, score = task.loss(logits, inputs, labels), task.score(logits, inputs, labels)

@@ -28,19 +28,57 @@ def test_dbssq_layer_blends_and_is_exact_at_epsilon_zero():
     assert float(layer.weight_epsilon[...]) == float(layer.act_epsilon[...]) == 1.0
     x = _x()
     cfg = qz.DBSSQConfig(levels="shift", bits=2)
+    start = (jnp.zeros(6), jnp.ones(6))  # running statistics before any training step
     for eps in (1.0, 0.25, 0.0):
         assert layer.set_stat("epsilon", eps) == ["act", "weight"]
-        expected = (
-            qz.dbssq_act(x, eps, cfg) @ qz.dbssq_weight(kernel, eps, sigma, cfg)
-            + layer.inner.bias[...]
-        )
-        np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
+        w_q = qz.dbssq_weight(kernel, eps, sigma, cfg)
+        expected = qz.dbssq_act(x, eps, cfg, running=start) @ w_q + layer.inner.bias[...]
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)  # eval mode
+        np.testing.assert_allclose(layer.act_mean[...], 0.0)  # not updated outside training
+        layer.train()
+        expected = qz.dbssq_act(x, eps, cfg) @ w_q + layer.inner.bias[...]
+        np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)  # batch stats
+        layer.eval()
+        layer.act_mean[...], layer.act_var[...] = start
     # at ε = 0 every weight is ±3σ_c·2^−k: shift levels only
     w = np.asarray(layer.quantized_kernel()) / (3 * np.asarray(sigma))
     levels = {1.0, 0.5, 0.25, 0.125}
     assert set(np.round(np.abs(w), 6).ravel()) <= levels
     info = layer.quant_info()
     assert (info["weight_bits"], info["act_bits"]) == (3, 3)  # 4 magnitudes and a sign
+
+
+def test_dbssq_activations_track_running_statistics_in_training_mode():
+    """model.train(): each call normalises with the batch and moves the running statistics by
+    PyTorch's rule; model.eval(): the running ones, so one example's output does not depend on
+    the batch it comes in (the authors' BatchNorm2d in eval mode)."""
+    layer = _layer(recipes.dbssq(2, 2))
+    x = 2.0 + 3.0 * _x(shape=(64, 6))
+    layer.train()
+    mean, var = jnp.zeros(6), jnp.ones(6)
+    for _ in range(3):
+        layer(x)
+        mean, var = qz.dbssq_running_stats(x, mean, var)
+    np.testing.assert_allclose(layer.act_mean[...], mean, rtol=1e-6)
+    np.testing.assert_allclose(layer.act_var[...], var, rtol=1e-6)
+    unbiased = np.var(np.asarray(x), axis=0, ddof=1)
+    np.testing.assert_allclose(var, 0.9**3 + (1 - 0.9**3) * unbiased, rtol=1e-5)
+    for _ in range(120):  # the running statistics converge to the data's
+        layer(x)
+    np.testing.assert_allclose(layer.act_mean[...], np.mean(np.asarray(x), 0), rtol=1e-3)
+    layer.eval()
+    one = layer(x[:1])
+    np.testing.assert_allclose(layer(x)[:1], one, rtol=1e-6)
+    layer.train()  # batch statistics of a single example: a different output
+    assert not np.allclose(layer(x[:1]), one)
+
+
+def test_dbssq_running_statistics_need_matching_shapes():
+    x = _x(shape=(4, 3))
+    with pytest.raises(ValueError, match=r"running mean has shape \(4,\); allowed .* \(3,\)"):
+        qz.dbssq_act(x, 0.0, qz.DBSSQConfig(), running=(jnp.zeros(4), jnp.ones(3)))
+    with pytest.raises(ValueError, match=r"momentum=1.5 is out of range"):
+        qz.dbssq_running_stats(x, jnp.zeros(3), jnp.ones(3), momentum=1.5)
 
 
 def test_setting_a_stat_does_not_retrace():

@@ -65,12 +65,15 @@ def test_pact_and_dorefa_train_and_learn(recipe, tmp_path):
     assert summary["avg_weight_bits"] == summary["avg_act_bits"] == 4.0
 
 
-def test_student_starts_from_the_teacher(tmp_path):
+@pytest.mark.parametrize("recipe", ["gdnsq", "none"])
+def test_student_starts_from_the_teacher(recipe, tmp_path):
+    """Also a float student (the fine-tuned float reference), whose arrays must not be the
+    teacher's: the train step donates both (XLA refuses the same buffer donated twice)."""
     teacher_dir = tmp_path / "fp"
     train_and_evaluate(tiny_config("mlp"), teacher_dir)
     config = tiny_config(
         "mlp",
-        quant__recipe="gdnsq",
+        quant__recipe=recipe,
         teacher__mode="checkpoint",
         teacher__path=str(teacher_dir),
         teacher__init_student=True,

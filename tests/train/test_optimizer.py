@@ -9,7 +9,14 @@ from flax import nnx
 
 from qflax import layers as ql
 from qflax import models
-from qflax.train import default_config, learning_rate_schedules, make_optimizer, param_labels
+from qflax.train import (
+    default_config,
+    learning_rate_schedules,
+    make_optimizer,
+    param_labels,
+    validate_config,
+)
+from qflax.train._optimizer import tag_mask
 
 STEPS_PER_EPOCH = 10
 
@@ -144,3 +151,60 @@ def test_warm_up_as_long_as_the_run_is_linear():
         config.optimizer.schedule = schedule
         weights, _ = learning_rate_schedules(config, STEPS_PER_EPOCH)
         assert [float(weights(s)) for s in (0, 10, 20)] == pytest.approx([0.0, 0.1, 0.2])
+
+
+def test_relative_steps_scale_only_the_tagged_steps_by_their_size():
+    config = default_config()
+    config.optimizer.name = "sgd"
+    config.optimizer.momentum = 0.0
+    config.optimizer.schedule = "constant"
+    config.optimizer.learning_rate = 0.1
+    config.quant.learning_rate = 0.003
+    config.quant.max_update = 0.0
+    config.quant.relative_steps = True
+    params, updates = one_update(config, jnp.ones_like)
+    tagged = jax.tree.leaves(tag_mask(params, "step"))
+    labels = jax.tree.leaves(param_labels(params))
+    # learned_step (symmetric): every quantizer param is a step, no weight is
+    assert tagged == [label == "quant" for label in labels] and any(tagged)
+    weights, quant = split(updates)
+    _, steps = split(params)
+    for u in weights:
+        np.testing.assert_allclose(u, -0.1, rtol=1e-6)
+    for u, s in zip(quant, steps, strict=True):
+        assert np.all(s > 0)
+        np.testing.assert_allclose(u, -0.003 * s, rtol=1e-6)
+
+
+def test_relative_steps_never_cross_zero_where_absolute_ones_do():
+    """Adam under a gradient that always pushes the steps down: absolute updates take a step
+    of 1/127 below zero within tens of updates; relative ones shrink it geometrically."""
+    ends = {}
+    for relative in (False, True):
+        config = default_config()
+        config.quant.learning_rate = 0.01
+        config.optimizer.schedule = "constant"
+        config.quant.relative_steps = relative
+        validate_config(config)
+        params = nnx.state(quantized_mlp(), nnx.Param)
+        tx = make_optimizer(config, params, steps_per_epoch=STEPS_PER_EPOCH)
+        state = tx.init(params)
+        quant = nnx.filter_state(params, ql.QuantParam)
+        quant = jax.tree.map(lambda s: jnp.full_like(s, 1.0 / 127), quant)
+        params = nnx.merge_state(params, quant)
+        grads = jax.tree.map(jnp.ones_like, params)
+        for _ in range(50):
+            updates, state = tx.update(grads, state, params)
+            params = optax.apply_updates(params, updates)
+        ends[relative] = np.concatenate([np.ravel(s) for s in split(params)[1]])
+    assert np.all(ends[False] < 0)
+    assert np.all(ends[True] > 0)
+    np.testing.assert_allclose(ends[True], (1.0 / 127) * 0.99**50, rtol=1e-3)
+
+
+def test_relative_steps_need_a_relative_step_below_one():
+    config = default_config()
+    config.quant.relative_steps = True
+    config.quant.max_update = 0.0  # unbounded Adam steps could reach zero
+    with pytest.raises(ValueError, match=r"quant.relative_steps=True .* allowed: 0 < learning"):
+        validate_config(config)

@@ -76,6 +76,24 @@ def test_dbssq_follows_the_schedule_and_ends_exact(tmp_path):
     assert summary["test_accuracy"] > 0.8
 
 
+def test_dbssq_activations_are_evaluated_with_running_statistics(tmp_path):
+    """The jitted train step updates the running statistics (nnx training mode); the saved
+    model evaluates with them, so its accuracy does not depend on the test batch."""
+    config = runs.load_config_file("experiments/mnist5k/dbssq.py:wa")
+    config = runs.apply_overrides(
+        config, [("dataset", "digits"), ("epochs", "2"), ("progress_bar", "false")]
+    )
+    _, summary = train_and_evaluate(config, tmp_path)
+    model, _, _ = load_model(tmp_path)
+    mean = np.asarray(model.dense.act_mean[...])
+    var = np.asarray(model.dense.act_var[...])
+    assert np.any(mean != 0.0) and np.any(var != 1.0)  # updated by the training steps
+    assert summary["test_accuracy"] > 0.5
+    x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 1))
+    whole = model(x, train=False)
+    np.testing.assert_allclose(model(x[:3], train=False), whole[:3], rtol=1e-5, atol=1e-5)
+
+
 def test_codeq_runs_and_reports_sparsity_bits_and_sparse_bops(tmp_path):
     # (a θ moves at most quant.learning_rate per step: 25× the config's, for 2 digits epochs)
     config = _experiment(
