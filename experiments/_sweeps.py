@@ -4,6 +4,7 @@ tables written between markers of a README."""
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import pathlib
@@ -11,9 +12,36 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def arguments(doc: str, root: str, rows: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """A parser with the options every sweep takes: ``--rows`` (``rows``: the choices; None:
+    any), ``--seeds`` (default 0 1 2), ``--jobs``, ``--root`` (default ``root``),
+    ``--table-only`` and ``--no-write``; a sweep adds its own before :func:`parse`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    choices = None if rows is None else list(rows)
+    parser.add_argument("--rows", nargs="+", choices=choices, help="default: every row")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
+    parser.add_argument("--root", default=root, help="where the workdirs go")
+    parser.add_argument("--table-only", action="store_true", help="do not train")
+    parser.add_argument("--no-write", action="store_true", help="print the tables only")
+    return parser
+
+
+def parse(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, pathlib.Path]:
+    """``(args, root)``: the parsed options (``--jobs`` checked) and ``--root`` made absolute
+    (relative to the repository)."""
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs} is not allowed; allowed: integers >= 1")
+    root = pathlib.Path(args.root)
+    return args, (root if root.is_absolute() else (REPO / root).resolve())
 
 
 def train_command(config: str, variant: str, seed: int, workdir: pathlib.Path) -> list[str]:
@@ -28,6 +56,24 @@ def train_command(config: str, variant: str, seed: int, workdir: pathlib.Path) -
         "--workdir",
         str(workdir),
     ]
+
+
+def row_command(
+    config: str,
+    overrides: Iterable[tuple[str, str]],
+    seed: int,
+    workdir: pathlib.Path,
+    teacher: pathlib.Path | None = None,
+) -> list[str]:
+    """The ``qflax train`` command of ``config`` (a path, with ``:variant``) with ``--config.KEY=
+    VALUE`` overrides and a seed, starting from the finished run ``teacher`` (its checkpoint:
+    ``teacher.mode=checkpoint``) when given."""
+    args = ["qflax", "train", "--config", config]
+    args += [f"--config.{k}={v}" for k, v in overrides]
+    args += [f"--config.seed={seed}", "--config.progress_bar=false"]
+    if teacher is not None:
+        args += ["--config.teacher.mode=checkpoint", f"--config.teacher.path={teacher}"]
+    return args + ["--workdir", str(workdir)]
 
 
 def train(args: list[str], workdir: pathlib.Path) -> None:

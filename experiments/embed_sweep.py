@@ -10,7 +10,6 @@ Each run is one ``qflax train`` in ``runs/embed/<row>-s<seed>``; finished runs a
 
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import shlex
@@ -68,18 +67,7 @@ def table(root: pathlib.Path, seeds: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", choices=list(embed.ROWS), help="default: all")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
-    parser.add_argument("--root", default="runs/embed", help="where the workdirs go")
-    parser.add_argument("--table-only", action="store_true", help="do not train")
-    parser.add_argument("--no-write", action="store_true", help="print the table only")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs={args.jobs} is not allowed; allowed: integers >= 1")
-    root = pathlib.Path(args.root)
-    root = root if root.is_absolute() else (_sweeps.REPO / root).resolve()
+    args, root = _sweeps.parse(_sweeps.arguments(__doc__, "runs/embed", embed.ROWS), argv)
     if not args.table_only:
         todo = [
             (

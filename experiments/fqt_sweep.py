@@ -13,7 +13,6 @@ resumes where it stopped. ``--jobs N`` runs N trainings at once.
 
 from __future__ import annotations
 
-import argparse
 import math
 import pathlib
 import shlex
@@ -92,19 +91,9 @@ def table(dataset: str, root: pathlib.Path, seeds: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _sweeps.arguments(__doc__, "runs/fqt", fqt_rows.ROWS)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
-    parser.add_argument("--rows", nargs="+", choices=list(fqt_rows.ROWS), help="default: all")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
-    parser.add_argument("--root", default="runs/fqt", help="where the workdirs go")
-    parser.add_argument("--table-only", action="store_true", help="do not train")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs={args.jobs} is not allowed; allowed: integers >= 1")
-    root = pathlib.Path(args.root)
-    root = root if root.is_absolute() else (REPO / root).resolve()
+    args, root = _sweeps.parse(parser, argv)
     if not args.table_only:
         todo = [
             (command(d, r, s, root), root / f"{d}-{r}-s{s}")

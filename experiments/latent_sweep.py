@@ -16,7 +16,6 @@ activations on the training images and the row ``k<K>`` is trained with that K.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
@@ -210,19 +209,9 @@ def split_table(root: pathlib.Path, seeds: list[int]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _sweeps.arguments(__doc__, "runs/latent")
     parser.add_argument("--sets", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--rows", nargs="+", help="default: every row")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="trainings at once")
-    parser.add_argument("--root", default="runs/latent", help="where the workdirs go")
-    parser.add_argument("--table-only", action="store_true", help="do not train")
-    parser.add_argument("--no-write", action="store_true", help="print the tables only")
-    args = parser.parse_args(argv)
-    if args.jobs < 1:
-        parser.error(f"--jobs={args.jobs} is not allowed; allowed: integers >= 1")
-    root = pathlib.Path(args.root)
-    root = root if root.is_absolute() else (_sweeps.REPO / root).resolve()
+    args, root = _sweeps.parse(parser, argv)
     if not args.table_only:
         _sweeps.run_all(todo(args.sets, args.rows, args.seeds, root), args.jobs)
         if "split" in args.sets and (not args.rows or "entropy" in args.rows):

@@ -28,6 +28,8 @@ import statistics
 import subprocess
 import sys
 
+from experiments import _sweeps
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 README = HERE / "README.md"
@@ -117,15 +119,10 @@ ROWS: dict[str, Row] = {
 def command(name: str, seed: int, root: pathlib.Path) -> list[str]:
     """The ``qflax train`` command of one row and seed."""
     row = ROWS[name]
-    args = ["qflax", "train", "--config", f"experiments/mnist5k/{row.spec}"]
-    args += [f"--config.{k}={v}" for k, v in row.overrides]
-    args += [f"--config.seed={seed}", "--config.progress_bar=false"]
-    if row.teacher is not None:
-        args += [
-            "--config.teacher.mode=checkpoint",
-            f"--config.teacher.path={root / f'{row.teacher}-s{seed}'}",
-        ]
-    return args + ["--workdir", str(root / f"{name}-s{seed}")]
+    teacher = None if row.teacher is None else root / f"{row.teacher}-s{seed}"
+    return _sweeps.row_command(
+        f"experiments/mnist5k/{row.spec}", row.overrides, seed, root / f"{name}-s{seed}", teacher
+    )
 
 
 def run(name: str, seed: int, root: pathlib.Path) -> None:

@@ -3,10 +3,12 @@
 The float config of experiments/pydoc_text/fp.py (width 64, 2 blocks, 4 epochs from scratch)
 with only its embedding (``stem``, 103 symbols × 64) quantized: the table's codes at 8, 4 and 2
 bits with one learned step per token (``learned_step`` weights: LSQ-style steps initialised from
-each row's absmax and trained with the model; the lookup has no activation quantizer), every
-other layer float — so a row measures what the embedding's precision alone costs. Rows:
-``float``, ``emb8``, ``emb4``, ``emb2`` (``<row>-smoke``: 1 epoch of 32-character windows;
-``smoke``: ``emb4-smoke``).
+each row's absmax and trained with the model, ``quant.relative_steps`` at a quantizer learning
+rate of 1e-2 — each update moves a step by at most 1% of itself; with absolute updates the
+8-bit steps, ~1/127 of a row's range, went negative on every seed; the lookup has no
+activation quantizer), every other layer float — so a row measures what the embedding's
+precision alone costs. Rows: ``float``, ``emb8``, ``emb4``, ``emb2`` (``<row>-smoke``: 1
+epoch of 32-character windows; ``smoke``: ``emb4-smoke``).
 
     qflax train --config experiments/pydoc_text/embed.py:emb4 --workdir runs/embed/emb4-s0
     python -m experiments.embed_sweep --jobs 2     # 3 seeds; the table in experiments/README.md
@@ -42,4 +44,6 @@ def get_config(variant: str | None = None):
         # embedding, is quantized; 32-bit "activations": the lookup's ids are not quantized.
         config.quant.first_last_float = False
         config.quant.rules = (("^stem$", "learned_step", {"weight_bits": bits, "act_bits": 32}),)
+        config.quant.relative_steps = True
+        config.quant.learning_rate = 1e-2
     return config

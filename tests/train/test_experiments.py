@@ -13,8 +13,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIGS = sorted(
     p
     for p in (REPO / "experiments").rglob("*.py")
-    # configs live in one folder per dataset; sweeps and shared row tables are not configs
-    if p.name != "__init__.py" and not p.name.startswith("sweep") and p.parent.name != "experiments"
+    # configs live in one folder per dataset; sweeps, shared row tables and private helpers
+    # (`_base.py`) are not configs
+    if not p.name.startswith(("sweep", "_")) and p.parent.name != "experiments"
 )
 
 
@@ -49,3 +50,72 @@ def test_configs_import_as_a_package():
     w4a4_config = w4a4.get_config()
     assert (w4a4_config.quant.weight_bits, w4a4_config.quant.act_bits) == (4, 4)
     assert w4a4_config.quant.first_last_float
+
+
+def test_fashion_sweep_rows_load_and_compare_with_a_reference():
+    from experiments.fashion_mnist import sweep
+
+    root = pathlib.Path("runs/fashion_mnist")
+    for name, row in sweep.ROWS.items():
+        args = sweep.command(name, 1, root)
+        spec = args[args.index("--config") + 1]
+        overrides = [tuple(a[len("--config.") :].split("=", 1)) for a in args if "=" in a]
+        overrides = [(k, v) for k, v in overrides if not k.startswith("teacher.")]
+        config = validate_config(runs.apply_overrides(runs.load_config_file(spec), overrides))
+        assert config.dataset == "fashion_mnist" and config.seed == 1
+        if row.teacher is None:
+            assert config.quant.recipe == "none" and config.epochs == 20
+            continue
+        assert row.teacher in sweep.ROWS and sweep.ROWS[row.teacher].teacher is None
+        assert row.ref in sweep.ROWS and config.epochs == 10
+        ref = runs.load_config_file(f"{sweep.CONFIGS}/{sweep.ROWS[row.ref].config}")
+        if sweep.ROWS[row.ref].teacher is not None:  # a fine-tuned reference: the same budget
+            assert (ref.batch_size, ref.optimizer.name, ref.teacher.weight) == (
+                config.batch_size,
+                config.optimizer.name,
+                config.teacher.weight,
+            ), name
+            assert ref.quant.recipe == "none"
+
+
+def test_fashion_sweep_table_says_when_a_difference_exceeds_two_standard_errors(tmp_path):
+    import json
+
+    from experiments.fashion_mnist import sweep
+
+    def finish(name, accs):
+        for seed, acc in enumerate(accs):
+            (tmp_path / f"{name}-s{seed}").mkdir()
+            summary = dict(test_accuracy=acc, wall_seconds=1.0, avg_weight_bits=4, avg_act_bits=4)
+            (tmp_path / f"{name}-s{seed}" / "summary.json").write_text(json.dumps(summary))
+
+    finish("fp", [0.90, 0.91, 0.92])
+    finish("fp-ft-kd", [0.910, 0.912, 0.914])
+    finish("lsq-w2a2", [0.900, 0.902, 0.904])  # 1 point below, SE 0.16: beyond 2 SE
+    finish("gdnsq-w2a2", [0.900, 0.910, 0.920])  # +0.8 vs LSQ, SE 0.59: within 2 SE
+    text = sweep.table(tmp_path, [0, 1, 2])
+    lsq = next(line for line in text.splitlines() if line.startswith("| LSQ W2A2"))
+    assert "| -1.00 ± 0.33 | yes | `fp-ft-kd` | -0.80 |" in lsq  # teacher: 91.0
+    gdnsq = next(line for line in text.splitlines() if line.startswith("| GDNSQ target W2A2"))
+    assert "| -0.20 ± 1.18 | no |" in gdnsq
+    assert "GDNSQ − LSQ at W2A2: +0.80 points, within 2 SE (± 1.18)." in text
+    delta, se = sweep.compare([1.0, 2.0], [1.0])
+    assert delta == 0.5 and se != se  # one reference run: no standard error (NaN)
+
+
+def test_bnnpp_study_band_edge_is_where_signswish_saturates():
+    import jax
+
+    from experiments.fashion_mnist import sweep
+    from qflax import quantizers as qz
+
+    slope = jax.grad(lambda x: qz.sign_swish(x, 1.0))
+    assert abs(float(slope(sweep.U))) < 1e-4  # SS′ = 0 at βx = U: the forward's maximum
+    assert float(slope(sweep.U - 0.1)) > 0 > float(slope(sweep.U + 0.1))
+    assert float(qz.sign_swish(sweep.U, 1.0)) > 1.0  # past U the forward is ±1 (and beyond)
+    # every study setting has its BNN, BNN++ and normalised BNN++ row, teacher and reference
+    for key in sweep.STUDY:
+        for pair in ("bnn", "bnn++", "bnn++-norm"):
+            row = sweep.ROWS[sweep._study_name(key, pair)]
+            assert row.teacher == sweep.STUDY_TEACHERS[key] and row.ref == sweep.STUDY_REFS[key]
+            assert dict(row.overrides)["pair"] == pair.removesuffix("-norm")
