@@ -5,6 +5,9 @@ Codec rows quantize the conv autoencoder's 4-channel latent vectors (a 7×7 grid
 images) at three rates of about 6, 8 and 10 bits per vector, for each latent quantizer; the
 code sizes (log2 of the codebook) are in the tables. Q2D2 rows name the lattice and the levels
 per channel of each pair (``hex4``: the true hexagonal lattice, 4×4 box: 14 points per pair).
+``hex5`` and ``fsq5`` (odd levels: 23 and 25 points per pair) were added after
+``experiments/q2d2_packing.py`` showed the hexagonal grid gains over the square one on a bounded
+source at 5 levels per channel (+1.4 dB) but not at 4 or 6 (−0.05, −0.42 dB).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ CODEC_ROWS: dict[str, dict | None] = {
     "fsq3": {"kind": "fsq", "levels": (3, 3, 3, 3)},
     "fsq4": {"kind": "fsq", "levels": (4, 4, 4, 4)},
     "fsq6": {"kind": "fsq", "levels": (6, 6, 5, 5)},
+    "fsq5": {"kind": "fsq", "levels": (5, 5, 5, 5)},
     "rect3": {"kind": "q2d2", "levels": (3, 3, 3, 3), "lattice": "rectangular"},
     "rect4": {"kind": "q2d2", "levels": (4, 4, 4, 4), "lattice": "rectangular"},
     "rect6": {"kind": "q2d2", "levels": (6, 6, 6, 6), "lattice": "rectangular"},
     "hex3": {"kind": "q2d2", "levels": (3, 3, 3, 3), "lattice": "hexagonal"},
     "hex4": {"kind": "q2d2", "levels": (4, 4, 4, 4), "lattice": "hexagonal"},
     "hex6": {"kind": "q2d2", "levels": (6, 6, 6, 6), "lattice": "hexagonal"},
+    "hex5": {"kind": "q2d2", "levels": (5, 5, 5, 5), "lattice": "hexagonal"},
     "rhombic2": {"kind": "q2d2", "levels": (2, 2, 2, 2), "lattice": "rhombic"},
     "rhombic3": {"kind": "q2d2", "levels": (3, 3, 3, 3), "lattice": "rhombic"},
     "rhombic4": {"kind": "q2d2", "levels": (4, 4, 4, 4), "lattice": "rhombic"},
@@ -36,9 +41,9 @@ CODEC_ROWS: dict[str, dict | None] = {
 
 # The methods (curves) of the rate–distortion plot, in order, and their rows.
 CODEC_METHODS = {
-    "FSQ": ("fsq3", "fsq4", "fsq6"),
+    "FSQ": ("fsq3", "fsq4", "fsq5", "fsq6"),
     "Q2D2 rectangular": ("rect3", "rect4", "rect6"),
-    "Q2D2 hexagonal": ("hex3", "hex4", "hex6"),
+    "Q2D2 hexagonal": ("hex3", "hex4", "hex5", "hex6"),
     "Q2D2 rhombic": ("rhombic2", "rhombic3", "rhombic4"),
     "VQ (k-means, EMA)": ("vq64", "vq256", "vq1024"),
     "RVQ (2 stages)": ("rvq2x8", "rvq2x16", "rvq2x32"),

@@ -36,7 +36,7 @@ README = HERE / "README.md"
 TABLES = ("learned", "pairs", "dbssq", "codeq")
 PAIRS = ("bc", "pc", "proxquant", "bnn", "bnn+", "bnn++")
 PAIR_LABELS = {
-    "bc": "BinaryConnect",
+    "bc": "BinaryConnect's pair",
     "pc": "ProxConnect",
     "proxquant": "reverse PC / ProxQuant",
     "bnn": "BNN",
@@ -67,13 +67,16 @@ ROWS: dict[str, Row] = {
         f"gdnsq-w{b}a{b}": Row(
             "gdnsq.py",
             (("target_bits", str(b)), ("quant.learning_rate", "0.05")),
-            f"GDNSQ target W{b}A{b}",
+            f"GDNSQ target W{b}A{b} (STE rule)",
             "learned",
         )
         for b in (8, 4, 3, 2, 1)
     },
     "gdnsq-w1a32": Row(
-        "gdnsq.py:w1a32", (("quant.learning_rate", "0.05"),), "GDNSQ target W1A32", "learned"
+        "gdnsq.py:w1a32",
+        (("quant.learning_rate", "0.05"),),
+        "GDNSQ target W1A32 (STE rule)",
+        "learned",
     ),
     **{
         f"{m}-w{b}a{b}": Row(f"{m}.py", (("target_bits", str(b)),), f"{label} W{b}A{b}", "learned")
