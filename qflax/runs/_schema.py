@@ -58,6 +58,11 @@ RESUMABLE_KEYS = (
     "checkpoint.every_epochs",
     "checkpoint.max_to_keep",
     "penalty.patience",
+    # The device mesh: a run resumes on another device count (the checkpoint is restored onto
+    # the new mesh); results agree within float summation order.
+    "mesh.data",
+    "mesh.fsdp",
+    "mesh.model",
 )
 
 
@@ -98,6 +103,9 @@ def default_config() -> ml_collections.ConfigDict:
       dead-zone and bit-width parameters (larger: sparser, fewer bits); ``latent_clip > 0``
       keeps the latent weights of 1-bit layers in ``[−latent_clip, latent_clip]``
       (BinaryConnect: 1).
+    - ``mesh.{data, fsdp, model}``: the device mesh (:mod:`qflax.parallel`; ``-1``: the devices
+      left): batches split over ``data × fsdp``, the train state sharded on its last axis over
+      ``fsdp``; ``model`` must be 1. All 1 (the default): one device, unsharded.
     - ``anneal.mu_end``: pairs with a ``μ`` (``pc``, ``proxquant``, ``bnn++``) go geometrically
       from the recipe's ``μ`` at the first epoch to ``mu_end`` at the last (0: no annealing).
       DBSSQ's ``ε`` always follows ``dbssq_epsilon_schedule`` over ``epochs`` and is 0 (the
@@ -174,6 +182,7 @@ def default_config() -> ml_collections.ConfigDict:
         dict(warmup_epochs=1.0, power=1.0, lr_decay=0.9985, patience=0)
     )
     config.anneal = ml_collections.ConfigDict(dict(mu_end=0.0))
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
     config.pair = ml_collections.ConfigDict(dict(name="", forward="", backward=""))
     config.imports = ()
     config.teacher = ml_collections.ConfigDict(

@@ -303,6 +303,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             "(a relative step of 1 or more can reach zero)"
         )
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
+    from qflax.parallel import check_mesh
+
+    check_mesh(config.mesh)
     pen = config.penalty
     _check_number(pen.warmup_epochs, "penalty.warmup_epochs", 0.0)
     _check_number(pen.power, "penalty.power", 0.0, open_lo=True)

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qflax import runs
+from qflax import parallel, runs
 from qflax.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -72,10 +72,12 @@ def _evaluate_arrays(
     y: np.ndarray,
     batch_size: int,
     metric: str = "accuracy",
+    multiple: int = 1,
 ) -> dict[str, float]:
     """Mean loss and task score (named ``metric``) over ``(x, y)``, the last batch padded to
-    ``batch_size``."""
-    batch_size = min(batch_size, len(x))
+    ``batch_size`` (rounded up to a multiple of ``multiple``: the pieces a sharded step splits
+    a batch into)."""
+    batch_size = -(-min(batch_size, len(x)) // multiple) * multiple
     totals = {"loss_sum": 0.0, "score_sum": 0.0, "count": 0.0}
     sums = []
     for start in range(0, len(x), batch_size):
@@ -129,17 +131,21 @@ def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
 
 def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
     """Refuses a workdir holding checkpoints of another config, or of more epochs than
-    ``config.epochs``; records this config."""
+    ``config.epochs``; records this config. A key missing from the saved config (the run
+    predates it) matches the key's default."""
     path = workdir / CONFIG_FILE
     if path.is_file() and runs.has_checkpoint(workdir / CHECKPOINT_DIR):
         try:
             old = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON ({error}); use a fresh workdir") from error
+        # A key the saved config predates (added to the schema since) ran as its default.
+        defaults = runs.flatten_config(runs.config_to_dict(runs.default_config()))
         diff = {
-            key: values
-            for key, values in runs.config_diff(old, config).items()
+            key: (a, b)
+            for key, (a, b) in runs.config_diff(old, config).items()
             if key not in runs.RESUMABLE_KEYS
+            and not (a == "<missing>" and key in defaults and b == defaults[key])
         }
         if diff:
             lines = "; ".join(f"{k}: {a!r} (saved) != {b!r} (now)" for k, (a, b) in diff.items())
@@ -366,24 +372,13 @@ def _quant_layers(model: nnx.Module) -> list:
     return [node for _, node in nnx.iter_graph(model) if is_quant_layer(node)]
 
 
-def _committed(state: TrainState) -> TrainState:
-    """``state`` with every array committed to the device its arrays are on.
-
-    The jitted steps compile once per mix of committed and uncommitted arguments: a state with
-    restored or teacher-initialised (committed) weights beside fresh (uncommitted) counters, or
-    with eager values set between steps (annealed quantizer state, the ``converged`` flag),
-    would compile the train step (and the eval step) again. Placement and results are
-    unchanged."""
-    leaves = jax.tree.leaves(state)
-    if not leaves:
-        return state
-    return jax.device_put(state, next(iter(leaves[0].devices())))
-
-
-def _set_schedules(graphdef, state: TrainState, config, epoch: int) -> TrainState:
+def _set_schedules(graphdef, state: TrainState, config, epoch: int, place) -> TrainState:
     """``state`` with every quant layer's annealed quantizer state set for ``epoch`` (0-based)
     by its family's schedule (DBSSQ's ε, an annealed pair μ, a relaxed pair's ``hard`` flag).
-    ``epoch = config.epochs`` is the exact model training ends with (ε = 0; sign forward)."""
+    ``epoch = config.epochs`` is the exact model training ends with (ε = 0; sign forward).
+    ``place``: puts the new state where the steps expect it (:meth:`Trainer.place`: the
+    jitted steps compile once per placement of their arguments; eager values set between steps
+    would otherwise be uncommitted, or unsharded on a mesh)."""
     model = nnx.merge(graphdef, state.params, state.rest)
     done = {}
     for layer in _quant_layers(model):
@@ -393,7 +388,7 @@ def _set_schedules(graphdef, state: TrainState, config, epoch: int) -> TrainStat
     if not done:
         return state
     _, _, rest = split_model(model)
-    return _committed(state.replace(rest=rest))
+    return place(state.replace(rest=rest))
 
 
 def _ends_exact(model: nnx.Module) -> bool:
@@ -583,7 +578,7 @@ def _train_and_evaluate(
     metrics_path = workdir / METRICS_FILE
     start_epoch, previous_wall = 0, 0.0
     state, meta, latest = _checkpoint.restore_latest_good(manager, state)
-    state = _committed(state)
+    state = trainer.place(state)
     if latest is not None:
         start_epoch, previous_wall = int(meta["epoch"]), float(meta.get("wall_seconds", 0.0))
         if start_epoch > config.epochs:  # metrics.jsonl did not tell (_check_workdir)
@@ -609,6 +604,7 @@ def _train_and_evaluate(
             dataset.test_y,
             config.eval_batch_size,
             metric,
+            multiple=parallel.shard_count(trainer.mesh),
         )
 
     def elapsed() -> float:
@@ -638,7 +634,7 @@ def _train_and_evaluate(
     try:
         for epoch in range(start_epoch, config.epochs):
             bar.set_description(f"{workdir.name} epoch {epoch + 1}/{config.epochs}")
-            state = _set_schedules(graphdef, state, config, epoch)
+            state = _set_schedules(graphdef, state, config, epoch, trainer.place)
             shift_rng = np.random.default_rng((config.seed, epoch, 1))
             for x, y in data.batches(
                 dataset.train_x, dataset.train_y, config.batch_size, seed=config.seed, epoch=epoch
@@ -673,7 +669,7 @@ def _train_and_evaluate(
                 # keep and evaluate the exact one (ε = 0; sign forward).
                 record[f"blended_test_{metric}"] = test[metric]
                 blended_accuracy = test[metric]
-                state = _set_schedules(graphdef, state, config, config.epochs)
+                state = _set_schedules(graphdef, state, config, config.epochs, trainer.place)
                 test = test_metrics(state)
                 record.update({"test_loss": test["loss"], f"test_{metric}": test[metric]})
             stop = False
@@ -687,7 +683,7 @@ def _train_and_evaluate(
                     record["within_target"] = within
                     if within and converged_epoch is None:
                         converged_epoch = epoch + 1
-                        state = _committed(state.replace(converged=jax.numpy.ones((), bool)))
+                        state = trainer.place(state.replace(converged=jax.numpy.ones((), bool)))
                         logger.info("bit-widths within target at epoch %d", epoch + 1)
                     record["converged"] = converged_epoch is not None
                     if converged_epoch is not None:

@@ -193,6 +193,7 @@ def make_train_step(
     distill_weight: float = 1.0,
     temperature: float = 1.0,
     penalty: PenaltySettings | None = None,
+    shardings: tuple[Any, Any, Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Makes ``train_step(state, batch) -> (state, metrics)``, jitted with the state donated.
 
@@ -220,6 +221,9 @@ def make_train_step(
       distill_weight: weight of the divergence in [0, 1].
       temperature: softening temperature ``T > 0``.
       penalty: the bit-width penalty's settings, or None (no penalty, no learning-rate decay).
+      shardings: ``(state, batch, replicated)`` shardings on a device mesh
+        (:mod:`qflax.parallel`): the step is jitted with them as its in and out shardings (the
+        metrics replicated); None: one device.
 
     Returns:
       The jitted step. ``metrics`` holds float32 scalars ``loss`` and the task's score
@@ -318,13 +322,25 @@ def make_train_step(
         )
         return new_state, {"loss": loss, **metrics}
 
-    return jax.jit(step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(step, donate_argnums=0)
+    state_sharding, batch_sharding, replicated = shardings
+    return jax.jit(
+        step,
+        donate_argnums=0,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+    )
 
 
 def make_eval_step(
     graphdef: nnx.GraphDef,
+    shardings: tuple[Any, Any, Any] | None = None,
 ) -> Callable[[Any, Any, Batch, jax.Array], dict[str, jax.Array]]:
     """Makes the jitted ``eval_step(params, rest, batch, weights) -> sums``.
+
+    ``shardings``: as :func:`make_train_step`'s (``params`` and ``rest`` take the state's,
+    the batch and the weights the batch's).
 
     ``weights`` (float32, shape of the labels' leading axis) masks padded examples, so a short
     last batch padded to the full size reuses the compiled step. Returns float32 sums
@@ -347,4 +363,11 @@ def make_eval_step(
             "count": jnp.sum(w),
         }
 
-    return jax.jit(step)
+    if shardings is None:
+        return jax.jit(step)
+    state_sharding, batch_sharding, replicated = shardings
+    return jax.jit(
+        step,
+        in_shardings=(state_sharding.params, state_sharding.rest, batch_sharding, batch_sharding),
+        out_shardings=replicated,
+    )

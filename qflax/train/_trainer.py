@@ -12,7 +12,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from qflax import runs
+from qflax import parallel, runs
 from qflax.layers import is_quant_layer
 from qflax.train._optimizer import learning_rate_schedules, make_optimizer
 from qflax.train._steps import (
@@ -50,6 +50,19 @@ class Trainer:
     steps_per_epoch: int
     # The distillation teacher (inference only), or None.
     teacher: nnx.Module | None = None
+    # The device mesh of `config.mesh` (None: one device) and the train state's shardings on it.
+    mesh: Any = None
+    state_sharding: Any = None
+
+    def place(self, state: TrainState) -> TrainState:
+        """``state`` on the trainer's devices: sharded as the steps expect on a mesh, else
+        committed to the device its arrays are on (so the steps compile once)."""
+        if self.state_sharding is not None:
+            return jax.device_put(state, self.state_sharding)
+        leaves = jax.tree.leaves(state)
+        if not leaves:
+            return state
+        return jax.device_put(state, next(iter(leaves[0].devices())))
 
 
 def build_trainer(
@@ -65,7 +78,9 @@ def build_trainer(
     This is how :func:`train_and_evaluate` builds them: ``make_optimizer`` (with the latent-clip
     mask of 1-bit layers when ``quant.latent_clip > 0``), ``create_train_state``, the penalty
     settings when the model learns bit-widths (GDNSQ), ``make_train_step`` with the teacher's
-    distillation settings, and ``make_eval_step``.
+    distillation settings, and ``make_eval_step``. With a mesh (``config.mesh`` over more than
+    one device: :mod:`qflax.parallel`) the state is sharded FSDP-style, batches over ``data ×
+    fsdp``, and both steps are jitted with those shardings.
 
     Args:
       config: a training config; validated unless it was validated already
@@ -94,6 +109,18 @@ def build_trainer(
         model, tx, seed=config.seed, teacher=teacher
     )
     penalty = _penalty_settings(config, model, steps_per_epoch)
+    mesh = parallel.make_mesh(config.mesh)
+    shardings = state_sharding = None
+    if mesh is not None:
+        pieces = parallel.shard_count(mesh)
+        if config.batch_size % pieces:
+            raise ValueError(
+                f"batch_size={config.batch_size} does not split over mesh data × fsdp = "
+                f"{pieces}; allowed: a multiple of {pieces}"
+            )
+        state_sharding = parallel.state_sharding(mesh, state)
+        state = jax.device_put(state, state_sharding)
+        shardings = (state_sharding, parallel.batch_sharding(mesh), parallel.replicated(mesh))
     train_step = make_train_step(
         graphdef,
         tx,
@@ -102,6 +129,7 @@ def build_trainer(
         distill_weight=float(config.teacher.weight),
         temperature=float(config.teacher.temperature),
         penalty=penalty,
+        shardings=shardings,
     )
     return Trainer(
         model=model,
@@ -109,11 +137,13 @@ def build_trainer(
         tx=tx,
         state=state,
         train_step=train_step,
-        eval_step=make_eval_step(graphdef),
+        eval_step=make_eval_step(graphdef, shardings),
         penalty=penalty,
         latent_clip_mask=mask,
         steps_per_epoch=steps_per_epoch,
         teacher=teacher,
+        mesh=mesh,
+        state_sharding=state_sharding,
     )
 
 

@@ -55,6 +55,8 @@ HELPERS = {
     "split_payload_bytes",
     "code_entropy",
     "choose_levels",
+    # DBSSQ's running activation statistics (an update between steps, not a quantizer)
+    "dbssq_running_stats",
     "affine_params",
     "check_granularity",
     "grouped",

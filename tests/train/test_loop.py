@@ -161,6 +161,20 @@ def test_a_different_config_in_the_same_workdir_is_refused(tmp_path):
     assert len(read_metrics(tmp_path)) == lines  # nothing ran
 
 
+def test_a_run_saved_before_a_key_existed_resumes_when_the_key_is_at_its_default(tmp_path):
+    """config.json of a run from before `mesh` and `quant.relative_steps` existed: those keys
+    ran as their defaults, so the run resumes; set otherwise, they are a different config."""
+    train_and_evaluate(tiny_config(), tmp_path)
+    path = tmp_path / "config.json"
+    recorded = json.loads(path.read_text())
+    del recorded["mesh"], recorded["quant"]["relative_steps"]
+    path.write_text(json.dumps(recorded))
+    with pytest.raises(ValueError, match=r"quant.relative_steps: '<missing>' \(saved\) != True"):
+        train_and_evaluate(tiny_config(quant__relative_steps=True), tmp_path)
+    state, _ = train_and_evaluate(tiny_config(epochs=2), tmp_path)
+    assert int(state.step) == 2 * (1437 // 64)
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     good = tiny_config(optimizer__name="sgd", optimizer__schedule="constant")
     state, _ = train_and_evaluate(good, tmp_path)

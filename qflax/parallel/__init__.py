@@ -1,0 +1,39 @@
+"""Training on several devices with ``jax.sharding``: a mesh from the config, batches sharded
+over its ``data`` and ``fsdp`` axes, the train state sharded FSDP-style over ``fsdp``.
+
+* :func:`mesh_shape` and :func:`make_mesh`: ``config.mesh`` (``data``, ``fsdp``, ``model``;
+  ``-1``: every device left) as a ``jax.sharding.Mesh`` over ``jax.devices()`` (None for one
+  device: the unsharded path, unchanged);
+* :func:`batch_sharding`: the leading (example) axis of a batch split over ``data × fsdp``;
+* :func:`state_sharding`: each array of a pytree (parameters, optimizer moments, quantizer
+  parameters and state) sharded on its last axis over ``fsdp`` when that axis divides evenly
+  (kernels and their per-output-channel scales, which share that axis), replicated otherwise
+  (scalars, small or odd-sized arrays);
+* :func:`replicated`.
+
+Reductions inside the jitted steps (batch means, BatchNorm statistics, the penalty terms,
+activation ranges, GDNSQ bit-widths) run on the global arrays, so XLA reduces them over every
+device: results do not depend on the device count beyond float summation order.
+"""
+
+from qflax.parallel._mesh import (
+    MESH_AXES,
+    batch_sharding,
+    check_mesh,
+    make_mesh,
+    mesh_shape,
+    replicated,
+    shard_count,
+    state_sharding,
+)
+
+__all__ = [
+    "MESH_AXES",
+    "batch_sharding",
+    "check_mesh",
+    "make_mesh",
+    "mesh_shape",
+    "replicated",
+    "shard_count",
+    "state_sharding",
+]

@@ -1,0 +1,91 @@
+"""Sharded training on 8 forced CPU devices (a subprocess: the device count is fixed when JAX
+starts) against one device: the same loss curve and final parameters for a float, a fixed-bit
+(LSQ W4A4), a learned-bit-width (GDNSQ, the penalty) and a binary-pair (BNN) model, on 1 device,
+8-way data parallel and 8-way FSDP.
+
+Tolerance: the float and GDNSQ runs agree to 1e-5 at every step (only the summation order of
+the sharded reductions differs). Models whose forward rounds or takes a sign agree to 1e-5 until
+a last-ulp difference moves a value across a rounding threshold (here from step 3 on, a code
+flips); from then the runs are different draws of the same training: every loss within 0.05 and
+every parameter within 1e-2 of the one-device run over these 22 steps."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+MESHES = ("one", "data8", "fsdp8")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mesh")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.parallel._equivalence_worker",
+            str(out),
+            "float,lsq_w4a4,gdnsq,bnn,resume",
+            ",".join(MESHES),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    params = {k: np.load(out / f"{k}.npz") for k in result}
+    return result, params
+
+
+def _diff(params, a, b):
+    return max(float(np.max(np.abs(params[a][f] - params[b][f]))) for f in params[a].files)
+
+
+@pytest.mark.parametrize("recipe", ["float", "gdnsq"])
+def test_smooth_training_matches_one_device_step_for_step(runs, recipe):
+    result, params = runs
+    one = np.asarray(result[f"{recipe}-one"]["losses"])
+    for mesh in MESHES[1:]:
+        name = f"{recipe}-{mesh}"
+        np.testing.assert_allclose(result[name]["losses"], one, atol=1e-5, err_msg=name)
+        assert _diff(params, name, f"{recipe}-one") < 1e-5, name
+
+
+@pytest.mark.parametrize("recipe", ["lsq_w4a4", "bnn"])
+def test_rounding_training_matches_one_device_until_a_code_flips(runs, recipe):
+    result, params = runs
+    one = np.asarray(result[f"{recipe}-one"]["losses"])
+    for mesh in MESHES[1:]:
+        name = f"{recipe}-{mesh}"
+        losses = np.asarray(result[name]["losses"])
+        np.testing.assert_allclose(losses[:2], one[:2], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(losses, one, atol=0.05, err_msg=name)
+        assert _diff(params, name, f"{recipe}-one") < 1e-2, name
+
+
+def test_the_state_is_sharded_as_configured(runs):
+    result, _ = runs
+    for recipe in ("float", "lsq_w4a4", "gdnsq", "bnn"):
+        assert result[f"{recipe}-one"]["specs"] == ["one device"]
+        assert result[f"{recipe}-data8"]["specs"] == ["P()"]  # data parallel: replicated
+        fsdp = result[f"{recipe}-fsdp8"]["specs"]
+        assert "P(None, None, None, 'fsdp')" in fsdp  # conv kernels on their output channels
+        assert "P('fsdp',)" in fsdp  # per-channel vectors (biases, BatchNorm, scales)
+
+
+def test_a_checkpoint_of_8_devices_resumes_on_one(runs):
+    """An FSDP-sharded checkpoint (saved without gathering) restores onto one device and the
+    run goes on to the parameters of an uninterrupted one-device run."""
+    result, params = runs
+    assert result["resume-8to1"]["step"] == result["resume-one"]["step"] == 2 * (1438 // 64)
+    assert _diff(params, "resume-8to1", "resume-one") < 1e-5
