@@ -305,7 +305,13 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
     from qflax.parallel import check_mesh
 
-    check_mesh(config.mesh)
+    sizes = check_mesh(config.mesh)
+    pieces = sizes["data"] * sizes["fsdp"]
+    if pieces > 0 and _is_int(config.batch_size) and config.batch_size % pieces:
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split over mesh data × fsdp = {pieces}; "
+            f"allowed: a multiple of {pieces}"
+        )
     pen = config.penalty
     _check_number(pen.warmup_epochs, "penalty.warmup_epochs", 0.0)
     _check_number(pen.power, "penalty.power", 0.0, open_lo=True)

@@ -36,3 +36,6 @@ def test_config_validation_checks_the_mesh_before_any_device_is_asked():
     config.mesh.model = 4
     with pytest.raises(ValueError, match=r"mesh.model=4 is not supported yet"):
         validate_config(config)
+    config.mesh.model, config.mesh.data, config.batch_size = 1, 3, 128
+    with pytest.raises(ValueError, match=r"batch_size=128 does not split over mesh data × fsdp"):
+        validate_config(config)  # before any data is loaded
