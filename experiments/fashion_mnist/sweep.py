@@ -182,7 +182,7 @@ def _difference(a: list[float], b: list[float]) -> str:
         return "—"
     delta, se = compare(a, b)
     if math.isnan(se):
-        return f"{delta:+.2f} (n < 2)"
+        return f"{delta:+.2f} (n < 2) | —"
     verdict = "yes" if abs(delta) > 2 * se else "no"
     return f"{delta:+.2f} ± {2 * se:.2f} | {verdict}"
 

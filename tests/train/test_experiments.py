@@ -99,6 +99,12 @@ def test_fashion_sweep_table_says_when_a_difference_exceeds_two_standard_errors(
     gdnsq = next(line for line in text.splitlines() if line.startswith("| GDNSQ target W2A2"))
     assert "| -0.20 ± 1.18 | no |" in gdnsq
     assert "GDNSQ − LSQ at W2A2: +0.80 points, within 2 SE (± 1.18)." in text
+    finish("pact-w2a2", [0.88])  # one run: no standard error, the same columns
+    header, _, *rows = text.splitlines()[: text.splitlines().index("")]
+    pact = next(line for line in sweep.table(tmp_path, [0, 1, 2]).splitlines() if "PACT" in line)
+    assert "| -3.20 (n < 2) | — |" in pact
+    assert pact.count("|") == header.count("|")
+    assert all(row.count("|") == header.count("|") for row in rows)
     delta, se = sweep.compare([1.0, 2.0], [1.0])
     assert delta == 0.5 and se != se  # one reference run: no standard error (NaN)
 
