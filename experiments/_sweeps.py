@@ -111,6 +111,18 @@ def run_all(todo: Iterable[tuple[list[str], pathlib.Path]], jobs: int) -> list[s
     return failures
 
 
+def bits_cell(summary: dict) -> str:
+    """The bits a run ended with: per layer ``used weight/act`` for learned bit-widths
+    (``learned_bits``), else the average ``weight/act`` bits of the quantized layers."""
+    learned = summary.get("learned_bits")
+    if learned:
+        return ", ".join(
+            f"{layer} {row['used'].get('weight', 32)}/{row['used'].get('act', 32)}"
+            for layer, row in learned.items()
+        )
+    return f"{summary['avg_weight_bits']:g}/{summary['avg_act_bits']:g}"
+
+
 def mean_std(values: list[float], digits: int) -> str:
     """``mean ± std`` (sample standard deviation; 0 for one value)."""
     std = statistics.stdev(values) if len(values) > 1 else 0.0

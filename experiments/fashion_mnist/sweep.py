@@ -187,16 +187,6 @@ def _difference(a: list[float], b: list[float]) -> str:
     return f"{delta:+.2f} ± {2 * se:.2f} | {verdict}"
 
 
-def _bits(summary: dict) -> str:
-    learned = summary.get("learned_bits")
-    if learned:
-        return ", ".join(
-            f"{layer} {row['used'].get('weight', 32)}/{row['used'].get('act', 32)}"
-            for layer, row in learned.items()
-        )
-    return f"{summary['avg_weight_bits']:g}/{summary['avg_act_bits']:g}"
-
-
 def _notes(runs: list[dict]) -> str:
     notes = []
     within = [s["within_target"] for s in runs if "within_target" in s]
@@ -234,7 +224,8 @@ def table(root: pathlib.Path, seeds: list[int]) -> str:
         wall = statistics.fmean(s["wall_seconds"] for s in runs)
         lines.append(
             f"| {row.label} | {_sweeps.mean_std(acc, 2)} | {vs_ref} | "
-            f"{f'`{ref}`' if ref else '—'} | {vs_teacher} | {_bits(runs[0])} | {_notes(runs)} | "
+            f"{f'`{ref}`' if ref else '—'} | {vs_teacher} | {_sweeps.bits_cell(runs[0])} | "
+            f"{_notes(runs)} | "
             f"{len(runs)} | {wall:.0f} |"
         )
     gdnsq, lsq = accuracies(root, "gdnsq-w2a2", seeds), accuracies(root, "lsq-w2a2", seeds)

@@ -155,16 +155,6 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * mean:.2f} ± {100 * std:.2f}"
 
 
-def _bits(summary: dict) -> str:
-    learned = summary.get("learned_bits")
-    if learned:  # per layer: used weight/act bits
-        return ", ".join(
-            f"{layer} {row['used'].get('weight', 32)}/{row['used'].get('act', 32)}"
-            for layer, row in learned.items()
-        )
-    return f"{summary['avg_weight_bits']:g}/{summary['avg_act_bits']:g}"
-
-
 def learned_table(root: pathlib.Path, seeds: list[int]) -> str:
     """The GDNSQ/LSQ/PACT/DoReFa table of the finished runs under ``root``."""
     names = [n for n, row in ROWS.items() if row.table == "learned"]
@@ -189,7 +179,7 @@ def learned_table(root: pathlib.Path, seeds: list[int]) -> str:
         cmd = " ".join(command(name, 0, pathlib.Path("runs/mnist5k")))
         lines.append(
             f"| {ROWS[name].label} | {_mean_std(acc)} | {delta:+.2f} | {len(found)} | "
-            f"{_bits(first)} | {within_text} | {wall:.0f} | `{cmd}` |"
+            f"{_sweeps.bits_cell(first)} | {within_text} | {wall:.0f} | `{cmd}` |"
         )
     return "\n".join(lines)
 
