@@ -1,18 +1,21 @@
 """Pieces the experiment sweeps share: one ``qflax train`` per row and seed in its own workdir
-(finished runs are skipped, so a sweep resumes), runs in parallel, mean ± std cells, and
-tables written between markers of a README."""
+(finished runs are skipped, so a sweep resumes), runs in parallel, mean ± std cells, tables
+written between markers of a README, and records: a finished run's summary kept in a folder
+under git, so a sweep that spans sessions (whose ``runs/`` does not survive) resumes from the
+records and its tables are rebuilt from them."""
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
 import json
 import pathlib
 import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -95,20 +98,82 @@ def summary(workdir: pathlib.Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_all(todo: Iterable[tuple[list[str], pathlib.Path]], jobs: int) -> list[str]:
+def run_all(
+    todo: Iterable[tuple[list[str], pathlib.Path]],
+    jobs: int,
+    on_done: Callable[[pathlib.Path], None] | None = None,
+) -> list[str]:
     """Trains every ``(command, workdir)`` not finished yet, ``jobs`` at once; returns the
-    failures (the other runs still go on)."""
-    todo = [(args, workdir) for args, workdir in todo if summary(workdir) is None]
+    failures (the other runs still go on). ``on_done(workdir)`` is called for every finished
+    run (also one finished before) as soon as it is; a ``RuntimeError`` it raises is a
+    failure of that run."""
+    todo = list(todo)
     failures = []
+
+    def finished(workdir):
+        if on_done is not None:
+            try:
+                on_done(workdir)
+            except RuntimeError as error:
+                failures.append(str(error))
+
+    for _, workdir in todo:
+        if summary(workdir) is not None:
+            finished(workdir)
+    todo = [(args, workdir) for args, workdir in todo if summary(workdir) is None]
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        for future in [pool.submit(train, args, workdir) for args, workdir in todo]:
+        futures = {pool.submit(train, args, workdir): workdir for args, workdir in todo}
+        for future in concurrent.futures.as_completed(futures):
             try:
                 future.result()
             except RuntimeError as error:
                 failures.append(str(error))
+            else:
+                finished(futures[future])
     for failure in failures:
         print("FAILED:", failure, file=sys.stderr)
     return failures
+
+
+def record_path(records: pathlib.Path, name: str, seed: int) -> pathlib.Path:
+    """Where the record of row ``name`` and ``seed`` lives."""
+    return records / f"{name}-s{seed}.json"
+
+
+def load_record(records: pathlib.Path, name: str, seed: int) -> dict | None:
+    """The record of a finished run (its ``summary.json`` and what the sweep added), or None."""
+    path = record_path(records, name, seed)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_record(
+    records: pathlib.Path, name: str, seed: int, workdir: pathlib.Path, extra: dict | None = None
+) -> dict:
+    """Keeps the summary of the finished run in ``workdir`` (with ``extra``) as the record of
+    ``name`` and ``seed``. A record that exists is kept: when the run's test accuracy differs
+    from it (a rerun teacher that did not reproduce its first run) a ``RuntimeError`` says so,
+    since runs fine-tuned from the two would be mixed in one table."""
+    found = summary(workdir)
+    if found is None:
+        raise RuntimeError(f"{workdir} has no summary.json: the run did not finish")
+    old = load_record(records, name, seed)
+    if old is not None:
+        if old["test_accuracy"] != found["test_accuracy"]:
+            raise RuntimeError(
+                f"{workdir} ended at test accuracy {found['test_accuracy']}, but the record "
+                f"{record_path(records, name, seed)} says {old['test_accuracy']}: the runs "
+                "that start from it would mix two different models; remove that seed's "
+                "records to rerun it"
+            )
+        return old
+    record = dict(found, row=name, seed=seed, **(extra or {}))
+    record["recorded"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    records.mkdir(parents=True, exist_ok=True)
+    path = record_path(records, name, seed)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    partial.replace(path)
+    return record
 
 
 def bits_cell(summary: dict) -> str:

@@ -4,15 +4,21 @@ fine-tuned like it, with the difference and whether it exceeds two standard erro
 
     python -m experiments.fashion_mnist.sweep --jobs 2          # every row, seeds 0 1 2 (~4 h)
     python -m experiments.fashion_mnist.sweep --rows gdnsq-w2a2 lsq-w2a2 --seeds 0
-    python -m experiments.fashion_mnist.sweep --table-only      # rebuild from runs/
+    python -m experiments.fashion_mnist.sweep --table-only      # rebuild from the records
+    python -m experiments.fashion_mnist.sweep --table-only --root /elsewhere/runs  # record them
     python -m experiments.fashion_mnist.sweep --groups bnnpp --jobs 2   # the BNN++ study only
 
 Each run is one ``qflax train`` in ``runs/fashion_mnist/<row>-s<seed>`` (its output in
-``<row>-s<seed>.log``); finished runs are skipped, so the command resumes where it stopped
-(a killed run restarts from its last checkpoint). The float teachers of a seed run first;
-every other row starts from (and, where its config says so, distils from) its teacher of the
-same seed. Rows run group by group (``main``, then the ``bnnpp`` study) and seed by seed, so
-a partial sweep has whole seeds of the main table first.
+``<row>-s<seed>.log``). A finished run's summary is kept as its record,
+``experiments/fashion_mnist/results/<row>-s<seed>.json`` (in git), and the tables are built
+from the records only; rows with a record are skipped, so the command resumes where it stopped,
+also in a later session whose ``runs/`` is empty (a killed run restarts from its last
+checkpoint). The float teachers of a seed run first, and only when a row of that seed still
+needs them; every other row starts from (and, where its config says so, distils from) its
+teacher of the same seed. A teacher rerun in a later session must reproduce its record's test
+accuracy (training on this CPU is deterministic), or that seed's students stop with an error
+rather than mix two teachers in one table. Rows run group by group (``main``, then the
+``bnnpp`` study) and seed by seed, so a partial sweep has whole seeds of the main table first.
 
 The BNN++ study (METHODS.md 4; issue 17): BNN and BNN++ fine-tuned at W1A1 and weights-only
 (W1A32), on the CNN and on a small ViT, with BNN++'s SignSwish acting on the latent weights as
@@ -38,6 +44,7 @@ from experiments import _sweeps
 
 HERE = pathlib.Path(__file__).resolve().parent
 README = HERE / "README.md"
+RECORDS = HERE / "results"
 CONFIGS = "experiments/fashion_mnist"
 BEGIN, END = "<!-- fashion table begin -->", "<!-- fashion table end -->"
 STUDY_BEGIN, STUDY_END = "<!-- bnnpp table begin -->", "<!-- bnnpp table end -->"
@@ -160,13 +167,14 @@ def command(name: str, seed: int, root: pathlib.Path) -> list[str]:
     )
 
 
-def accuracies(root: pathlib.Path, name: str, seeds: list[int]) -> list[float]:
+def records(results: pathlib.Path, name: str, seeds: list[int]) -> list[dict]:
+    """The records of the finished runs of ``name`` (in seed order)."""
+    return [r for seed in seeds if (r := _sweeps.load_record(results, name, seed))]
+
+
+def accuracies(results: pathlib.Path, name: str, seeds: list[int]) -> list[float]:
     """Test accuracies (%) of the finished runs of ``name``."""
-    return [
-        100 * s["test_accuracy"]
-        for seed in seeds
-        if (s := _sweeps.summary(root / f"{name}-s{seed}"))
-    ]
+    return [100 * r["test_accuracy"] for r in records(results, name, seeds)]
 
 
 def compare(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -200,8 +208,8 @@ def _notes(runs: list[dict]) -> str:
     return "; ".join(notes) or "—"
 
 
-def table(root: pathlib.Path, seeds: list[int]) -> str:
-    """The table of every row with at least one finished run."""
+def table(results: pathlib.Path, seeds: list[int]) -> str:
+    """The table of every row with at least one record in ``results``."""
     lines = [
         "| row | test accuracy % (mean ± std) | vs reference: Δ ± 2 SE (points) | beyond 2 SE | "
         "reference | vs float teacher | bits w/a (GDNSQ: per layer, first seed) | notes | "
@@ -209,16 +217,16 @@ def table(root: pathlib.Path, seeds: list[int]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in ROWS.items():
-        runs = [s for seed in seeds if (s := _sweeps.summary(root / f"{name}-s{seed}"))]
+        runs = records(results, name, seeds)
         if not runs or row.group != "main":
             continue
         acc = [100 * s["test_accuracy"] for s in runs]
         ref = row.ref
-        vs_ref = _difference(acc, accuracies(root, ref, seeds)) if ref else "— | —"
+        vs_ref = _difference(acc, accuracies(results, ref, seeds)) if ref else "— | —"
         teacher = row.teacher or name
         vs_teacher = "—"
         if row.teacher:
-            found = accuracies(root, teacher, seeds)
+            found = accuracies(results, teacher, seeds)
             if found:
                 vs_teacher = f"{statistics.fmean(acc) - statistics.fmean(found):+.2f}"
         wall = statistics.fmean(s["wall_seconds"] for s in runs)
@@ -228,7 +236,8 @@ def table(root: pathlib.Path, seeds: list[int]) -> str:
             f"{_notes(runs)} | "
             f"{len(runs)} | {wall:.0f} |"
         )
-    gdnsq, lsq = accuracies(root, "gdnsq-w2a2", seeds), accuracies(root, "lsq-w2a2", seeds)
+    gdnsq = accuracies(results, "gdnsq-w2a2", seeds)
+    lsq = accuracies(results, "lsq-w2a2", seeds)
     extra = ""
     if gdnsq and lsq:
         delta, se = compare(gdnsq, lsq)
@@ -278,7 +287,7 @@ def band_fraction(workdir: pathlib.Path) -> float:
     return inside / total if total else math.nan
 
 
-def study_table(root: pathlib.Path, seeds: list[int]) -> str:
+def study_table(results: pathlib.Path, seeds: list[int]) -> str:
     """BNN against BNN++ (latent and normalised) per model and mode: exact and relaxed
     accuracy, the reference, and the band fraction."""
     lines = [
@@ -289,22 +298,19 @@ def study_table(root: pathlib.Path, seeds: list[int]) -> str:
     ]
 
     def cell(name):
-        runs = [s for seed in seeds if (s := _sweeps.summary(root / f"{name}-s{seed}"))]
+        runs = records(results, name, seeds)
         acc = [100 * s["test_accuracy"] for s in runs]
         relaxed = [100 * s.get("blended_test_accuracy", s["test_accuracy"]) for s in runs]
         return runs, acc, relaxed
 
     def band(name):
-        found = [
-            band_fraction(root / f"{name}-s{seed}")
-            for seed in seeds
-            if _sweeps.summary(root / f"{name}-s{seed}")
-        ]
+        found = [r["band_fraction"] for r in records(results, name, seeds)]
+        found = [f for f in found if f is not None and not math.isnan(f)]
         return f"{100 * statistics.fmean(found):.1f}%" if found else "—"
 
     for key, (model, mode) in STUDY.items():
         _, bnn, _ = cell(_study_name(key, "bnn"))
-        ref = accuracies(root, STUDY_REFS[key], seeds)
+        ref = accuracies(results, STUDY_REFS[key], seeds)
         parts = [f"{model} {mode}", _sweeps.mean_std(ref, 2) if ref else "—"]
         parts.append(_sweeps.mean_std(bnn, 2) if bnn else "—")
         counts = [len(bnn)]
@@ -323,10 +329,62 @@ def study_table(root: pathlib.Path, seeds: list[int]) -> str:
     return "\n".join(lines) + f"\n\nCommand (ViT W1A1 BNN++, seed 0): `{example}`"
 
 
+def _record(results: pathlib.Path, name: str, seed: int, workdir: pathlib.Path) -> dict:
+    """Keeps a finished run as its record; a BNN/BNN++ pair row's record also holds its
+    :func:`band_fraction` (None without a μ)."""
+    extra = None
+    if ROWS[name].config.startswith("pairs.py"):
+        band = band_fraction(workdir)
+        extra = {"band_fraction": None if math.isnan(band) else band}
+    return _sweeps.save_record(results, name, seed, workdir, extra)
+
+
+def run_seed(
+    names: list[str], seed: int, root: pathlib.Path, results: pathlib.Path, jobs: int
+) -> list[str]:
+    """Runs the rows ``names`` (and the references they are judged against) of one seed that
+    have no record yet: first the teachers they need, then the rest; returns the failures."""
+    rows = list(dict.fromkeys(names + [ROWS[n].ref for n in names if ROWS[n].ref]))
+    missing = [n for n in rows if _sweeps.load_record(results, n, seed) is None]
+    teachers = {ROWS[n].teacher for n in missing} - {None}
+    teachers |= {n for n in missing if ROWS[n].teacher is None}
+    students = [n for n in missing if ROWS[n].teacher is not None]
+
+    names_of = {root / f"{n}-s{seed}": n for n in ROWS}
+    kept = set()
+
+    def todo(stage):
+        return [(command(n, seed, root), root / f"{n}-s{seed}") for n in stage]
+
+    def keep(workdir):
+        _record(results, names_of[workdir], seed, workdir)  # raises on a mismatch
+        kept.add(names_of[workdir])
+
+    failures = _sweeps.run_all(todo(sorted(teachers)), jobs, keep)
+    # a teacher that failed, or did not reproduce its record, is not kept: skip its students
+    students = [n for n in students if ROWS[n].teacher in kept]
+    return failures + _sweeps.run_all(todo(students), jobs, keep)
+
+
+def harvest(root: pathlib.Path, results: pathlib.Path, seeds: list[int]) -> None:
+    """Records every finished run under ``root`` that has no record yet (a sweep stopped
+    before it could, or one run elsewhere with ``--root``)."""
+    for name in ROWS:
+        for seed in seeds:
+            workdir = root / f"{name}-s{seed}"
+            if _sweeps.summary(workdir) and not _sweeps.load_record(results, name, seed):
+                _record(results, name, seed, workdir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _sweeps.arguments(__doc__, "runs/fashion_mnist", ROWS)
     parser.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS)
+    parser.add_argument(
+        "--results", default=str(RECORDS), help="the records' folder (default: results/ here)"
+    )
     args, root = _sweeps.parse(parser, argv)
+    results = pathlib.Path(args.results).resolve()
+    harvest(root, results, [0, 1, 2] if args.table_only else sorted(set(args.seeds)))
     failures = []
     if not args.table_only:
         for group in args.groups:
@@ -334,13 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             if group == "bnnpp" and not args.rows:  # the main rows the study reads
                 names += [_study_name("cnn-w1a1", p) for p in ("bnn", "bnn++")]
             for seed in args.seeds:
-                teachers = sorted({ROWS[n].teacher for n in names} - {None})
-                teachers += [n for n in names if ROWS[n].teacher is None and n not in teachers]
-                refs = sorted({ROWS[n].ref for n in names} - {None} - set(teachers))
-                for stage in (teachers, [n for n in names if n not in teachers] + refs):
-                    stage = list(dict.fromkeys(stage))
-                    todo = [(command(n, seed, root), root / f"{n}-s{seed}") for n in stage]
-                    failures += _sweeps.run_all(todo, args.jobs)
+                failures += run_seed(names, seed, root, results, args.jobs)
     seeds = [0, 1, 2] if args.table_only else sorted(set(args.seeds))
     for group, (begin, end), build in (
         ("main", (BEGIN, END), table),
@@ -348,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if group not in args.groups:
             continue
-        text = build(root, seeds)
+        text = build(results, seeds)
         print(text, end="\n\n")
         if not args.no_write:
             _sweeps.write_block(README, begin, end, text)

@@ -83,11 +83,10 @@ def test_fashion_sweep_table_says_when_a_difference_exceeds_two_standard_errors(
 
     from experiments.fashion_mnist import sweep
 
-    def finish(name, accs):
+    def finish(name, accs):  # the records of finished runs
         for seed, acc in enumerate(accs):
-            (tmp_path / f"{name}-s{seed}").mkdir()
             summary = dict(test_accuracy=acc, wall_seconds=1.0, avg_weight_bits=4, avg_act_bits=4)
-            (tmp_path / f"{name}-s{seed}" / "summary.json").write_text(json.dumps(summary))
+            (tmp_path / f"{name}-s{seed}.json").write_text(json.dumps(summary))
 
     finish("fp", [0.90, 0.91, 0.92])
     finish("fp-ft-kd", [0.910, 0.912, 0.914])
@@ -107,6 +106,48 @@ def test_fashion_sweep_table_says_when_a_difference_exceeds_two_standard_errors(
     assert all(row.count("|") == header.count("|") for row in rows)
     delta, se = sweep.compare([1.0, 2.0], [1.0])
     assert delta == 0.5 and se != se  # one reference run: no standard error (NaN)
+
+
+def test_fashion_sweep_resumes_from_records_and_keeps_teachers_consistent(tmp_path, monkeypatch):
+    """A later session (empty runs/) skips the rows with records, reruns a teacher only for
+    the rows that still need it, and stops a seed whose rerun teacher does not reproduce its
+    record instead of mixing two teachers in one table."""
+    import json
+
+    from experiments import _sweeps
+    from experiments.fashion_mnist import sweep
+
+    accuracy = {"fp": 0.9, "fp-ft-kd": 0.91, "lsq-w2a2": 0.89, "lsq-w4a4": 0.905}
+    trained = []
+
+    def train(args, workdir):  # a fake qflax train: writes the summary a run would
+        name = workdir.name.rsplit("-s", 1)[0]
+        if name != "fp":
+            assert args[args.index("--config.teacher.mode=checkpoint") + 1].endswith("/fp-s0")
+            assert (workdir.parent / "fp-s0" / "summary.json").is_file()
+        trained.append(name)
+        workdir.mkdir(parents=True)
+        (workdir / "summary.json").write_text(json.dumps({"test_accuracy": accuracy[name]}))
+
+    monkeypatch.setattr(_sweeps, "train", train)
+    results = tmp_path / "results"
+    assert sweep.run_seed(["lsq-w2a2"], 0, tmp_path / "a", results, 2) == []
+    assert trained[0] == "fp"  # the teacher first
+    assert sorted(trained) == ["fp", "fp-ft-kd", "lsq-w2a2"]
+    assert _sweeps.load_record(results, "lsq-w2a2", 0)["test_accuracy"] == 0.89
+    trained.clear()  # a new session: runs/ is gone, the records are not
+    assert sweep.run_seed(["lsq-w2a2"], 0, tmp_path / "b", results, 1) == []
+    assert trained == []  # nothing to do: no teacher rerun either
+    assert sweep.run_seed(["lsq-w2a2", "lsq-w4a4"], 0, tmp_path / "c", results, 1) == []
+    assert trained == ["fp", "lsq-w4a4"]  # the teacher again, then the one missing row
+    (results / "lsq-w4a4-s0.json").unlink()
+    trained.clear()
+    accuracy["fp"] = 0.8  # the rerun teacher differs from its record
+    failures = sweep.run_seed(["lsq-w4a4"], 0, tmp_path / "d", results, 1)
+    assert trained == ["fp"] and len(failures) == 1
+    assert "remove that seed's records" in failures[0] and "0.8" in failures[0]
+    assert _sweeps.load_record(results, "fp", 0)["test_accuracy"] == 0.9  # kept
+    assert not (results / "lsq-w4a4-s0.json").exists()
 
 
 def test_bnnpp_study_band_edge_is_where_signswish_saturates():
