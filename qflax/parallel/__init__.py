@@ -9,13 +9,24 @@ over its ``data`` and ``fsdp`` axes, the train state sharded FSDP-style over ``f
   parameters and state) sharded on its last axis over ``fsdp`` when that axis divides evenly
   (kernels and their per-output-channel scales, which share that axis), replicated otherwise
   (scalars, small or odd-sized arrays);
-* :func:`replicated`.
+* :func:`replicated`;
+* several processes (hosts): :func:`initialize` (``jax.distributed`` from ``config.distributed``
+  or the environment, CPU collectives over gloo), :func:`is_main` (process 0 writes the run's
+  files), :func:`sync` (a barrier) and :func:`addressable` (host copies of arrays sharded over
+  several processes, for summaries and checksums; checkpoints are saved shard by shard).
 
 Reductions inside the jitted steps (batch means, BatchNorm statistics, the penalty terms,
 activation ranges, GDNSQ bit-widths) run on the global arrays, so XLA reduces them over every
 device: results do not depend on the device count beyond float summation order.
 """
 
+from qflax.parallel._distributed import (
+    addressable,
+    check_distributed,
+    initialize,
+    is_main,
+    sync,
+)
 from qflax.parallel._mesh import (
     MESH_AXES,
     batch_sharding,
@@ -29,6 +40,11 @@ from qflax.parallel._mesh import (
 
 __all__ = [
     "MESH_AXES",
+    "addressable",
+    "check_distributed",
+    "initialize",
+    "is_main",
+    "sync",
     "batch_sharding",
     "check_mesh",
     "make_mesh",

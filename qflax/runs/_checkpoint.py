@@ -1,12 +1,15 @@
 """Reading the orbax checkpoints of a run under ``workdir/checkpoints/<step>/``.
 
-Each checkpoint holds three items: ``model`` (``params`` and ``rest``, enough to rebuild the
-trained model), ``train`` (step, optimizer state, key, teacher) and ``meta`` (JSON: epochs done,
-wall time, and the checksums). ``qflax.train`` writes them (:func:`save_items`) and restores the
-whole train state on resume; a run's model alone is read back with :func:`restore_model_state`.
+Each checkpoint holds four items: ``model`` (``params`` and ``rest``, enough to rebuild the
+trained model), ``train`` (step, optimizer state, key, teacher), ``loop`` (the bit-width
+penalty's state, the learning-rate scale and the converged flag; checkpoints before 2026-12-06
+lack it) and ``meta`` (JSON: epochs done, wall time, and the checksums). ``qflax.train`` writes
+them (:func:`save_items`) and restores the whole train state on resume; a run's model alone is
+read back with :func:`restore_model_state`.
 
-Integrity: at save, ``meta["sha256"]`` records one :func:`tree_digest` per array item (``model``,
-``train``), computed on the host from the arrays being saved. Every restore hashes the arrays it
+Integrity: at save, ``meta["sha256"]`` records one :func:`tree_digest` per array item
+(``model``, ``train``, ``loop``), computed on the host from the arrays being saved (arrays
+sharded over several processes are gathered for it). Every restore hashes the arrays it
 read back and raises :class:`CheckpointError` naming the step and the item when they differ, so
 bytes changed on disk fail loudly instead of evaluating (or resuming) a damaged model. Only the
 items restored are checked: a model-only restore checks ``model``. Checkpoints written before
@@ -37,7 +40,7 @@ __all__ = [
     "tree_digest",
 ]
 
-CHECKPOINT_ITEMS = ("model", "train", "meta")
+CHECKPOINT_ITEMS = ("model", "train", "loop", "meta")
 DIGEST_KEY = "sha256"  # meta[DIGEST_KEY] = {item name: tree_digest of that item}
 
 logger = logging.getLogger(__name__)
@@ -84,7 +87,9 @@ def tree_digest(tree: Any) -> str:
     False
     """
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(tree)):
+    from qflax.parallel import addressable  # arrays over several processes: gathered
+
+    for leaf in jax.tree.leaves(jax.device_get(addressable(tree))):
         array = np.ascontiguousarray(leaf)
         digest.update(f"{array.dtype.name}{array.shape};".encode())
         digest.update(array.tobytes())

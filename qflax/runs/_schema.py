@@ -63,6 +63,11 @@ RESUMABLE_KEYS = (
     "mesh.data",
     "mesh.fsdp",
     "mesh.model",
+    # Several processes: the same run may resume with another process count.
+    "distributed.enabled",
+    "distributed.coordinator_address",
+    "distributed.num_processes",
+    "distributed.process_id",
 )
 
 
@@ -106,6 +111,12 @@ def default_config() -> ml_collections.ConfigDict:
     - ``mesh.{data, fsdp, model}``: the device mesh (:mod:`qflax.parallel`; ``-1``: the devices
       left): batches split over ``data × fsdp``, the train state sharded on its last axis over
       ``fsdp``; ``model`` must be 1. All 1 (the default): one device, unsharded.
+    - ``distributed.{enabled, coordinator_address, num_processes, process_id}``: several
+      processes (hosts) in one run (``jax.distributed``; CPU collectives over gloo): the mesh
+      spans every process's devices, each process puts only its rows of a batch on its devices,
+      and process 0 alone writes the workdir's files (checkpoints: every process its shards).
+      ``""``, ``0``, ``-1``: from ``$JAX_COORDINATOR_ADDRESS``, ``$JAX_NUM_PROCESSES``,
+      ``$JAX_PROCESS_ID`` or JAX's cluster detection (SLURM, Open MPI, Cloud TPU).
     - ``anneal.mu_end``: pairs with a ``μ`` (``pc``, ``proxquant``, ``bnn++``) go geometrically
       from the recipe's ``μ`` at the first epoch to ``mu_end`` at the last (0: no annealing).
       DBSSQ's ``ε`` always follows ``dbssq_epsilon_schedule`` over ``epochs`` and is 0 (the
@@ -183,6 +194,9 @@ def default_config() -> ml_collections.ConfigDict:
     )
     config.anneal = ml_collections.ConfigDict(dict(mu_end=0.0))
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
+    config.distributed = ml_collections.ConfigDict(
+        dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
+    )
     config.pair = ml_collections.ConfigDict(dict(name="", forward="", backward=""))
     config.imports = ()
     config.teacher = ml_collections.ConfigDict(

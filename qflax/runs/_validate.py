@@ -303,8 +303,9 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             "(a relative step of 1 or more can reach zero)"
         )
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
-    from qflax.parallel import check_mesh
+    from qflax.parallel import check_distributed, check_mesh
 
+    check_distributed(config.distributed)
     sizes = check_mesh(config.mesh)
     pieces = sizes["data"] * sizes["fsdp"]
     if pieces > 0 and _is_int(config.batch_size) and config.batch_size % pieces:

@@ -52,8 +52,22 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dic
         "rng": state.rng,
         "teacher": state.teacher,
     }
-    save_items(manager, step, meta, model={"params": state.params, "rest": state.rest}, train=train)
+    save_items(
+        manager,
+        step,
+        meta,
+        model={"params": state.params, "rest": state.rest},
+        train=train,
+        loop=_loop_item(state),
+    )
     return step
+
+
+def _loop_item(state: TrainState) -> dict[str, Any]:
+    """What the loop sets on the state besides the optimizer: the bit-width penalty's state,
+    the learning-rate scale and the converged flag (saved since 2026-12-06; before, a resumed
+    GDNSQ run restarted them)."""
+    return {"penalty": state.penalty, "lr_scale": state.lr_scale, "converged": state.converged}
 
 
 def restore_checkpoint(
@@ -70,13 +84,18 @@ def restore_checkpoint(
         "rng": template.rng,
         "teacher": template.teacher,
     }
-    restored = restore_items(
-        manager,
-        step,
-        model={"params": template.params, "rest": template.rest},
-        train=train_template,
-    )
+    items = {"model": {"params": template.params, "rest": template.rest}, "train": train_template}
+    if (pathlib.Path(manager.directory) / str(step) / "loop").is_dir():
+        items["loop"] = _loop_item(template)
+    else:
+        logger.warning(
+            "checkpoint step %d predates the saved penalty state: the penalty weight, the "
+            "learning-rate scale and the converged flag restart from their initial values",
+            step,
+        )
+    restored = restore_items(manager, step, **items)
     model, train = restored["model"], restored["train"]
+    loop = restored.get("loop", _loop_item(template))
     state = TrainState(
         step=train["step"],
         params=model["params"],
@@ -84,6 +103,9 @@ def restore_checkpoint(
         opt_state=train["opt_state"],
         rng=train["rng"],
         teacher=train["teacher"],
+        penalty=loop["penalty"],
+        lr_scale=loop["lr_scale"],
+        converged=loop["converged"],
     )
     return state, restored["meta"]
 

@@ -7,6 +7,7 @@ checkpoints, and writes ``metrics.jsonl``, ``summary.json`` and ``curves.png``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -73,10 +74,12 @@ def _evaluate_arrays(
     batch_size: int,
     metric: str = "accuracy",
     multiple: int = 1,
+    put=None,
 ) -> dict[str, float]:
     """Mean loss and task score (named ``metric``) over ``(x, y)``, the last batch padded to
     ``batch_size`` (rounded up to a multiple of ``multiple``: the pieces a sharded step splits
-    a batch into)."""
+    a batch into); ``put`` places each batch as the step expects (:meth:`Trainer.put_batch`)."""
+    put = put or (lambda batch: batch)
     batch_size = -(-min(batch_size, len(x)) // multiple) * multiple
     totals = {"loss_sum": 0.0, "score_sum": 0.0, "count": 0.0}
     sums = []
@@ -88,7 +91,7 @@ def _evaluate_arrays(
         if n < batch_size:
             xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
             yb = np.concatenate([yb, np.zeros((batch_size - n, *yb.shape[1:]), yb.dtype)])
-        sums.append(eval_step(params, rest, (xb, yb), weights))
+        sums.append(eval_step(params, rest, put((xb, yb)), put(weights)))
     for s in jax.device_get(sums):
         for key in totals:
             totals[key] += float(s[key])
@@ -129,10 +132,12 @@ def evaluate(workdir: str | os.PathLike) -> dict[str, Any]:
 # --------------------------------------------------------------------------- workdir files
 
 
-def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def _check_workdir(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, *, write: bool = True
+) -> None:
     """Refuses a workdir holding checkpoints of another config, or of more epochs than
-    ``config.epochs``; records this config. A key missing from the saved config (the run
-    predates it) matches the key's default."""
+    ``config.epochs``; records this config (with ``write``: the process that writes). A key
+    missing from the saved config (the run predates it) matches the key's default."""
     path = workdir / CONFIG_FILE
     if path.is_file() and runs.has_checkpoint(workdir / CHECKPOINT_DIR):
         try:
@@ -155,7 +160,8 @@ def _check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> 
                 f"(keys that may change on resume: {', '.join(runs.RESUMABLE_KEYS)})"
             )
         _check_epochs(config, workdir, _epochs_done(workdir))
-    path.write_text(json.dumps(runs.config_to_dict(config), indent=2, sort_keys=True) + "\n")
+    if write:
+        path.write_text(json.dumps(runs.config_to_dict(config), indent=2, sort_keys=True) + "\n")
 
 
 def _epochs_done(workdir: pathlib.Path) -> int | None:
@@ -285,13 +291,13 @@ class _Logger:
 
     def __init__(
         self,
-        path: pathlib.Path,
+        path: pathlib.Path | None,
         every: int,
         schedule,
         last_saved: int | None,
         metric: str = "accuracy",
     ):
-        self.path = path
+        self.path = path  # None: another process writes metrics.jsonl
         self.metric = metric  # the task's score ("accuracy", "psnr")
         self.last_saved = last_saved  # the step of the latest checkpoint, None before one
         self.every = every
@@ -311,7 +317,7 @@ class _Logger:
         steps = [s for s, _ in self.pending]
         values = jax.device_get([m for _, m in self.pending])
         self.pending = []
-        with self.path.open("a") as f:
+        with self.path.open("a") if self.path else contextlib.nullcontext() as f:
             for step, row in zip(steps, values, strict=True):
                 row = {k: float(v) for k, v in row.items()}
                 if not math.isfinite(row["loss"]):
@@ -323,7 +329,8 @@ class _Logger:
                 self.epoch_rows.append(row)
                 self.latest = row
                 if step % self.every == 0:
-                    f.write(json.dumps(self._record(step, epoch, self.window)) + "\n")
+                    if f is not None:
+                        f.write(json.dumps(self._record(step, epoch, self.window)) + "\n")
                     self.window = []
 
     def _record(self, step: int, epoch: int, rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -350,6 +357,7 @@ def _kept(last_saved: int | None) -> str:
 
 
 def _all_finite(tree: Any) -> bool:
+    tree = parallel.addressable(tree)  # every process calls this (a collective on several)
     leaves = [x for x in jax.tree.leaves(tree) if np.issubdtype(x.dtype, np.floating)]
     return bool(all(np.isfinite(np.asarray(x)).all() for x in leaves))
 
@@ -439,7 +447,7 @@ def _progress_bar(config, total: int, initial: int, name: str):
         desc=name,
         unit="step",
         dynamic_ncols=True,
-        disable=not config.progress_bar,
+        disable=not config.progress_bar or not parallel.is_main(),
         leave=True,
     )
 
@@ -490,10 +498,12 @@ def train_and_evaluate(
     """
     start_time = time.perf_counter()
     runs.ensure_valid(config)
+    parallel.initialize(config.distributed)  # several processes: before any device is used
     workdir = runs.check_output_dir(workdir)
     runs.check_run_dir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with runs.lock_dir(workdir):
+    # Several processes share the workdir: process 0 holds its lock and writes its files.
+    with runs.lock_dir(workdir) if parallel.is_main() else contextlib.nullcontext():
         return _train_and_evaluate(config, workdir, start_time)
 
 
@@ -533,7 +543,9 @@ def _train_and_evaluate(
             f"teacher.mode={config.teacher.mode!r} distils logits; model {config.model!r} is "
             f"trained to {task.name}; allowed: teacher.mode='none'"
         )
-    _check_workdir(config, workdir)  # every check above passed: now files are written
+    main = parallel.is_main()  # the process that writes the workdir's files
+    _check_workdir(config, workdir, write=main)  # every check above passed: now files are written
+    parallel.sync("qflax-workdir-checked")
 
     teacher_model, fp_test_accuracy, teacher_wall = None, None, 0.0
     if config.teacher.mode == "train":
@@ -553,7 +565,7 @@ def _train_and_evaluate(
         student = nnx.clone(teacher_model)
         nnx.update(student, jax.tree.map(lambda a: a.copy(), nnx.state(student)))
         model, report = quantize_for_config(config, student, dataset)
-    if report is not None:
+    if report is not None and main:
         (workdir / QUANTIZATION_FILE).write_text(report + "\n")
 
     trainer = build_trainer(
@@ -584,14 +596,18 @@ def _train_and_evaluate(
         if start_epoch > config.epochs:  # metrics.jsonl did not tell (_check_workdir)
             manager.close()
             _check_epochs(config, workdir, start_epoch)
-        records = _truncate_metrics(metrics_path, latest)
+        if main:
+            records = _truncate_metrics(metrics_path, latest)
+        else:  # the records process 0 keeps (it truncates the file in one replace)
+            records = [r for r in _read_metrics(metrics_path, quiet=True) if r["step"] <= latest]
         logger.info("resuming %s from step %d (epoch %d)", workdir, latest, start_epoch)
     else:
-        metrics_path.write_text("")
+        if main:
+            metrics_path.write_text("")
         records = []
 
     schedule, _ = learning_rate_schedules(config, steps_per_epoch)
-    log = _Logger(metrics_path, config.log_every_steps, schedule, latest, metric)
+    log = _Logger(metrics_path if main else None, config.log_every_steps, schedule, latest, metric)
     total_steps = config.epochs * steps_per_epoch
     step = int(jax.device_get(state.step))
 
@@ -605,6 +621,7 @@ def _train_and_evaluate(
             config.eval_batch_size,
             metric,
             multiple=parallel.shard_count(trainer.mesh),
+            put=trainer.put_batch,
         )
 
     def elapsed() -> float:
@@ -641,7 +658,7 @@ def _train_and_evaluate(
             ):
                 if config.augment_shift:
                     x = random_shift(x, config.augment_shift, shift_rng)
-                state, metrics = train_step(state, (x, y))
+                state, metrics = train_step(state, trainer.put_batch((x, y)))
                 step += 1
                 log.add(step, metrics)
                 bar.update(1)
@@ -674,7 +691,7 @@ def _train_and_evaluate(
                 record.update({"test_loss": test["loss"], f"test_{metric}": test[metric]})
             stop = False
             if report is not None:
-                current = nnx.merge(graphdef, state.params, state.rest)
+                current = nnx.merge(graphdef, *parallel.addressable((state.params, state.rest)))
                 bits = _layer_bits(current)
                 if bits:
                     record["layer_bits"] = bits
@@ -688,8 +705,9 @@ def _train_and_evaluate(
                     record["converged"] = converged_epoch is not None
                     if converged_epoch is not None:
                         stop = early_stop.update(record["train_loss"]) and not last_epoch
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(_json_ready(record)) + "\n")
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(_json_ready(record)) + "\n")
             records.append(record)
             bar.set_postfix(_postfix(log.latest, test, metric))
             if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch or stop:
@@ -702,7 +720,7 @@ def _train_and_evaluate(
         bar.close()
         manager.close()
 
-    final_model = nnx.merge(graphdef, state.params, state.rest)
+    final_model = nnx.merge(graphdef, *parallel.addressable((state.params, state.rest)))
     if test is None or stopped_epoch is not None:  # resumed a finished run, or stopped early
         test = test_metrics(state)
     summary = {
@@ -723,8 +741,10 @@ def _train_and_evaluate(
         "wall_seconds": elapsed(),  # includes training the teacher in this job
     }
     summary = _json_ready(summary)
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}", metric)
+    if main:
+        (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        _write_curves(records, workdir / CURVES_FILE, f"{config.model} on {config.dataset}", metric)
+    parallel.sync("qflax-run-written")  # no process returns before the files are there
     return state, summary
 
 

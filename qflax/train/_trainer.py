@@ -53,6 +53,7 @@ class Trainer:
     # The device mesh of `config.mesh` (None: one device) and the train state's shardings on it.
     mesh: Any = None
     state_sharding: Any = None
+    batch_sharding: Any = None
 
     def place(self, state: TrainState) -> TrainState:
         """``state`` on the trainer's devices: sharded as the steps expect on a mesh, else
@@ -63,6 +64,14 @@ class Trainer:
         if not leaves:
             return state
         return jax.device_put(state, next(iter(leaves[0].devices())))
+
+    def put_batch(self, batch: Any) -> Any:
+        """A batch of host arrays (every process's copy of the same global batch) on the
+        trainer's devices: on a mesh, each device gets its rows of it (over several processes,
+        each process transfers only the rows of its own devices); unchanged on one device."""
+        if self.batch_sharding is None:
+            return batch
+        return jax.device_put(batch, self.batch_sharding)
 
 
 def build_trainer(
@@ -144,6 +153,7 @@ def build_trainer(
         teacher=teacher,
         mesh=mesh,
         state_sharding=state_sharding,
+        batch_sharding=None if mesh is None else parallel.batch_sharding(mesh),
     )
 
 

@@ -119,8 +119,14 @@ def test_quantized_training_reports_bits_and_size(recipe, tmp_path):
     assert evaluate(tmp_path)["test_accuracy"] == pytest.approx(summary["test_accuracy"])
 
 
-def test_resuming_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
-    overrides = dict(epochs=2, optimizer__warmup_epochs=0.5)  # cosine schedule with warm-up
+GDNSQ = dict(quant__recipe="gdnsq", quant__weight_bits=2, quant__act_bits=2)
+
+
+@pytest.mark.parametrize("recipe", [{}, GDNSQ], ids=["float", "gdnsq"])
+def test_resuming_after_an_interruption_matches_an_uninterrupted_run(tmp_path, recipe):
+    """Bit for bit, also a GDNSQ run: its penalty state, learning-rate scale and converged flag
+    are saved with the optimizer state (they restarted from their initial values before)."""
+    overrides = dict(epochs=2, optimizer__warmup_epochs=0.5, **recipe)  # cosine with warm-up
     reference, _ = train_and_evaluate(tiny_config(**overrides), tmp_path / "once")
     # Interrupted after epoch 1: the epoch-2 checkpoint and the summary never got written.
     shutil.copytree(tmp_path / "once", tmp_path / "resumed")
@@ -129,6 +135,11 @@ def test_resuming_after_an_interruption_matches_an_uninterrupted_run(tmp_path):
     resumed, _ = train_and_evaluate(tiny_config(**overrides), tmp_path / "resumed")
     for a, b in zip(param_leaves(reference), param_leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+    loop = [(s.penalty, s.lr_scale, s.converged) for s in (reference, resumed)]
+    for a, b in zip(*map(jax.tree.leaves, loop), strict=True):
+        np.testing.assert_array_equal(a, b)
+    if recipe:
+        assert float(reference.penalty.t) > 0  # the penalty weight had grown
     # metrics.jsonl was cut back to the checkpoint, then continued: no duplicated steps
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if r["kind"] == "step"]
     assert steps == sorted(set(steps))
