@@ -16,12 +16,14 @@
 
 from qflax.layers._latent import QuantLatent, latent_codes, latent_summaries
 from qflax.layers._layers import (
+    COMPUTE_DTYPES,
     QuantConv,
     QuantEinsum,
     QuantEmbed,
     QuantLinear,
     calibrate,
     is_quant_layer,
+    set_compute_dtype,
 )
 from qflax.layers._recipes import (
     GRAD_KEYWORDS,
@@ -45,11 +47,13 @@ from qflax.layers._slots import Latent
 from qflax.layers._variables import AuxLoss, QuantParam, QuantStat
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "AuxLoss",
     "GRAD_KEYWORDS",
     "Latent",
     "RECIPES",
     "register_recipe",
+    "set_compute_dtype",
     "QuantConv",
     "QuantEinsum",
     "QuantEmbed",

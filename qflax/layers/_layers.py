@@ -35,6 +35,7 @@ from qflax.numerics import check_finite
 from qflax.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_einsum
 
 __all__ = [
+    "COMPUTE_DTYPES",
     "QuantConv",
     "QuantEinsum",
     "QuantEmbed",
@@ -42,6 +43,7 @@ __all__ = [
     "calibrate",
     "macs_per_example",
     "packed_weight_bytes",
+    "set_compute_dtype",
 ]
 
 # Storage widths sub-byte codes are packed into (qflax.numerics.pack_bits: 1, 2, 4, 8), then
@@ -388,8 +390,13 @@ class _QuantLayer(nnx.Module):
         weight_q, act_q, grad_q = self.quantizers(self._next_key())
         hook_name, op = self._hook_name, type(self)._op
         seen: list[int] = []
+        compute = getattr(self, "compute_dtype", None)  # set_compute_dtype
+        if compute is not None:  # quantize in float32, multiply in `compute`, accumulate f32
+            act_q, weight_q = _cast_after(act_q, compute), _cast_after(weight_q, compute)
 
         def hook(*hook_args: Any, **hook_kwargs: Any) -> jax.Array:
+            if compute is not None:
+                hook_kwargs.setdefault("preferred_element_type", jnp.float32)
             out = op(
                 *hook_args,
                 **hook_kwargs,
@@ -472,6 +479,69 @@ class _QuantLayer(nnx.Module):
             grad="float" if recipe.grad is None else str(recipe.grad),
         )
         return info
+
+
+def _cast_after(quantizer: Any, dtype: Any) -> Any:
+    """``x -> quantizer(x)`` (``x`` when None) cast to ``dtype``: the operand a product takes."""
+
+    def cast(x: jax.Array) -> jax.Array:
+        return (x if quantizer is None else quantizer(x)).astype(dtype)
+
+    return cast
+
+
+def _cast_op(op: Any, dtype: Any) -> Any:
+    """``op`` (``lax.dot_general``, ``lax.conv_general_dilated``, ``jnp.einsum``) on its
+    floating operands cast to ``dtype``, accumulating and returning float32."""
+
+    def cast_op(*args: Any, **kwargs: Any) -> jax.Array:
+        args = [
+            a.astype(dtype)
+            if isinstance(a, jax.Array | np.ndarray) and jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+            for a in args
+        ]
+        kwargs.setdefault("preferred_element_type", jnp.float32)
+        return op(*args, **kwargs)
+
+    cast_op.compute_dtype = jnp.dtype(dtype).name
+    return cast_op
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def set_compute_dtype(model: nnx.Module, dtype: str) -> int:
+    """Mixed precision: every weight layer's product (``nnx.Linear``/``Conv``/``Einsum`` and
+    the quant layers) takes its operands in ``dtype`` ("bfloat16", "float16") and accumulates
+    and returns float32; parameters, optimizer state, quantizers (their scales, rounding and
+    gradients: float32 before the cast) and everything between the products stay float32.
+    "float32" leaves the model as it is. Returns the number of layers changed.
+
+    Raises:
+      ValueError: ``dtype`` is not one of ``COMPUTE_DTYPES``.
+    """
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={dtype!r} is not allowed; allowed: {COMPUTE_DTYPES}")
+    if dtype == "float32":
+        return 0
+    inners = set()
+    changed = 0
+    for _, node in nnx.iter_graph(model):
+        if is_quant_layer(node):
+            node.compute_dtype = dtype
+            inners.add(id(node.inner))
+            changed += 1
+    ops = {nnx.Linear: "dot_general", nnx.Conv: "conv_general_dilated", nnx.Einsum: "einsum_op"}
+    for _, node in nnx.iter_graph(model):
+        name = next((n for t, n in ops.items() if isinstance(node, t)), None)
+        if name is None or id(node) in inners:
+            continue
+        op = getattr(node, name)
+        if getattr(op, "compute_dtype", None) != dtype:
+            setattr(node, name, _cast_op(op, dtype))
+            changed += 1
+    return changed
 
 
 def _is_abstract(variable: nnx.Variable) -> bool:

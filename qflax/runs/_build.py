@@ -226,16 +226,19 @@ def quantize_for_config(
 ) -> tuple[nnx.Module, str | None]:
     """Applies the quantization rules of ``config`` to a float ``model`` (in place) and
     calibrates learned quantizer params on the first training batch; ``(model, None)`` for
-    float configs."""
-    if config.quant.recipe == FLOAT_RECIPE and not config.quant.rules:
-        return model, None
+    float configs. Then the products take ``config.compute_dtype`` (mixed precision:
+    :func:`qflax.layers.set_compute_dtype`; calibration runs in float32)."""
     from qflax import layers as ql
 
+    if config.quant.recipe == FLOAT_RECIPE and not config.quant.rules:
+        ql.set_compute_dtype(model, config.compute_dtype)
+        return model, None
     model, report = ql.quantize_model(model, quantization_rules(config), copy=False)
     if getattr(report, "unmatched_rules", None):
         logger.warning("quantization rules that matched no layer: %s", report.unmatched_rules)
     if calibrate:
         ql.calibrate(model, first_batch(config, dataset))
+    ql.set_compute_dtype(model, config.compute_dtype)
     return model, str(report)
 
 

@@ -58,6 +58,8 @@ RESUMABLE_KEYS = (
     "checkpoint.every_epochs",
     "checkpoint.max_to_keep",
     "penalty.patience",
+    "profile.start_step",
+    "profile.num_steps",
     # The device mesh: a run resumes on another device count (the checkpoint is restored onto
     # the new mesh); results agree within float summation order.
     "mesh.data",
@@ -111,6 +113,14 @@ def default_config() -> ml_collections.ConfigDict:
     - ``mesh.{data, fsdp, model}``: the device mesh (:mod:`qflax.parallel`; ``-1``: the devices
       left): batches split over ``data × fsdp``, the train state sharded on its last axis over
       ``fsdp``; ``model`` must be 1. All 1 (the default): one device, unsharded.
+    - ``compute_dtype``: "float32" (default), or "bfloat16" / "float16" for mixed precision:
+      every weight layer's product takes its operands in that dtype and accumulates in float32;
+      parameters, optimizer state, quantizers (scales, rounding, gradients) and the activations
+      between the products stay float32 (:func:`qflax.layers.set_compute_dtype`).
+    - ``profile.{start_step, num_steps}``: with ``num_steps > 0``, a ``jax.profiler`` trace
+      of the train steps ``start_step + 1 .. start_step + num_steps`` (after compilation when
+      ``start_step`` > 0) in ``workdir/profile`` (TensorBoard's profile plugin or Perfetto read
+      it: ``plugins/profile/<time>/<host>.xplane.pb`` and ``.trace.json.gz``).
     - ``distributed.{enabled, coordinator_address, num_processes, process_id}``: several
       processes (hosts) in one run (``jax.distributed``; CPU collectives over gloo): the mesh
       spans every process's devices, each process puts only its rows of a batch on its devices,
@@ -194,6 +204,8 @@ def default_config() -> ml_collections.ConfigDict:
     )
     config.anneal = ml_collections.ConfigDict(dict(mu_end=0.0))
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
+    config.compute_dtype = "float32"
+    config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
     config.distributed = ml_collections.ConfigDict(
         dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)
     )

@@ -303,6 +303,14 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
             "(a relative step of 1 or more can reach zero)"
         )
     _check_number(config.anneal.mu_end, "anneal.mu_end", 0.0)
+    from qflax.layers import COMPUTE_DTYPES
+
+    if config.compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"compute_dtype={config.compute_dtype!r} is not allowed; allowed: {COMPUTE_DTYPES}"
+        )
+    _check_int(config.profile.start_step, "profile.start_step", 0)
+    _check_int(config.profile.num_steps, "profile.num_steps", 0)
     from qflax.parallel import check_distributed, check_mesh
 
     check_distributed(config.distributed)

@@ -350,6 +350,37 @@ class _Logger:
         return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
 
 
+PROFILE_DIR = "profile"
+
+
+class _Profile:
+    """A ``jax.profiler`` trace of the steps after ``settings.start_step`` (``num_steps`` of
+    them; nothing with 0) into ``directory``."""
+
+    def __init__(self, settings, directory: pathlib.Path):
+        self.start = int(settings.start_step)
+        self.stop_at = self.start + int(settings.num_steps)
+        self.directory = directory
+        self.running = False
+
+    def before(self, step: int) -> None:
+        if step == self.start and self.stop_at > self.start and not self.running:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.running = True
+            logger.info("profiling steps %d..%d into %s", step + 1, self.stop_at, self.directory)
+
+    def after(self, step: int, state: Any) -> None:
+        if self.running and step >= self.stop_at:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
+
+
 def _kept(last_saved: int | None) -> str:
     if last_saved is None:
         return "no checkpoint was saved yet"
@@ -646,6 +677,7 @@ def _train_and_evaluate(
     )
     stopped_epoch = None
     blended_accuracy = None
+    profile = _Profile(config.profile, workdir / PROFILE_DIR)
     # Early stopping restarts counting when a run is resumed.
     early_stop = EarlyStopping(config.penalty.patience)
     try:
@@ -658,8 +690,10 @@ def _train_and_evaluate(
             ):
                 if config.augment_shift:
                     x = random_shift(x, config.augment_shift, shift_rng)
+                profile.before(step)
                 state, metrics = train_step(state, trainer.put_batch((x, y)))
                 step += 1
+                profile.after(step, state)
                 log.add(step, metrics)
                 bar.update(1)
                 if step % config.log_every_steps == 0:
@@ -717,6 +751,7 @@ def _train_and_evaluate(
                 logger.info("early stop at epoch %d", stopped_epoch)
                 break
     finally:
+        profile.stop()
         bar.close()
         manager.close()
 
