@@ -45,8 +45,13 @@ def main(out: pathlib.Path, recipes: list[str], meshes: list[str]) -> None:
             }
     if "resume" in recipes:
         # 8 → 1: one epoch sharded FSDP over 8 devices, then the same workdir resumed for a
-        # second epoch on one device (mesh.* may change on resume), against 2 epochs on one.
-        for name, meshes_run in (("resume-8to1", ((1, 8), (1, 1))), ("resume-one", ((1, 1),))):
+        # second epoch on one device (mesh.* may change on resume), against 2 epochs on one;
+        # 1 → 4: one epoch on one device, the second FSDP over 4.
+        for name, meshes_run in (
+            ("resume-8to1", ((1, 8), (1, 1))),
+            ("resume-1to4", ((1, 1), (1, 4))),
+            ("resume-one", ((1, 1),)),
+        ):
             workdir = out / name
             for epochs, (data, fsdp) in enumerate(meshes_run, start=3 - len(meshes_run)):
                 config = tiny_config(

@@ -83,12 +83,14 @@ def test_the_state_is_sharded_as_configured(runs):
         assert "P('fsdp',)" in fsdp  # per-channel vectors (biases, BatchNorm, scales)
 
 
-def test_a_checkpoint_of_8_devices_resumes_on_one(runs):
-    """An FSDP-sharded checkpoint (saved without gathering) restores onto one device and the
-    run goes on to the parameters of an uninterrupted one-device run."""
+@pytest.mark.parametrize("name", ["resume-8to1", "resume-1to4"])
+def test_a_checkpoint_resumes_on_another_device_count(runs, name):
+    """An FSDP-sharded checkpoint (saved without gathering) restores onto one device, and a
+    one-device checkpoint onto 4 FSDP devices; each run goes on to the parameters of an
+    uninterrupted one-device run."""
     result, params = runs
-    assert result["resume-8to1"]["step"] == result["resume-one"]["step"] == 2 * (1438 // 64)
-    assert _diff(params, "resume-8to1", "resume-one") < 1e-5
+    assert result[name]["step"] == result["resume-one"]["step"] == 2 * (1438 // 64)
+    assert _diff(params, name, "resume-one") < 1e-5
 
 
 def _free_port() -> int:
