@@ -11,12 +11,14 @@ from qflax.data._batches import batches
 from qflax.data._bundled import stratified_split
 from qflax.data._dataset import Dataset
 from qflax.data._load import DATASETS, TFDS_PREFIX, clear_cache, load
+from qflax.data._stream import StreamedArray
 from qflax.data._tfds import tfds_source
 
 __all__ = [
     "DATASETS",
     "TFDS_PREFIX",
     "Dataset",
+    "StreamedArray",
     "batches",
     "clear_cache",
     "load",

@@ -13,7 +13,12 @@ KINDS = ("image", "text")
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
-    """Returns ``array`` made read-only, so a cached Dataset cannot be changed by a caller."""
+    """Returns ``array`` made read-only, so a cached Dataset cannot be changed by a caller (a
+    streamed split is read-only already and stays unread)."""
+    from qflax.data._stream import StreamedArray
+
+    if isinstance(array, StreamedArray):
+        return array
     array = np.asarray(array)
     array.flags.writeable = False
     return array

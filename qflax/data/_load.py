@@ -24,7 +24,7 @@ _BUNDLED = {
 # Local (not bundled) datasets: read from files on this machine (``data_dir``, the environment,
 # or where their Debian package installs them); name -> (loader, its keyword options).
 _LOCAL = {"fashion_mnist": (_idx.load_fashion_mnist, ("train_size",))}
-_TFDS_OPTIONS = ("train_split", "test_split", "download")
+_TFDS_OPTIONS = ("train_split", "test_split", "download", "stream", "image_size")
 _SEEDLESS = ("pydoc_text",)  # split by position: the seed does not change the data
 
 DATASETS: tuple[str, ...] = (*_BUNDLED, *_LOCAL)
@@ -46,7 +46,9 @@ def load(
     Debian package ``dataset-fashion-mnist``, which ``make data`` installs; option
     ``train_size``: a stratified, seeded subset of the training images), and ``"tfds:<name>"``
     (any TFDS image-classification dataset read from ``array_record`` files without
-    TensorFlow; options ``train_split``, ``test_split``, ``download``). Bundled datasets need
+    TensorFlow; options ``train_split``, ``test_split``, ``download``, ``stream``: read
+    batches on demand instead of loading the splits; ``image_size``: resize and centre-crop
+    every image to that square, for variable-size sets such as ImageNet). Bundled datasets need
     no network; a ``tfds:`` dataset needs it the first time unless ``data_dir`` holds it.
 
     Args:

@@ -17,12 +17,14 @@ the PNG encoding: prepare them once on a machine with TensorFlow
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import numpy as np
 
 from qflax.data._dataset import Dataset
+from qflax.data._stream import streamed_split
 
 __all__ = ["tfds_source", "load_tfds"]
 
@@ -126,7 +128,31 @@ def _to_images(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _read_split(source, x_key: str, y_key: str, shape: tuple[int, ...], np_dtype):
+# "Resize 256, crop 224": the shorter side is scaled to image_size / CROP, then the centre
+# image_size × image_size is kept (ImageNet's usual evaluation transform).
+CROP = 0.875
+
+
+def fit_image(image: Any, size: int) -> np.ndarray:
+    """An image ``(H, W[, C])`` of any size as ``(size, size, C)``: the shorter side resized to
+    ``size / CROP`` (bilinear, PIL), then the centre crop; the dtype is kept."""
+    import PIL.Image
+
+    array = np.asarray(image)
+    squeeze = array.ndim == 3 and array.shape[-1] == 1
+    pil = PIL.Image.fromarray(array[..., 0] if squeeze else array)
+    height, width = array.shape[:2]
+    scale = size / CROP / min(height, width)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))
+    pil = pil.resize(new, PIL.Image.BILINEAR)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    out = np.asarray(pil.crop((left, top, left + size, top + size)))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def _read_split(
+    source, x_key: str, y_key: str, shape: tuple[int, ...], np_dtype, example_fn=np.asarray
+):
     """Decodes a whole split into (x, y) numpy arrays with batched random-access reads."""
     n = len(source)
     xs, ys = [np.zeros((0, *shape), dtype=np_dtype)], [np.zeros((0,), dtype=np.int64)]
@@ -134,7 +160,7 @@ def _read_split(source, x_key: str, y_key: str, shape: tuple[int, ...], np_dtype
     for start in range(0, n, _CHUNK):
         indices = list(range(start, min(start + _CHUNK, n)))
         records = getitems(indices) if getitems else [source[i] for i in indices]
-        xs.append(np.stack([np.asarray(r[x_key]) for r in records]))
+        xs.append(np.stack([example_fn(r[x_key]) for r in records]))
         ys.append(np.asarray([r[y_key] for r in records], dtype=np.int64))
     return _to_images(np.concatenate(xs)), np.concatenate(ys).astype(np.int32)
 
@@ -146,8 +172,11 @@ def load_tfds(
     train_split: str = "train",
     test_split: str | None = None,
     download: bool = True,
+    stream: bool = False,
+    image_size: int = 0,
 ) -> Dataset:
-    """Loads a TFDS image-classification dataset entirely into numpy.
+    """Loads a TFDS image-classification dataset entirely into numpy (or, ``stream=True``, as
+    splits read on demand).
 
     Images become float32 NHWC (integer pixels scaled to [0, 1]), labels int32; ``num_classes``
     and ``input_shape`` come from the builder's info. Reading the whole split into memory suits
@@ -160,6 +189,12 @@ def load_tfds(
       test_split: TFDS split string of the test data; default ``"test"``, or ``"validation"``
         when the dataset has no test split.
       download: False raises ValueError at once when the data is not on disk.
+      stream: True reads nothing up front: ``train_x``/``test_x``/``*_y`` are
+        :class:`~qflax.data.StreamedArray` views that decode only the examples indexed (a batch;
+        with several processes, each process's rows of it), for sets too large for memory.
+      image_size: > 0: every image resized and centre-cropped to ``image_size`` square
+        (:func:`fit_image`: "resize 256, crop 224" at 224), which variable-size sets such as
+        ImageNet need; 0: the images as stored (fixed-size sets only).
     """
     builder = _builder(name, data_dir, download)
     info = builder.info
@@ -172,10 +207,16 @@ def load_tfds(
             "ClassLabel (image classification datasets)"
         )
     shape = tuple(x_feature.shape)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 0:
+        raise ValueError(f"image_size={image_size!r} is not allowed; allowed: integers >= 0")
+    example_fn = np.asarray
+    if image_size and len(shape) in (2, 3):
+        shape = (image_size, image_size, *shape[2:])
+        example_fn = functools.partial(fit_image, size=image_size)
     if len(shape) not in (2, 3) or any(d is None for d in shape):
         raise ValueError(
             f"'tfds:{name}' input feature {x_key!r} has shape {shape}; allowed: fixed-size "
-            "images (H, W) or (H, W, C). Stream variable-size data with tfds_source and resize"
+            "images (H, W) or (H, W, C), or image_size > 0 to resize variable-size ones"
         )
     if test_split is None:
         available = list(info.splits.keys())
@@ -188,10 +229,18 @@ def load_tfds(
                 f"'tfds:{name}' has no 'test' or 'validation' split (splits: {available}); "
                 "pass test_split=<a TFDS split string>, e.g. 'train[90%:]'"
             )
+    if not isinstance(stream, bool):
+        raise ValueError(f"stream={stream!r} is not allowed; allowed: True, False")
     arrays = {}
+    image_shape = shape if len(shape) == 3 else (*shape, 1)
     for role, split in (("train", train_split), ("test", test_split)):
         source = builder.as_data_source(split=split)
-        arrays[role] = _read_split(source, x_key, y_key, shape, x_feature.np_dtype)
+        if stream:
+            arrays[role] = streamed_split(
+                source, x_key, y_key, image_shape, _to_images, np.float32, example_fn
+            )
+        else:
+            arrays[role] = _read_split(source, x_key, y_key, shape, x_feature.np_dtype, example_fn)
     (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
     return Dataset(
         name=f"tfds:{name}",

@@ -25,6 +25,7 @@ from qflax.parallel._distributed import (
     check_distributed,
     initialize,
     is_main,
+    process_shard,
     sync,
 )
 from qflax.parallel._mesh import (
@@ -44,6 +45,7 @@ __all__ = [
     "check_distributed",
     "initialize",
     "is_main",
+    "process_shard",
     "sync",
     "batch_sharding",
     "check_mesh",

@@ -95,6 +95,12 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def process_shard() -> tuple[int, int]:
+    """``(process index, process count)``: which part of every global batch this process reads
+    and puts on its devices (``qflax.data.batches(shard=...)``)."""
+    return jax.process_index(), jax.process_count()
+
+
 def sync(name: str) -> None:
     """Waits until every process reaches the barrier ``name`` (nothing with one process)."""
     if jax.process_count() > 1:

@@ -53,12 +53,17 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss (or the parameters) became NaN or infinite; names the step."""
 
 
-def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+def random_shift(
+    images: np.ndarray, max_shift: int, rng: np.random.Generator, *, part: tuple[int, int] = (0, 1)
+) -> np.ndarray:
     """Translates each image ``(N, H, W, C)`` by random ``(dy, dx)`` in ``[-max_shift,
-    max_shift]`` pixels, filling with zeros (the shift is drawn per image from ``rng``)."""
+    max_shift]`` pixels, filling with zeros (the shift is drawn per image from ``rng``).
+    ``part=(index, count)``: ``images`` are part ``index`` of ``count`` of a global batch; the
+    shifts of the whole batch are drawn and this part's used, as one process would shift it."""
     n, height, width, _ = images.shape
     padded = np.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
-    offsets = rng.integers(0, 2 * max_shift + 1, size=(n, 2))
+    index, count = part
+    offsets = rng.integers(0, 2 * max_shift + 1, size=(n * count, 2))[index * n : (index + 1) * n]
     out = np.empty_like(images)
     for i, (dy, dx) in enumerate(offsets):
         out[i] = padded[i, dy : dy + height, dx : dx + width]
@@ -75,22 +80,29 @@ def _evaluate_arrays(
     metric: str = "accuracy",
     multiple: int = 1,
     put=None,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, float]:
     """Mean loss and task score (named ``metric``) over ``(x, y)``, the last batch padded to
     ``batch_size`` (rounded up to a multiple of ``multiple``: the pieces a sharded step splits
-    a batch into); ``put`` places each batch as the step expects (:meth:`Trainer.put_batch`)."""
+    a batch into); ``put`` places each batch as the step expects (:meth:`Trainer.put_batch`).
+    ``shard=(index, count)``: this process reads and pads only part ``index`` of ``count`` of
+    every batch (``put`` assembles the global batch)."""
     put = put or (lambda batch: batch)
+    part, count = shard
     batch_size = -(-min(batch_size, len(x)) // multiple) * multiple
+    size = batch_size // count
     totals = {"loss_sum": 0.0, "score_sum": 0.0, "count": 0.0}
     sums = []
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
+        lo = min(start + part * size, len(x))
+        xb, yb = x[lo : min(lo + size, start + batch_size, len(x))], y[lo : lo + size]
+        yb = yb[: len(xb)]
         n = len(xb)
-        weights = np.zeros(batch_size, np.float32)
+        weights = np.zeros(size, np.float32)
         weights[:n] = 1.0
-        if n < batch_size:
-            xb = np.concatenate([xb, np.zeros((batch_size - n, *xb.shape[1:]), xb.dtype)])
-            yb = np.concatenate([yb, np.zeros((batch_size - n, *yb.shape[1:]), yb.dtype)])
+        if n < size:
+            xb = np.concatenate([xb, np.zeros((size - n, *x.shape[1:]), xb.dtype)])
+            yb = np.concatenate([yb, np.zeros((size - n, *y.shape[1:]), yb.dtype)])
         sums.append(eval_step(params, rest, put((xb, yb)), put(weights)))
     for s in jax.device_get(sums):
         for key in totals:
@@ -653,6 +665,7 @@ def _train_and_evaluate(
             metric,
             multiple=parallel.shard_count(trainer.mesh),
             put=trainer.put_batch,
+            shard=parallel.process_shard(),
         )
 
     def elapsed() -> float:
@@ -686,10 +699,17 @@ def _train_and_evaluate(
             state = _set_schedules(graphdef, state, config, epoch, trainer.place)
             shift_rng = np.random.default_rng((config.seed, epoch, 1))
             for x, y in data.batches(
-                dataset.train_x, dataset.train_y, config.batch_size, seed=config.seed, epoch=epoch
+                dataset.train_x,
+                dataset.train_y,
+                config.batch_size,
+                seed=config.seed,
+                epoch=epoch,
+                shard=parallel.process_shard(),  # several processes: this one's rows
             ):
                 if config.augment_shift:
-                    x = random_shift(x, config.augment_shift, shift_rng)
+                    x = random_shift(
+                        x, config.augment_shift, shift_rng, part=parallel.process_shard()
+                    )
                 profile.before(step)
                 state, metrics = train_step(state, trainer.put_batch((x, y)))
                 step += 1

@@ -66,11 +66,16 @@ class Trainer:
         return jax.device_put(state, next(iter(leaves[0].devices())))
 
     def put_batch(self, batch: Any) -> Any:
-        """A batch of host arrays (every process's copy of the same global batch) on the
-        trainer's devices: on a mesh, each device gets its rows of it (over several processes,
-        each process transfers only the rows of its own devices); unchanged on one device."""
+        """A batch of host arrays on the trainer's devices: on a mesh, each device gets its rows
+        of it; unchanged on one device. With several processes ``batch`` is this process's
+        part of the global batch (``qflax.data.batches(shard=parallel.process_shard())``: the
+        rows its devices hold), assembled into one global array."""
         if self.batch_sharding is None:
             return batch
+        if jax.process_count() > 1:
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), batch
+            )
         return jax.device_put(batch, self.batch_sharding)
 
 
@@ -120,6 +125,13 @@ def build_trainer(
     penalty = _penalty_settings(config, model, steps_per_epoch)
     mesh = parallel.make_mesh(config.mesh)
     shardings = state_sharding = None
+    used = 1 if mesh is None else mesh.devices.size
+    if jax.process_count() > 1 and used != jax.device_count():
+        raise ValueError(
+            f"mesh={dict(config.mesh)} uses {used} of the {jax.device_count()} devices of "
+            f"{jax.process_count()} processes; allowed: a mesh over every device (e.g. "
+            "mesh.data=-1), so each process holds its part of every batch"
+        )
     if mesh is not None:
         pieces = parallel.shard_count(mesh)
         if config.batch_size % pieces:

@@ -5,6 +5,7 @@ import io
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -207,6 +208,23 @@ def test_batches_coverage_and_pairing():
         np.testing.assert_array_equal(bx[:, 0], 2 * by)  # x and y stay paired
 
 
+def test_batches_shards_are_the_parts_of_the_same_global_batches():
+    """Several processes: part i of n of every batch; the parts together are the batch."""
+    x, y = np.arange(40), np.arange(40) * 10
+    whole = list(qdata.batches(x, y, 8, seed=1, epoch=2))
+    parts = [list(qdata.batches(x, y, 8, seed=1, epoch=2, shard=(i, 4))) for i in range(4)]
+    assert all(len(p) == len(whole) == 5 for p in parts)
+    for k, (xb, yb) in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([p[k][0] for p in parts]), xb)
+        np.testing.assert_array_equal(np.concatenate([p[k][1] for p in parts]), yb)
+    with pytest.raises(ValueError, match=r"batch_size=8 does not split into 3 shards"):
+        qdata.batches(x, y, 8, seed=0, epoch=0, shard=(0, 3))
+    with pytest.raises(ValueError, match=r"shard=\(4, 4\); allowed"):
+        qdata.batches(x, y, 8, seed=0, epoch=0, shard=(4, 4))
+    with pytest.raises(ValueError, match=r"drop_last=False; allowed: drop_last=True"):
+        qdata.batches(x, y, 8, seed=0, epoch=0, shard=(0, 2), drop_last=False)
+
+
 def test_batches_bad_arguments_raise_before_iteration():
     x = np.zeros((4, 2))
     with pytest.raises(ValueError, match="batch_size=0"):
@@ -367,6 +385,85 @@ def test_tfds_source_streams_with_grain(tfds_dirs):
     batch = grain.MapDataset.source(source).shuffle(seed=0).batch(4)[0]
     assert batch["image"].shape == (4, 8, 8, 1) and batch["image"].dtype == np.uint8
     assert set(np.asarray(batch["label"]).tolist()) <= set(range(N_CLASSES))
+
+
+def test_tfds_stream_reads_batches_on_demand_with_the_loaded_values(tfds_dirs):
+    """``stream=True``: nothing is read up front; indexing decodes only the rows asked for and
+    gives what the in-memory load holds, so batches (and training) are the same."""
+    kwargs = dict(data_dir=tfds_dirs["qflax_tiny_tensors"], test_split="test")
+    memory = qdata.load("tfds:qflax_tiny_tensors", **kwargs)
+    streamed = qdata.load("tfds:qflax_tiny_tensors", stream=True, **kwargs)
+    assert isinstance(streamed.train_x, qdata.StreamedArray)
+    assert streamed.train_x.shape == memory.train_x.shape and streamed.input_shape == (8, 8, 1)
+    assert streamed.train_x.dtype == np.float32 and streamed.train_y.dtype == np.int32
+    index = np.array([5, 0, 31, 5])
+    np.testing.assert_array_equal(streamed.train_x[index], memory.train_x[index])
+    np.testing.assert_array_equal(streamed.train_y[index], memory.train_y[index])
+    np.testing.assert_array_equal(streamed.test_x[2:6], memory.test_x[2:6])
+    np.testing.assert_array_equal(streamed.test_x[-1], memory.test_x[-1])
+    for a, b in zip(
+        qdata.batches(memory.train_x, memory.train_y, 8, seed=3, epoch=1),
+        qdata.batches(streamed.train_x, streamed.train_y, 8, seed=3, epoch=1),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    with pytest.raises(TypeError, match="not loaded into memory; index it"):
+        np.asarray(streamed.train_x)
+    with pytest.raises(IndexError, match="out of range"):
+        streamed.train_x[np.array([N_TRAIN])]
+    with pytest.raises(ValueError, match="stream='yes' is not allowed"):
+        qdata.load("tfds:qflax_tiny_tensors", stream="yes", **kwargs)
+
+
+def test_training_on_a_streamed_split_equals_training_on_the_loaded_one(tfds_dirs, tmp_path):
+    from qflax.train import default_config, train_and_evaluate
+
+    def config(stream):
+        c = default_config()
+        c.dataset = "tfds:qflax_tiny_tensors"
+        c.dataset_kwargs.data_dir = str(tfds_dirs["qflax_tiny_tensors"])
+        c.dataset_kwargs.test_split = "test"
+        if stream:
+            c.dataset_kwargs.stream = True
+        c.model, c.model_kwargs.hidden = "mlp", (16,)
+        c.batch_size, c.eval_batch_size, c.epochs = 8, 4, 2
+        c.progress_bar = False
+        return c
+
+    memory, summary = train_and_evaluate(config(False), tmp_path / "memory")
+    streamed, summary_streamed = train_and_evaluate(config(True), tmp_path / "streamed")
+    for a, b in zip(jax.tree.leaves(memory.params), jax.tree.leaves(streamed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert summary_streamed["test_loss"] == summary["test_loss"]
+
+
+def test_fit_image_resizes_the_shorter_side_and_crops_the_centre():
+    from qflax.data._tfds import CROP, fit_image
+
+    image = np.zeros((40, 80, 3), np.uint8)
+    image[:, 30:50] = 255  # a bright band around the centre column
+    out = fit_image(image, 14)
+    assert out.shape == (14, 14, 3) and out.dtype == np.uint8
+    assert out[:, 7].min() == 255 and out[:, 0].max() == 0  # the centre, not the left edge
+    gray = fit_image(np.full((9, 5, 1), 7, np.uint8), 4)
+    assert gray.shape == (4, 4, 1) and (gray == 7).all()
+    assert round(14 / CROP) == 16  # shorter side before the crop
+
+
+def test_tfds_image_size_resizes_every_image(tfds_dirs):
+    from qflax.data._tfds import fit_image
+
+    kwargs = dict(data_dir=tfds_dirs["qflax_tiny_tensors"], test_split="test")
+    memory = qdata.load("tfds:qflax_tiny_tensors", **kwargs)
+    small = qdata.load("tfds:qflax_tiny_tensors", image_size=4, **kwargs)
+    streamed = qdata.load("tfds:qflax_tiny_tensors", image_size=4, stream=True, **kwargs)
+    assert small.input_shape == streamed.input_shape == (4, 4, 1)
+    raw = np.round(memory.train_x[3] * 255).astype(np.uint8)
+    np.testing.assert_allclose(small.train_x[3], fit_image(raw, 4) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(streamed.train_x[np.array([3])][0], small.train_x[3])
+    with pytest.raises(ValueError, match="image_size=-1 is not allowed"):
+        qdata.load("tfds:qflax_tiny_tensors", image_size=-1, **kwargs)
 
 
 def test_tfds_unknown_name(tmp_path):

@@ -365,3 +365,14 @@ def test_augment_shift_must_leave_part_of_the_image(tmp_path):
     with pytest.raises(ValueError, match=r"augment_shift=8 .* 8x8 images .* allowed: 0\.\.7"):
         train_and_evaluate(tiny_config("mlp", augment_shift=8), tmp_path / "run")
     assert not (tmp_path / "run" / "config.json").exists()  # refused before any file is written
+
+
+def test_random_shift_of_a_part_is_that_part_of_the_whole_batch_shifted():
+    """Each process shifts its rows of a global batch as one process shifts the whole."""
+    from qflax.train._loop import random_shift
+
+    images = np.random.default_rng(0).random((8, 6, 6, 1), dtype=np.float32)
+    whole = random_shift(images, 2, np.random.default_rng(5))
+    for i in range(4):
+        part = random_shift(images[2 * i : 2 * i + 2], 2, np.random.default_rng(5), part=(i, 4))
+        np.testing.assert_array_equal(part, whole[2 * i : 2 * i + 2])
