@@ -8,6 +8,11 @@ a GPU or TPU: a step takes ~0.8 s on 2 CPU cores (390 steps per epoch).
 
     qflax train --config experiments/cifar10/fp.py --workdir runs/cifar10-fp
 
+``variant="cpu8"``: 2 epochs at batch 128 on the stand-in JPEG set resized to 32 px
+(``python -m experiments._fake_tfds DATA_DIR``, then ``--config.dataset_kwargs.data_dir=DATA_DIR``)
+on every device (``mesh.data=-1``; 8 forced CPU devices), to check that the config starts,
+shards, checkpoints and resumes where CIFAR-10 and an accelerator are absent.
+
 Expected: test accuracy ~92% (the GDNSQ code's float ResNet-20: 92.82%, METHODS.md 3). Not run
 here (no accelerator for this project's CI machine).
 """
@@ -30,10 +35,17 @@ def get_config(variant: str | None = None):
     config.optimizer.schedule = "cosine"
     config.log_every_steps = 100
     config.checkpoint.every_epochs = 10
-    if variant == "smoke":
+    if variant == "cpu8":  # reduced, on the stand-in set of experiments/imagenet/resnet18.py
+        config.dataset = "tfds:qflax_fake_images"
+        config.dataset_kwargs.image_size = 32
+        config.mesh.data = -1
+        config.epochs = 2
+        config.checkpoint.every_epochs = 1
+        config.log_every_steps = 8
+    elif variant == "smoke":
         config.dataset = "digits"
         config.epochs = 1
         config.augment_shift = 1
     elif variant is not None:
-        raise ValueError(f"variant={variant!r} is not known; allowed: 'smoke' or none")
+        raise ValueError(f"variant={variant!r} is not known; allowed: 'cpu8', 'smoke' or none")
     return config

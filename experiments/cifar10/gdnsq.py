@@ -22,9 +22,10 @@ from experiments.cifar10 import fp
 
 
 def get_config(variant: str | None = None):
-    """GDNSQ at ``target_bits`` (default 4); ``"smoke"``: digits, 1 epoch, teacher trained."""
+    """GDNSQ at ``target_bits`` (default 4); ``"smoke"``: digits, 1 epoch, teacher trained;
+    ``"cpu8"``: fp.py's reduced run, 2 epochs."""
     config = fp.get_config(variant)
-    config.epochs = 100 if variant != "smoke" else 1
+    config.epochs = {"smoke": 1, "cpu8": 2}.get(variant, 100)
     config.optimizer.name = "adam"
     config.optimizer.learning_rate = 1e-4
     config.optimizer.weight_decay = 0.0
