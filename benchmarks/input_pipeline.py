@@ -9,14 +9,15 @@ shuffled per epoch, randomly shifted by up to 4 pixels as ``augment_shift=4`` do
 * ``grain, N workers``: an ``array_record`` TFDS data set streamed through
   ``qflax.data.tfds_source`` and grain (``shuffle → random_map(shift, to float) → batch``), in
   this process (0 workers) or in N worker processes (``mp_prefetch``). The data set is prepared
-  here into a temporary directory (``--examples`` random uint8 images, TFDS ``Tensor`` features:
-  no TensorFlow, no network), so the disk reads are real.
+  here into a temporary directory (``--examples`` 32×32 JPEG images from
+  ``experiments/_fake_tfds.py``: no TensorFlow, no network), so the disk reads and the image
+  decoding (TFDS stores CIFAR as PNG) are real.
 
 Consumer: the float ResNet-20 train step (SGD, batch ``--batch``) built by ``build_trainer`` on
 this machine's default device, in examples per second. Every number comes from this one run.
 
-    python benchmarks/input_pipeline.py                 # 20,000 examples, 1 and 2 workers
-    python benchmarks/input_pipeline.py --workers 0 1 2 4 --examples 50000
+    python -m benchmarks.input_pipeline                 # 20,000 examples, 0 to 2 workers
+    python -m benchmarks.input_pipeline --workers 0 1 2 4 --examples 50000
 
 Goal: every source ≥ 1× the step's rate (the pipeline is not the bottleneck).
 """
@@ -30,40 +31,10 @@ import time
 
 import numpy as np
 
+from experiments import _fake_tfds
+
 SHAPE = (32, 32, 3)
 SHIFT = 4
-
-
-def prepare(directory: str, examples: int, seed: int = 0) -> None:
-    """Writes ``examples`` random CIFAR-shaped images (train split) as an array_record TFDS
-    data set ``qflax_bench_images`` under ``directory``."""
-    import tensorflow_datasets as tfds
-
-    class QflaxBenchImages(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(
-                builder=self,
-                features=tfds.features.FeaturesDict(
-                    {
-                        "image": tfds.features.Tensor(shape=SHAPE, dtype=np.uint8),
-                        "label": tfds.features.ClassLabel(num_classes=10),
-                    }
-                ),
-                supervised_keys=("image", "label"),
-            )
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples(examples)}
-
-        def _generate_examples(self, n):
-            rng = np.random.default_rng(seed)
-            for i in range(n):
-                image = rng.integers(0, 256, SHAPE, dtype=np.uint8)
-                yield i, {"image": image, "label": int(i % 10)}
-
-    QflaxBenchImages(data_dir=directory, file_format="array_record").download_and_prepare()
 
 
 def _shift(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -83,7 +54,7 @@ def grain_batches(directory: str, batch: int, workers: int, seed: int = 0):
 
     from qflax.data import tfds_source
 
-    source = tfds_source("qflax_bench_images", split="train", data_dir=directory)
+    source = tfds_source(_fake_tfds.NAME, split="train", data_dir=directory)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.random_map(_preprocess, seed=seed).batch(batch, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=64))
@@ -164,7 +135,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"ResNet-20 float train step, batch {args.batch}: {consumer:.0f} examples/s")
     with tempfile.TemporaryDirectory() as directory:
         start = time.perf_counter()
-        prepare(directory, args.examples)
+        _fake_tfds.prepare(directory, train=args.examples, test=args.batch, sizes=(32, 32))
         print(f"prepared {args.examples} examples in {time.perf_counter() - start:.1f} s")
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (args.examples, *SHAPE), dtype=np.uint8)
