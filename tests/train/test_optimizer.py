@@ -43,6 +43,17 @@ def one_update(config, grads_fn):
     return params, updates
 
 
+def plain_sgd(learning_rate: float):
+    """A default config with SGD without momentum at a constant ``learning_rate``: one update
+    is ``-learning_rate`` times the gradient (plus what is tested)."""
+    config = default_config()
+    config.optimizer.name = "sgd"
+    config.optimizer.momentum = 0.0
+    config.optimizer.schedule = "constant"
+    config.optimizer.learning_rate = learning_rate
+    return config
+
+
 def test_labels_tell_quant_params_apart():
     params = nnx.state(quantized_mlp(), nnx.Param)
     labels = jax.tree.leaves(param_labels(params))
@@ -52,11 +63,7 @@ def test_labels_tell_quant_params_apart():
 
 
 def test_quant_params_have_their_own_learning_rate():
-    config = default_config()
-    config.optimizer.name = "sgd"
-    config.optimizer.momentum = 0.0
-    config.optimizer.schedule = "constant"
-    config.optimizer.learning_rate = 0.1
+    config = plain_sgd(0.1)
     config.quant.learning_rate = 0.003
     _, updates = one_update(config, jnp.ones_like)
     weights, quant = split(updates)
@@ -83,11 +90,7 @@ def test_weight_decay_skips_quant_params(name):
 
 
 def test_sgd_weight_decay_is_l2_times_learning_rate():
-    config = default_config()
-    config.optimizer.name = "sgd"
-    config.optimizer.momentum = 0.0
-    config.optimizer.schedule = "constant"
-    config.optimizer.learning_rate = 0.1
+    config = plain_sgd(0.1)
     config.optimizer.weight_decay = 0.01
     params, updates = one_update(config, jnp.zeros_like)
     for u, p in zip(*(split(updates)[0], split(params)[0]), strict=True):
@@ -154,11 +157,7 @@ def test_warm_up_as_long_as_the_run_is_linear():
 
 
 def test_relative_steps_scale_only_the_tagged_steps_by_their_size():
-    config = default_config()
-    config.optimizer.name = "sgd"
-    config.optimizer.momentum = 0.0
-    config.optimizer.schedule = "constant"
-    config.optimizer.learning_rate = 0.1
+    config = plain_sgd(0.1)
     config.quant.learning_rate = 0.003
     config.quant.max_update = 0.0
     config.quant.relative_steps = True
