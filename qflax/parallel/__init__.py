@@ -23,6 +23,7 @@ device: results do not depend on the device count beyond float summation order.
 from qflax.parallel._distributed import (
     addressable,
     check_distributed,
+    check_spans_processes,
     initialize,
     is_main,
     process_shard,
@@ -43,6 +44,7 @@ __all__ = [
     "MESH_AXES",
     "addressable",
     "check_distributed",
+    "check_spans_processes",
     "initialize",
     "is_main",
     "process_shard",

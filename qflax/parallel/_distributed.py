@@ -95,6 +95,22 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
+def check_spans_processes(mesh: Mapping[str, Any]) -> None:
+    """With several processes, the mesh ``config.mesh`` must use every device (each process
+    puts its part of every batch on its own devices); raises ValueError naming the sizes."""
+    if jax.process_count() == 1:
+        return
+    from qflax.parallel._mesh import mesh_shape
+
+    used = int(np.prod(list(mesh_shape(mesh, jax.device_count()).values())))
+    if used != jax.device_count():
+        raise ValueError(
+            f"mesh={dict(mesh)} uses {used} of the {jax.device_count()} devices of "
+            f"{jax.process_count()} processes; allowed: a mesh over every device (e.g. "
+            "mesh.data=-1), so each process holds its part of every batch"
+        )
+
+
 def process_shard() -> tuple[int, int]:
     """``(process index, process count)``: which part of every global batch this process reads
     and puts on its devices (``qflax.data.batches(shard=...)``)."""

@@ -542,6 +542,7 @@ def train_and_evaluate(
     start_time = time.perf_counter()
     runs.ensure_valid(config)
     parallel.initialize(config.distributed)  # several processes: before any device is used
+    parallel.check_spans_processes(config.mesh)  # before anything is written
     workdir = runs.check_output_dir(workdir)
     runs.check_run_dir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -123,15 +123,9 @@ def build_trainer(
         model, tx, seed=config.seed, teacher=teacher
     )
     penalty = _penalty_settings(config, model, steps_per_epoch)
+    parallel.check_spans_processes(config.mesh)
     mesh = parallel.make_mesh(config.mesh)
     shardings = state_sharding = None
-    used = 1 if mesh is None else mesh.devices.size
-    if jax.process_count() > 1 and used != jax.device_count():
-        raise ValueError(
-            f"mesh={dict(config.mesh)} uses {used} of the {jax.device_count()} devices of "
-            f"{jax.process_count()} processes; allowed: a mesh over every device (e.g. "
-            "mesh.data=-1), so each process holds its part of every batch"
-        )
     if mesh is not None:
         pieces = parallel.shard_count(mesh)
         if config.batch_size % pieces:

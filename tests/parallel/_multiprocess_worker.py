@@ -19,6 +19,23 @@ def main(out: pathlib.Path, process: int, port: int, recipes: list[str]) -> None
     from qflax.train import train_and_evaluate
     from tests.train.test_loop import tiny_config
 
+    # A mesh over only some of the processes' devices is refused before anything is written.
+    partial = tiny_config(
+        "cnn",
+        mesh__data=2,
+        distributed__enabled=True,
+        distributed__coordinator_address=f"127.0.0.1:{port}",
+        distributed__num_processes=2,
+        distributed__process_id=process,
+    )
+    try:
+        train_and_evaluate(partial, out / "partial")
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    (out / f"refused-p{process}.json").write_text(
+        json.dumps({"error": refused, "written": (out / "partial").exists()})
+    )
     for recipe in recipes:
         config = tiny_config(
             "cnn",

@@ -157,3 +157,11 @@ def test_two_processes_train_as_one(runs, two_processes):
         )
     summary = json.loads((out / recipe / "summary.json").read_text())
     assert summary == json.loads((out / f"{recipe}-p0.json").read_text())["summary"]
+
+
+def test_two_processes_refuse_a_mesh_over_part_of_their_devices(two_processes):
+    for p in (0, 1):
+        found = json.loads((two_processes / f"refused-p{p}.json").read_text())
+        expected = "uses 2 of the 4 devices of 2 processes; allowed: a mesh over every"
+        assert expected in found["error"]
+        assert not found["written"]
