@@ -77,6 +77,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config_file(args.config)
     config = apply_overrides(config, args.overrides)
+    if args.tensorboard is not None:
+        config.tensorboard = args.tensorboard == "true"
     validate_config(config)  # train_and_evaluate does not check it again
     _, summary = train_and_evaluate(config, args.workdir)
     text = _headline(summary)
@@ -237,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", required=True, help="config file defining get_config(); PATH:ARG passes ARG"
     )
     train.add_argument("--workdir", required=True, help="directory of the run")
+    train.add_argument(
+        "--tensorboard",
+        choices=("true", "false"),
+        default=None,
+        help="write TensorBoard event files in WORKDIR/tensorboard (config.tensorboard; "
+        "default true)",
+    )
     train.set_defaults(func=_train)
 
     evaluate = sub.add_parser(

@@ -20,6 +20,7 @@ with no training code (``qflax.train`` and ``qflax.export`` both build on this p
   :func:`has_checkpoint`, :func:`save_items`, :func:`restore_items`,
   :func:`restore_model_state`, :func:`tree_digest` (the checksum each restore checks),
   :class:`CheckpointError`).
+* TensorBoard event files without TensorFlow: :class:`EventWriter`, :func:`read_scalars`.
 """
 
 from qflax.runs._build import (
@@ -45,6 +46,7 @@ from qflax.runs._checkpoint import (
     save_items,
     tree_digest,
 )
+from qflax.runs._events import EventWriter, read_scalars
 from qflax.runs._files import extension_files, load_config_file
 from qflax.runs._guard import (
     LOCK_FILE,
@@ -85,6 +87,8 @@ from qflax.runs._workdir import (
 )
 
 __all__ = [
+    "EventWriter",
+    "read_scalars",
     "extension_files",
     "import_extension",
     "import_extensions",

@@ -58,6 +58,7 @@ RESUMABLE_KEYS = (
     "checkpoint.every_epochs",
     "checkpoint.max_to_keep",
     "penalty.patience",
+    "tensorboard",
     "profile.start_step",
     "profile.num_steps",
     # The device mesh: a run resumes on another device count (the checkpoint is restored onto
@@ -117,6 +118,9 @@ def default_config() -> ml_collections.ConfigDict:
       every weight layer's product takes its operands in that dtype and accumulates in float32;
       parameters, optimizer state, quantizers (scales, rounding, gradients) and the activations
       between the products stay float32 (:func:`qflax.layers.set_compute_dtype`).
+    - ``tensorboard``: also write every logged metric (steps and epochs; per-layer bits) and
+      histograms of the quantizer parameters as TensorBoard event files in
+      ``workdir/tensorboard`` (without TensorFlow: :mod:`qflax.runs._events`); default True.
     - ``profile.{start_step, num_steps}``: with ``num_steps > 0``, a ``jax.profiler`` trace
       of the train steps ``start_step + 1 .. start_step + num_steps`` (after compilation when
       ``start_step`` > 0) in ``workdir/profile`` (TensorBoard's profile plugin or Perfetto read
@@ -205,6 +209,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.anneal = ml_collections.ConfigDict(dict(mu_end=0.0))
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, model=1))
     config.compute_dtype = "float32"
+    config.tensorboard = True
     config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0))
     config.distributed = ml_collections.ConfigDict(
         dict(enabled=False, coordinator_address="", num_processes=0, process_id=-1)

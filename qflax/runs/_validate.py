@@ -309,6 +309,8 @@ def _check_config(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"compute_dtype={config.compute_dtype!r} is not allowed; allowed: {COMPUTE_DTYPES}"
         )
+    if not isinstance(config.tensorboard, bool):
+        raise ValueError(f"tensorboard={config.tensorboard!r}; allowed: True, False")
     _check_int(config.profile.start_step, "profile.start_step", 0)
     _check_int(config.profile.num_steps, "profile.num_steps", 0)
     from qflax.parallel import check_distributed, check_mesh

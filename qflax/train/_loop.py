@@ -34,6 +34,7 @@ from qflax.runs import (
     load_model,
     quantize_for_config,
 )
+from qflax.runs._events import EventWriter
 from qflax.train import _checkpoint, _summary
 from qflax.train._optimizer import learning_rate_schedules
 from qflax.train._steps import TrainState, make_eval_step, split_model
@@ -308,8 +309,10 @@ class _Logger:
         schedule,
         last_saved: int | None,
         metric: str = "accuracy",
+        events=None,
     ):
         self.path = path  # None: another process writes metrics.jsonl
+        self.events = events  # a TensorBoard EventWriter, or None
         self.metric = metric  # the task's score ("accuracy", "psnr")
         self.last_saved = last_saved  # the step of the latest checkpoint, None before one
         self.every = every
@@ -342,7 +345,9 @@ class _Logger:
                 self.latest = row
                 if step % self.every == 0:
                     if f is not None:
-                        f.write(json.dumps(self._record(step, epoch, self.window)) + "\n")
+                        record = self._record(step, epoch, self.window)
+                        f.write(json.dumps(record) + "\n")
+                        _write_events(self.events, record)
                     self.window = []
 
     def _record(self, step: int, epoch: int, rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -363,6 +368,33 @@ class _Logger:
 
 
 PROFILE_DIR = "profile"
+EVENTS_DIR = "tensorboard"
+
+
+def _write_events(events, record: dict[str, Any], model: nnx.Module | None = None) -> None:
+    """A metrics.jsonl record as TensorBoard scalars (``train/…``, ``test/…`` and, per layer,
+    ``bits/<layer>/{weight,act}``), and histograms of ``model``'s quantizer parameters."""
+    if events is None:
+        return
+    step, kind = int(record["step"]), record["kind"]
+    scalars = {}
+    for key, value in record.items():
+        if key in ("kind", "step", "epoch") or not isinstance(value, (int, float)):
+            continue
+        group, _, name = key.partition("_")
+        if group in ("train", "test", "blended") and name:
+            scalars[f"{kind}/{group}/{name}"] = value
+        else:
+            scalars[f"{kind}/{key}"] = value
+    for layer, bits in (record.get("layer_bits") or {}).items():
+        scalars[f"bits/{layer}/weight"], scalars[f"bits/{layer}/act"] = bits
+    events.scalars(step, scalars)
+    if model is not None:
+        from qflax import layers as ql
+
+        for path, value in nnx.to_flat_state(nnx.state(model, ql.QuantParam)):
+            events.histogram(step, "quant/" + "/".join(map(str, path)), np.asarray(value[...]))
+    events.flush()
 
 
 class _Profile:
@@ -651,7 +683,10 @@ def _train_and_evaluate(
         records = []
 
     schedule, _ = learning_rate_schedules(config, steps_per_epoch)
-    log = _Logger(metrics_path if main else None, config.log_every_steps, schedule, latest, metric)
+    events = EventWriter(workdir / EVENTS_DIR) if main and config.tensorboard else None
+    log = _Logger(
+        metrics_path if main else None, config.log_every_steps, schedule, latest, metric, events
+    )
     total_steps = config.epochs * steps_per_epoch
     step = int(jax.device_get(state.step))
 
@@ -763,6 +798,7 @@ def _train_and_evaluate(
             if main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(_json_ready(record)) + "\n")
+                _write_events(events, _json_ready(record), current if report else None)
             records.append(record)
             bar.set_postfix(_postfix(log.latest, test, metric))
             if (epoch + 1) % config.checkpoint.every_epochs == 0 or last_epoch or stop:
@@ -772,6 +808,8 @@ def _train_and_evaluate(
                 logger.info("early stop at epoch %d", stopped_epoch)
                 break
     finally:
+        if events is not None:
+            events.close()
         profile.stop()
         bar.close()
         manager.close()
