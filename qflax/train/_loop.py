@@ -34,7 +34,6 @@ from qflax.runs import (
     load_model,
     quantize_for_config,
 )
-from qflax.runs._events import EventWriter
 from qflax.train import _checkpoint, _summary
 from qflax.train._optimizer import learning_rate_schedules
 from qflax.train._steps import TrainState, make_eval_step, split_model
@@ -683,7 +682,7 @@ def _train_and_evaluate(
         records = []
 
     schedule, _ = learning_rate_schedules(config, steps_per_epoch)
-    events = EventWriter(workdir / EVENTS_DIR) if main and config.tensorboard else None
+    events = runs.EventWriter(workdir / EVENTS_DIR) if main and config.tensorboard else None
     log = _Logger(
         metrics_path if main else None, config.log_every_steps, schedule, latest, metric, events
     )
