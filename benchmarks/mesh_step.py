@@ -12,8 +12,8 @@ On a CPU the 8 "devices" share its cores, so the ratio measures the cost of part
 collectives and the per-device launch overhead), not a speed-up; on 8 real accelerators the same
 command measures the scaling.
 
-    python benchmarks/mesh_step.py                 # 5 rounds
-    python benchmarks/mesh_step.py --rounds 9 --model resnet20
+    python -m benchmarks.mesh_step                 # 5 rounds
+    python -m benchmarks.mesh_step --rounds 9 --model resnet20
 
 Goal: none on a CPU (reported); on accelerators, data parallel ≥ 0.8 × linear speed-up.
 """
