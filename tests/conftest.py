@@ -1,8 +1,17 @@
-"""Test-wide settings: strict dtype promotion, float32 on CPU, and hypothesis profiles."""
+"""Test-wide settings: strict dtype promotion, float32 on CPU, XLA's LLVM back end at -O0, and
+hypothesis profiles."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling dominates this suite (every test jits its own small programs, which then run for
+# milliseconds). LLVM code generation at -O0 compiles ~30% faster; XLA's HLO passes (fusion,
+# algebraic simplification: what decides the numerics) still run as in production.
+# QFLAX_TEST_XLA_OPT=1 runs the suite with the default back end (all tests pass either way).
+if os.environ.get("QFLAX_TEST_XLA_OPT") != "1":
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()
 
 import jax  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -21,11 +21,13 @@ RECIPES = {
 MESHES = {"one": (1, 1), "data8": (8, 1), "fsdp8": (1, 8), "data2_fsdp4": (2, 4)}
 
 
-def main(out: pathlib.Path, recipes: list[str], meshes: list[str]) -> None:
+def main(out: pathlib.Path, runs: list[str]) -> None:
+    """``runs``: ``recipe=mesh+mesh...`` items (each recipe on those meshes) and ``resume``."""
     assert jax.device_count() == 8, jax.devices()
     result = {}
-    for recipe in (r for r in recipes if r != "resume"):
-        for mesh in meshes:
+    for item in (r for r in runs if r != "resume"):
+        recipe, meshes = item.split("=")
+        for mesh in meshes.split("+"):
             data, fsdp = MESHES[mesh]
             config = tiny_config(
                 "cnn", log_every_steps=1, mesh__data=data, mesh__fsdp=fsdp, **RECIPES[recipe]
@@ -43,7 +45,7 @@ def main(out: pathlib.Path, recipes: list[str], meshes: list[str]) -> None:
                 "test_accuracy": summary["test_accuracy"],
                 "specs": shardings,
             }
-    if "resume" in recipes:
+    if "resume" in runs:
         # 8 → 1: one epoch sharded FSDP over 8 devices, then the same workdir resumed for a
         # second epoch on one device (mesh.* may change on resume), against 2 epochs on one;
         # 1 → 4: one epoch on one device, the second FSDP over 4.
@@ -68,4 +70,4 @@ def main(out: pathlib.Path, recipes: list[str], meshes: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(pathlib.Path(sys.argv[1]), sys.argv[2].split(","), sys.argv[3].split(","))
+    main(pathlib.Path(sys.argv[1]), sys.argv[2].split(","))

@@ -1,9 +1,11 @@
 """Sharded training on 8 forced CPU devices (a subprocess: the device count is fixed when JAX
-starts) against one device: the same loss curve and final parameters for a float, a fixed-bit
-(LSQ W4A4), a learned-bit-width (GDNSQ, the penalty) and a binary-pair (BNN) model, on 1 device,
-8-way data parallel and 8-way FSDP.
+starts) against one device: the same loss curve and final parameters for a learned-bit-width
+model (GDNSQ: float stem and head, learned scales and bits, the penalty) on 1 device, 8-way data
+parallel and 8-way FSDP, and for a fixed-bit (LSQ W4A4) and a binary-pair (BNN) model on 1 device
+and 8-way FSDP (the data-parallel path is the GDNSQ one; a float model ran on both meshes until
+2026-12-06 and matched like GDNSQ — dropped for the suite's time budget).
 
-Tolerance: the float and GDNSQ runs agree to 1e-5 at every step (only the summation order of
+Tolerance: the GDNSQ runs agree to 1e-5 at every step (only the summation order of
 the sharded reductions differs). Models whose forward rounds or takes a sign agree to 1e-5 until
 a last-ulp difference moves a value across a rounding threshold (here from step 3 on, a code
 flips); from then the runs are different draws of the same training: every loss within 0.05 and
@@ -19,24 +21,29 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-MESHES = ("one", "data8", "fsdp8")
+RUNS = {"gdnsq": ("one", "data8", "fsdp8"), "lsq_w4a4": ("one", "fsdp8"), "bnn": ("one", "fsdp8")}
+
+
+def forced_devices_env(count: int, *, optimized: bool = True) -> dict[str, str]:
+    """This environment with ``count`` forced CPU devices. ``optimized``: without the suite's
+    ``--xla_backend_optimization_level=0`` (tests/conftest.py), i.e. the code users run: at -O0
+    LLVM emits reductions in another order, so a sharded and a one-device program part at the
+    last ulp after a few steps (seen: GDNSQ 6e-5 at step 14; an LSQ code flip at step 1)."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if optimized:
+        flags = [f for f in flags if not f.startswith("--xla_backend_optimization_level")]
+    flags.append(f"--xla_force_host_platform_device_count={count}")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("mesh")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    runs = [f"{recipe}={'+'.join(meshes)}" for recipe, meshes in RUNS.items()] + ["resume"]
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.parallel._equivalence_worker",
-            str(out),
-            "float,lsq_w4a4,gdnsq,bnn,resume",
-            ",".join(MESHES),
-        ],
+        [sys.executable, "-m", "tests.parallel._equivalence_worker", str(out), ",".join(runs)],
         cwd=REPO,
-        env=env,
+        env=forced_devices_env(8),
         capture_output=True,
         text=True,
         timeout=1200,
@@ -51,11 +58,11 @@ def _diff(params, a, b):
     return max(float(np.max(np.abs(params[a][f] - params[b][f]))) for f in params[a].files)
 
 
-@pytest.mark.parametrize("recipe", ["float", "gdnsq"])
-def test_smooth_training_matches_one_device_step_for_step(runs, recipe):
+def test_smooth_training_matches_one_device_step_for_step(runs):
+    recipe = "gdnsq"
     result, params = runs
     one = np.asarray(result[f"{recipe}-one"]["losses"])
-    for mesh in MESHES[1:]:
+    for mesh in RUNS[recipe][1:]:
         name = f"{recipe}-{mesh}"
         np.testing.assert_allclose(result[name]["losses"], one, atol=1e-5, err_msg=name)
         assert _diff(params, name, f"{recipe}-one") < 1e-5, name
@@ -65,7 +72,7 @@ def test_smooth_training_matches_one_device_step_for_step(runs, recipe):
 def test_rounding_training_matches_one_device_until_a_code_flips(runs, recipe):
     result, params = runs
     one = np.asarray(result[f"{recipe}-one"]["losses"])
-    for mesh in MESHES[1:]:
+    for mesh in RUNS[recipe][1:]:
         name = f"{recipe}-{mesh}"
         losses = np.asarray(result[name]["losses"])
         np.testing.assert_allclose(losses[:2], one[:2], atol=1e-5, err_msg=name)
@@ -75,9 +82,9 @@ def test_rounding_training_matches_one_device_until_a_code_flips(runs, recipe):
 
 def test_the_state_is_sharded_as_configured(runs):
     result, _ = runs
-    for recipe in ("float", "lsq_w4a4", "gdnsq", "bnn"):
+    assert result["gdnsq-data8"]["specs"] == ["P()"]  # data parallel: replicated
+    for recipe in RUNS:
         assert result[f"{recipe}-one"]["specs"] == ["one device"]
-        assert result[f"{recipe}-data8"]["specs"] == ["P()"]  # data parallel: replicated
         fsdp = result[f"{recipe}-fsdp8"]["specs"]
         assert "P(None, None, None, 'fsdp')" in fsdp  # conv kernels on their output channels
         assert "P('fsdp',)" in fsdp  # per-channel vectors (biases, BatchNorm, scales)
@@ -106,12 +113,12 @@ def two_processes(tmp_path_factory):
     """Two processes on the loopback interface (gloo), 2 CPU devices each, one mesh over the
     4 devices of both (data=2 × fsdp=2), training into the same workdirs."""
     out = tmp_path_factory.mktemp("two")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = forced_devices_env(2)
     port = str(_free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "tests.parallel._multiprocess_worker", str(out), str(p), port]
-            + ["gdnsq"],  # float runs: the 8-device tests (this fixture is the suite's costliest)
+            + ["gdnsq"],  # one recipe: this fixture is among the suite's costliest
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,

@@ -2,7 +2,6 @@
 with the same command, ends at the parameters of an uninterrupted run (here on one device, in
 this process: the float equivalence tolerance, 1e-5)."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import numpy as np
 
 from qflax.runs import load_config_file
 from qflax.train import train_and_evaluate
-from tests.parallel.test_equivalence import REPO
+from tests.parallel.test_equivalence import REPO, forced_devices_env
 from tests.train.test_recovery import CONFIG, STEPS_PER_EPOCH, latest_step, model_leaves
 
 MESH = "\n    config.mesh.fsdp = 8\n    config.epochs = 3\n    return config\n"
@@ -23,7 +22,7 @@ def test_a_sharded_run_killed_inside_an_epoch_resumes_to_the_uninterrupted_param
     config_path.write_text(CONFIG.replace("\n    return config\n", MESH))
     command = [sys.executable, "-m", "qflax.cli", "train", "--config", str(config_path)]
     command += ["--workdir", str(tmp_path / "killed")]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = forced_devices_env(8, optimized=False)  # like the in-process run it is compared to
     env["PYTHONPATH"] = str(REPO)
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
