@@ -18,8 +18,8 @@ Variants (each from its teacher, 10 epochs):
         --config.teacher.mode=checkpoint --config.teacher.path=runs/fashion_mnist/fp-s0 \\
         --workdir runs/fashion_mnist/fp-ft-kd-s0
 
-Expected: within ~0.3 points of the teacher (fine-tuning a converged model). Measured:
-experiments/fashion_mnist/README.md.
+Expected: within ~0.3 points of the teacher (fine-tuning a converged model). Measured (3
+seeds, 2026-12-06): +0.02 to +0.21 (CNN), 0.00 (ViT); experiments/fashion_mnist/README.md.
 """
 
 from experiments.fashion_mnist import _base, dbssq
