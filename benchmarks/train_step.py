@@ -9,7 +9,9 @@ BatchNorm statistics and the optimizer update included. Every quantized variant 
 calibrated on the benchmark batch, as the loop calibrates on the first training batch.
 
 Variants: ``float``; ``W8A8`` (``recipes.absmax(8, 8)``: scales recomputed from each tensor);
-``W4A4`` (``recipes.learned_step(4, 4)``: learned scales); ``GDNSQ`` (``recipes.gdnsq(4, 4)``,
+``W4A4`` (``recipes.learned_step(4, 4)``: learned scales); ``W8A8 int8`` and ``W4A4 int8``
+(the same with ``forward_dtype="int8"``: the dense and einsum layers' forward products on int8
+codes, int32 accumulation); ``GDNSQ`` (``recipes.gdnsq(4, 4)``,
 learned bit-widths, with the exterior-point penalty in the loss; no teacher: distillation would
 add a float forward pass of its own); ``BNN++`` (``recipes.binary(pair="bnn++", mu=5.0)``);
 fully quantized training (METHODS.md §7, ``experiments/fqt_rows.py``): ``FQT PSQ8`` and
@@ -19,7 +21,8 @@ draws per layer; the rounding noise a counter hash, the default), the same two w
 forward, bit-split gradients with leverage-score sampling).
 Models: the small CNN (28×28×1), ResNet-20 (32×32×3), and the character transformer at its
 default size (d128, depth 4, 4 heads, 128 tokens, vocabulary 96; its attention's score and value
-einsums are activation×activation products, which the layer rules leave in float).
+einsums are activation×activation products, which the layer rules leave in float), and a
+matmul-bound MLP (28×28 images flattened, four hidden layers of 1,024).
 
 Timing: after compilation and one warm-up step per variant, every round runs every variant of a
 model once, round-robin, the order rotating between rounds, so a change in the machine's load
@@ -32,7 +35,7 @@ call's cost less one step). Memory is XLA's own account of the compiled step
 arguments and outputs (activations kept for the backward pass, gradients, fusion temporaries),
 ``args MiB`` the donated state plus the batch; not the process RSS.
 
-    python benchmarks/train_step.py                          # 3 models, 5 variants, 5 rounds
+    python benchmarks/train_step.py                          # every model and variant, 5 rounds
     python benchmarks/train_step.py --models cnn --rounds 9
     python benchmarks/train_step.py --quick                  # 3 rounds instead of 5
 
@@ -103,12 +106,27 @@ MODELS: dict[str, ModelSpec] = {
     "cnn": ModelSpec("cnn", (28, 28, 1), 10),
     "resnet20": ModelSpec("resnet20", (32, 32, 3), 10),
     "char_transformer": ModelSpec("char_transformer", (128,), 96),
+    # Matmul-bound: four 1024-wide layers on flattened 28×28 images (the three 1024×1024
+    # blocks are quantized; stem and head stay float).
+    "mlp": ModelSpec("mlp", (28, 28, 1), 10, {"hidden": (1024, 1024, 1024, 1024)}),
 }
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("float", None, None),
     Variant("W8A8", lambda: ql.recipes.absmax(8, 8), FIXED_BIT_GOAL),
     Variant("W4A4", lambda: ql.recipes.learned_step(4, 4), FIXED_BIT_GOAL),
+    # The same two with the forward products on int8 codes (Recipe.forward_dtype="int8"; dense
+    # and einsum layers, convolutions stay float32).
+    Variant(
+        "W8A8 int8",
+        lambda: ql.recipes.build("absmax", weight_bits=8, act_bits=8, forward_dtype="int8"),
+        FIXED_BIT_GOAL,
+    ),
+    Variant(
+        "W4A4 int8",
+        lambda: ql.recipes.build("learned_step", weight_bits=4, act_bits=4, forward_dtype="int8"),
+        FIXED_BIT_GOAL,
+    ),
     # experiments/mnist5k/gdnsq.py's settings (ste backward, start at 8 bits, constant rates).
     Variant(
         "GDNSQ",

@@ -27,6 +27,7 @@ from qflax.layers._layers import (
 )
 from qflax.layers._recipes import (
     GRAD_KEYWORDS,
+    RECIPE_KEYWORDS,
     RECIPES,
     Recipe,
     TensorQuant,
@@ -50,6 +51,7 @@ __all__ = [
     "COMPUTE_DTYPES",
     "AuxLoss",
     "GRAD_KEYWORDS",
+    "RECIPE_KEYWORDS",
     "Latent",
     "RECIPES",
     "register_recipe",

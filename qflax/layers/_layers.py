@@ -27,6 +27,7 @@ import opt_einsum
 from flax import nnx
 from jax import lax
 
+from qflax import ops
 from qflax.layers._graph import definition_order, sort_paths
 from qflax.layers._latent import QuantLatent
 from qflax.layers._recipes import FLOAT_BITS, Recipe, TensorQuant
@@ -370,6 +371,16 @@ class _QuantLayer(nnx.Module):
 
     # ------------------------------------------------------------------ the call
 
+    # Whether this layer's op can take its operands as int8 codes (forward_dtype="int8").
+    _int8_op: ClassVar[bool] = False
+
+    @property
+    def int8_forward(self) -> bool:
+        """Whether the forward product runs on int8 codes: the recipe's ``forward_dtype`` is
+        ``"int8"`` and the layer's op takes it (dense and einsum layers; convolutions stay
+        float32 — see :attr:`Recipe.forward_dtype`)."""
+        return self.recipe.forward_dtype == "int8" and type(self)._int8_op
+
     def _calibrate(self, x: jax.Array | None) -> None:
         """Sets learned params from the kernel and from the input ``x`` (None: weights only)."""
         recipe = self.recipe
@@ -391,11 +402,15 @@ class _QuantLayer(nnx.Module):
         hook_name, op = self._hook_name, type(self)._op
         seen: list[int] = []
         compute = getattr(self, "compute_dtype", None)  # set_compute_dtype
-        if compute is not None:  # quantize in float32, multiply in `compute`, accumulate f32
+        int8 = self.int8_forward
+        if int8:  # the product on int8 codes (Recipe.forward_dtype), the slots say their scales
+            act_q = ops.int8_operand(act_q, act_q.int8_scale)
+            weight_q = ops.int8_operand(weight_q, weight_q.int8_scale)
+        elif compute is not None:  # quantize in float32, multiply in `compute`, accumulate f32
             act_q, weight_q = _cast_after(act_q, compute), _cast_after(weight_q, compute)
 
         def hook(*hook_args: Any, **hook_kwargs: Any) -> jax.Array:
-            if compute is not None:
+            if compute is not None and not int8:
                 hook_kwargs.setdefault("preferred_element_type", jnp.float32)
             out = op(
                 *hook_args,
@@ -403,6 +418,7 @@ class _QuantLayer(nnx.Module):
                 lhs_quantizer=act_q,
                 rhs_quantizer=weight_q,
                 grad_quantizer=grad_q,
+                **({"forward_dtype": "int8"} if int8 else {}),
             )
             seen.append(macs_per_example(hook_name, hook_args, hook_kwargs, out.shape))
             return out
@@ -596,6 +612,7 @@ class QuantLinear(_QuantLayer):
     _inner_type = nnx.Linear
     _hook_name = "dot_general"
     _op = staticmethod(quantized_dot_general)
+    _int8_op = True
     _default_hook = staticmethod(lax.dot_general)
 
     def __init__(
@@ -714,6 +731,7 @@ class QuantEinsum(_QuantLayer):
     _inner_type = nnx.Einsum
     _hook_name = "einsum_op"
     _op = staticmethod(quantized_einsum)
+    _int8_op = True
     _default_hook = staticmethod(jnp.einsum)
 
     def __init__(

@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from qflax import ops
 from qflax import quantizers as qz
 from qflax.numerics import check_choice
 
 __all__ = [
     "GRAD_KEYWORDS",
     "RECIPES",
+    "RECIPE_KEYWORDS",
     "Recipe",
     "TensorQuant",
     "recipes",
@@ -286,6 +288,38 @@ class TensorQuant:
         """``x -> self.apply(x, params, key=key, stats=stats)``: a slot for :mod:`qflax.ops`."""
         return _Bound(self, dict(params or {}), key, stats)
 
+    def check_int8(self) -> None:
+        """Raises ValueError (the family's reason) unless this spec's values are ``s · c``
+        with int8 codes ``c`` (what ``Recipe(forward_dtype="int8")`` needs)."""
+        try:
+            self.family.check_int8(self)
+        except qz.NotExportable as e:
+            raise ValueError(f"forward_dtype='int8' with {self}: {e}") from None
+
+    def int8_scale(
+        self,
+        x: ArrayLike,
+        params: Mapping[str, ArrayLike] | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+    ) -> jax.Array:
+        """The scale ``s`` (broadcastable to ``x``, no gradient) with ``apply(x) = s · c``,
+        ``c`` integers in ``[−128, 127]`` (:meth:`check_int8` must pass)."""
+        x = jnp.asarray(x)
+        stats = self.stats_init(x) if stats is None else dict(stats)
+        return self.family.int8_scale(self, x, dict(params or {}), stats)
+
+    def int8_quantizer(
+        self,
+        params: Mapping[str, ArrayLike] | None = None,
+        *,
+        key: jax.Array | None = None,
+        stats: Mapping[str, ArrayLike] | None = None,
+    ) -> ops.Int8Operand:
+        """:meth:`quantizer` as an :func:`qflax.ops.int8_operand` slot (its scale from
+        :meth:`int8_scale`), for ops with ``forward_dtype="int8"``."""
+        bound = _Bound(self, dict(params or {}), key, stats)
+        return ops.int8_operand(bound, bound.int8_scale)
+
     # ---------------------------------------------------------------- learned bit-widths
 
     def bit_width(self, x: ArrayLike, params: Mapping[str, ArrayLike]) -> jax.Array | None:
@@ -373,6 +407,9 @@ class _Bound:
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.spec.apply(x, self.params, key=self.key, stats=self.stats)
 
+    def int8_scale(self, x: jax.Array) -> jax.Array:
+        return self.spec.int8_scale(x, self.params, self.stats)
+
 
 def _grad_families() -> list[str]:
     """Registered families whose default spec quantizes gradients (for error messages)."""
@@ -409,11 +446,25 @@ class Recipe:
     # include "grad": absmax, pow2, the stochastic ptq/psq/bhq/dorefa_grad, INT4 bit splitting;
     # stochastic ones quantize twice with independent keys); None: float gradients.
     grad: TensorQuant | None = None
+    # The dtype of the forward product's operands: "float32" (the quantized values, i.e.
+    # fake quantization) or "int8" (their integer codes: int8 × int8 products accumulated in
+    # int32 and rescaled once, for dense and einsum layers; the backward is unchanged, see
+    # qflax.ops). Convolutions keep "float32": XLA:CPU's s8 convolution is slower than f32.
+    forward_dtype: str = "float32"
 
     def __post_init__(self):
         _check_tensor_quant(self.weight, "weight")
         _check_tensor_quant(self.act, "act")
         _check_tensor_quant(self.grad, "grad")
+        check_choice(self.forward_dtype, "forward_dtype", ops.FORWARD_DTYPES)
+        if self.forward_dtype == "int8":
+            if self.weight is None or self.act is None:
+                raise ValueError(
+                    f"forward_dtype='int8' with weight={self.weight}, act={self.act} is not "
+                    "allowed; allowed: both the weights and the input activations quantized"
+                )
+            self.weight.check_int8()
+            self.act.check_int8()
         if self.grad is not None and "grad" not in self.grad.roles:
             raise ValueError(
                 f"grad.kind={self.grad.kind!r} is not allowed; allowed: families that quantize "
@@ -449,6 +500,8 @@ class Recipe:
             for name, tq in (("w", self.weight), ("a", self.act), ("g", self.grad))
             if tq is not None
         ]
+        if self.forward_dtype != "float32":
+            parts.append(f"fwd:{self.forward_dtype}")
         return " ".join(parts) if parts else "float"
 
 
@@ -949,8 +1002,10 @@ def register_recipe(
 
 
 # Keywords every recipe takes through `build` (and `recipe_kwargs` / rules in configs): the
-# gradient quantizer of the layer's output cotangent (see `with_grad`).
+# gradient quantizer of the layer's output cotangent (see `with_grad`) and the dtype of the
+# forward product's operands (`Recipe.forward_dtype`).
 GRAD_KEYWORDS = ("grad", "grad_bits", "grad_config")
+RECIPE_KEYWORDS = (*GRAD_KEYWORDS, "forward_dtype")
 
 
 def with_grad(recipe: Recipe, kind: str, bits: int | None = None, **config: Any) -> Recipe:
@@ -979,7 +1034,8 @@ def build(name: str, **kwargs: Any) -> Recipe:
     """The recipe ``RECIPES[name](**kwargs)``; ValueError for an unknown name or argument.
 
     Every recipe also takes ``grad`` (a gradient family), ``grad_bits`` and ``grad_config``
-    (a dict of that family's config fields): :func:`with_grad`.
+    (a dict of that family's config fields): :func:`with_grad`; and ``forward_dtype``
+    (:attr:`Recipe.forward_dtype`: ``"int8"`` runs the forward products on integer codes).
 
     >>> str(build("absmax", weight_bits=2, act_bits=None))
     'w:absmax2/channel'
@@ -987,6 +1043,14 @@ def build(name: str, **kwargs: Any) -> Recipe:
     'w:absmax8/channel a:absmax8 g:absmax6'
     """
     check_choice(name, "recipe", tuple(RECIPES))
+    forward_dtype = kwargs.pop("forward_dtype", "float32")
+    recipe = _build_with_grad(name, kwargs)
+    if forward_dtype == recipe.forward_dtype:
+        return recipe
+    return dataclasses.replace(recipe, forward_dtype=forward_dtype)
+
+
+def _build_with_grad(name: str, kwargs: dict[str, Any]) -> Recipe:
     grad = kwargs.pop("grad", None)
     grad_config = kwargs.pop("grad_config", None)
     if grad is None and grad_config:

@@ -422,6 +422,12 @@ class BinaryFamily(QuantizerFamily):
         y = jnp.where(x >= 0, jnp.float32(1.0), jnp.float32(-1.0))
         return y, binary_scale(x, spec.config)
 
+    def check_int8(self, spec) -> None:
+        pass  # codes ±1 (binary) or {−1, 0, 1} (ternary) at the output scale α
+
+    def int8_scale(self, spec, x, params, stats):
+        return binary_scale(x, spec.config)
+
 
 class TernaryFamily(BinaryFamily):
     """``"ternary"``: :func:`ternary` (TWN; threshold and scale from the tensor)."""
@@ -451,6 +457,9 @@ class TernaryFamily(BinaryFamily):
 
     def sign_values(self, spec, x, params, stats):
         raise NotExportable("ternary weights are not signs")
+
+    def int8_scale(self, spec, x, params, stats):
+        return ternary_scale(x, spec.config)
 
 
 register_family(BinaryFamily())

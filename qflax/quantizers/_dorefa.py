@@ -31,6 +31,7 @@ from jax.typing import ArrayLike
 from qflax.numerics import check_bits, check_choice
 from qflax.quantizers._family import (
     InputLowering,
+    NotExportable,
     QuantizerFamily,
     WeightLowering,
     register_family,
@@ -327,6 +328,22 @@ class DoReFaFamily(QuantizerFamily):
         # q_k(clip(x, 0, 1)): codes round(clip(x, 0, 1)·n), n = 2^k − 1
         n = 2**spec.config.bits - 1
         return InputLowering("codes", 0, n, 1.0 / n)
+
+    def check_int8(self, spec) -> None:
+        cfg = spec.config
+        if cfg.bits > 7 and not (cfg.bits == 1 and cfg.role == "weight"):
+            raise NotExportable(
+                f"dorefa {cfg.role}s with bits={cfg.bits}: an int8 operand needs codes within "
+                "[-127, 127] (bits <= 7)"
+            )
+
+    def int8_scale(self, spec, x, params, stats):
+        cfg = spec.config
+        if cfg.role == "weight" and cfg.bits == 1:  # sign(w)·mean|w|: signs at mean|w|
+            m = jnp.mean(jnp.abs(jax.lax.stop_gradient(x).astype(jnp.float32)))
+            return m.reshape((1,) * x.ndim)
+        # weights 2·c/n − 1 = (2c − n)/n, activations c/n: codes at the scale 1/n
+        return jnp.float32(1.0 / (2**cfg.bits - 1))
 
 
 register_family(DoReFaFamily())

@@ -316,6 +316,33 @@ class QuantizerFamily:
             "(QuantizerFamily.input_lowering); allowed: a family that does, or a float layer"
         )
 
+    # ------------------------------------------------------------------ integer operands
+
+    def check_int8(self, spec: Any) -> None:
+        """Raises :class:`NotExportable` (the reason) unless :meth:`int8_scale` holds for every
+        tensor this spec quantizes: the forward's values are ``scale · c`` with integer codes
+        ``c`` in ``[−128, 127]`` (what a training forward with ``forward_dtype="int8"`` needs).
+        The default: not supported."""
+        raise NotExportable(
+            f"kind={self.name!r} defines no int8 operand (QuantizerFamily.int8_scale); "
+            "allowed for forward_dtype='int8': absmax, learned_step, lsq (codes in [-128, 127]), "
+            "pact, dorefa (<= 7 bits), binary, ternary, pairs with an exact forward, or a family "
+            "that defines it"
+        )
+
+    def int8_scale(
+        self,
+        spec: Any,
+        x: jax.Array,
+        params: Mapping[str, jax.Array],
+        stats: Mapping[str, jax.Array],
+    ) -> jax.Array:
+        """The scale ``s`` (broadcastable to ``x``, float32, no gradient) with
+        ``apply(x) = s · c`` for integers ``c`` in ``[−128, 127]``; valid after
+        :meth:`check_int8` passed. The product then runs on ``c`` (int8) and rescales once."""
+        self.check_int8(spec)
+        raise NotImplementedError(f"kind={self.name!r}: check_int8 passed but no int8_scale")
+
     # ------------------------------------------------------------------ gradients
 
     def grad_slots(self, spec: Any, key: jax.Array | None) -> Any:

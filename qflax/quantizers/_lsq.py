@@ -265,6 +265,17 @@ class LSQFamily(QuantizerFamily):
     def params_from_codes(self, spec, q):
         return {"step": q.scale}
 
+    def check_int8(self, spec) -> None:
+        cfg = spec.config
+        if cfg.qp > 127 or cfg.granularity == "group":
+            raise NotExportable(
+                f"lsq with codes [-{cfg.qn}, {cfg.qp}], granularity={cfg.granularity!r}: an "
+                "int8 operand needs codes in [-128, 127] with a step per tensor or channel"
+            )
+
+    def int8_scale(self, spec, x, params, stats):
+        return jax.lax.stop_gradient(self._full(spec, x, params)["step"])
+
     def weight_lowering(self, spec, params, stats):
         return WeightLowering("uniform", granularity=spec.config.granularity, axis=spec.config.axis)
 

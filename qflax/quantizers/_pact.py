@@ -30,7 +30,12 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits
-from qflax.quantizers._family import InputLowering, QuantizerFamily, register_family
+from qflax.quantizers._family import (
+    InputLowering,
+    NotExportable,
+    QuantizerFamily,
+    register_family,
+)
 
 __all__ = ["PACTConfig", "pact", "pact_init", "pact_l2"]
 
@@ -169,6 +174,18 @@ class PACTFamily(QuantizerFamily):
         from qflax.quantizers._qarray import quantize_pact
 
         return quantize_pact(x, params, spec.config)
+
+    def check_int8(self, spec) -> None:
+        if spec.config.levels > 127:
+            raise NotExportable(
+                f"pact with bits={spec.config.bits} (codes 0..{spec.config.levels}): an int8 "
+                "operand needs codes <= 127 (bits <= 7)"
+            )
+
+    def int8_scale(self, spec, x, params, stats):
+        # levels {0, α/n, ..., α}: x̂ = c·α/n up to the last ulp (c·α is rounded before /n)
+        alpha = jax.lax.stop_gradient(jnp.asarray(params["alpha"], jnp.float32))
+        return alpha / float(spec.config.levels)
 
     def input_lowering(self, spec, params, stats):
         # levels {0, α/n, ..., α}: codes round(clip(x, 0, α)·n/α)

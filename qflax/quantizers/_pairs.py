@@ -971,5 +971,21 @@ class PairFamily(QuantizerFamily):
     def sign_values(self, spec, x, params, stats):
         return self.values(spec, x, stats, params)
 
+    def check_int8(self, spec) -> None:
+        cfg = spec.config
+        if cfg.relaxed or cfg.bits > 7:
+            forward = getattr(cfg.make().forward, "__name__", "its forward")
+            raise NotExportable(
+                f"pair {cfg.label!r} with forward {forward} and bits={cfg.bits}: an int8 operand "
+                "needs a forward that is a sign or a staircase of <= 7 bits in every training "
+                "step (a relaxed forward is between the levels until its exact state)"
+            )
+
+    def int8_scale(self, spec, x, params, stats):
+        # α·(2k − m)/m: codes 2k − m in [−m, m] at the scale α/m (m = 1: signs at α)
+        _, alpha = self.values(spec, x, stats, params)
+        a = jnp.ones((1,) * x.ndim, jnp.float32) if alpha is None else alpha
+        return jax.lax.stop_gradient(a.astype(jnp.float32) / (2.0**spec.config.bits - 1.0))
+
 
 register_family(PairFamily())

@@ -562,6 +562,20 @@ class AbsmaxFamily(QuantizerFamily):
             axis=cfg.axis,
         )
 
+    def check_int8(self, spec) -> None:
+        cfg = spec.config
+        if not cfg.symmetric or cfg.qmin < -128 or cfg.qmax > 127 or cfg.granularity == "group":
+            raise NotExportable(
+                f"{self.name} with symmetric={cfg.symmetric}, codes [{cfg.qmin}, {cfg.qmax}], "
+                f"granularity={cfg.granularity!r}: an int8 operand needs symmetric codes in "
+                "[-128, 127] with a scale per tensor or channel"
+            )
+
+    def int8_scale(self, spec, x, params, stats):
+        if self.learnable(spec):
+            return jax.lax.stop_gradient(self._full(spec, x, params)["scale"])
+        return self._params(spec, x)["scale"]
+
     def input_lowering(self, spec, params, stats):
         cfg = spec.config
         if not cfg.symmetric or cfg.granularity != "tensor":

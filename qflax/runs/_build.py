@@ -48,7 +48,7 @@ def build_recipe(
     from qflax import layers as ql
 
     accepted = dict(inspect.signature(ql.RECIPES[name]).parameters)
-    for key in ql.GRAD_KEYWORDS:  # every recipe takes a gradient quantizer (recipes.build)
+    for key in ql.RECIPE_KEYWORDS:  # every recipe takes these (recipes.build)
         accepted.setdefault(key, None)
     extra = {k: _plain(v) for k, v in dict(recipe_kwargs or {}).items()}
     bits = {"weight_bits": weight_bits, "act_bits": act_bits}
