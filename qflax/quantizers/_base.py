@@ -29,6 +29,7 @@ __all__ = [
     "ungrouped",
     "reduce_axes",
     "sum_to_shape",
+    "fused_sum",
     "reduce_stat",
     "view_shape",
     "param_shape",
@@ -135,8 +136,51 @@ def param_shape(
     return tuple(1 if i in axes else d for i, d in enumerate(view))
 
 
+# A sum of a full-size elementwise expression should be one pass over its operands. XLA:CPU
+# hands every `reduce` whose reducer is exactly `add(p0, p1)` to its YNNPACK fusion, which
+# takes only the ops YNNPACK has (no compare, select, clamp or pred/int32 converts) and leaves
+# the rest of the expression as a separate loop fusion that writes a full-size temporary (a
+# fresh buffer: one page fault per 4 KiB). XLA's own reduction emitter fuses any elementwise
+# producer, but only into small windows: its tree-reduction rewriter splits longer reduced
+# axes into an unfused reduce-window chain, and windows above ~16 elements run slowly. So a
+# large sum is taken in two steps: windows of `_SUM_WINDOW` elements of the last reduced axis
+# by XLA's emitter (fused with the producer; a 1/8-size result), then the rest by a plain sum.
+_SUM_WINDOW = 8
+_SUM_FUSED_MIN_ELEMENTS = 1 << 16
+
+
+def _add(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a + b`` (exactly, up to the sign of a zero sum), spelled so that XLA:CPU's YNNPACK
+    fusion does not take the reduction (its reducer must be one `add`)."""
+    return -(-a - b)
+
+
+def fused_sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``jnp.sum(x, axis=axes)`` that XLA:CPU computes in one pass fused with ``x``'s producer.
+
+    Same value as ``jnp.sum`` up to the order of the additions (float32/float64 arrays of at
+    least 2^16 elements; anything else is ``jnp.sum``).
+    """
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    if (
+        not axes
+        or x.size < _SUM_FUSED_MIN_ELEMENTS
+        or x.dtype not in (jnp.float32, jnp.float64)
+    ):
+        return jnp.sum(x, axis=axes) if axes else x
+    last = axes[-1]
+    n = x.shape[last]
+    window = math.gcd(n, _SUM_WINDOW)
+    if window < 2:
+        return jnp.sum(x, axis=axes)
+    split = x.reshape(x.shape[:last] + (n // window, window) + x.shape[last + 1 :])
+    partial = jax.lax.reduce(split, jnp.zeros((), x.dtype), _add, (last + 1,))
+    return jnp.sum(partial, axis=axes)
+
+
 def sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """Sums a broadcast gradient back to the shape of the parameter it belongs to."""
+    """Sums a broadcast gradient back to the shape of the parameter it belongs to (one fused
+    pass over ``g``'s producer on XLA:CPU, see :func:`fused_sum`)."""
     if g.shape == tuple(shape):
         return g
     lead = g.ndim - len(shape)
@@ -145,7 +189,7 @@ def sum_to_shape(g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         for i, (s, t) in enumerate(zip(shape, g.shape[lead:], strict=True))
         if s == 1 and t != 1
     )
-    out = jnp.sum(g, axis=axes, keepdims=False) if axes else g
+    out = fused_sum(g, axes) if axes else g
     return out.reshape(shape)
 
 
