@@ -162,11 +162,7 @@ def fused_sum(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     least 2^16 elements; anything else is ``jnp.sum``).
     """
     axes = tuple(sorted(a % x.ndim for a in axes))
-    if (
-        not axes
-        or x.size < _SUM_FUSED_MIN_ELEMENTS
-        or x.dtype not in (jnp.float32, jnp.float64)
-    ):
+    if not axes or x.size < _SUM_FUSED_MIN_ELEMENTS or x.dtype not in (jnp.float32, jnp.float64):
         return jnp.sum(x, axis=axes) if axes else x
     last = axes[-1]
     n = x.shape[last]
