@@ -412,7 +412,10 @@ def _gdnsq_act_bwd(config, residuals, g):
     below = x < lower
     above = x > hi
     zero = jnp.zeros_like(g)
-    v = (c - lower) / s
+    # (c − β)/s spelled as −((β − c)/s) (the same float: negation is exact), so that it is not
+    # one instruction with the forward's division: XLA does not duplicate a division into two
+    # fusions and would write it out as a full-size temporary.
+    v = -((lower - c) / s)
     n = jnp.round(v) - v
     dx = jnp.where(below | above, zero, g)
     dxhat_ds = n + s * _rho(config.backward, n, r) - above.astype(g.dtype)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from qflax.quantizers._base import fused_sum, fused_sums, sum_to_shape
+from qflax.quantizers._gdnsq import GDNSQActConfig, GDNSQWeightConfig, gdnsq_act, gdnsq_weight
 from qflax.quantizers._lsq import LSQConfig, lsq, lsq_init
 from qflax.quantizers._pact import PACTConfig, pact
 from qflax.quantizers._uniform import UniformConfig, uniform, uniform_init
@@ -196,6 +197,22 @@ def _full_size_results(fn, *args) -> int:
             {"scale": jnp.full((1, 1), 0.05), "zero_point": jnp.full((1, 1), 3.0)},
         ),
         ("pact", lambda x, p: pact(x, p, PACTConfig(bits=4)), {"alpha": jnp.asarray(1.0)}),
+        (
+            "gdnsq_weight/channel",
+            lambda x, p: gdnsq_weight(x, p, GDNSQWeightConfig(backward="ste")),
+            {"log_step": jnp.full((1, 512), -4.0)},
+        ),
+        (
+            "gdnsq_act/signed",
+            lambda x, p: gdnsq_act(
+                x, p, GDNSQActConfig(signed=True, backward="ste", init_log_range=None)
+            ),
+            {
+                "log_step": jnp.asarray(-4.0),
+                "log_range": jnp.asarray(1.0),
+                "lower": jnp.asarray(-1.0),
+            },
+        ),
     ],
 )
 def test_forward_backward_has_no_full_size_temporary(name, apply, params):
