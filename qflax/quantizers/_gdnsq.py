@@ -71,7 +71,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_choice, exp2
-from qflax.quantizers._base import reduce_axes, sum_to_shape
+from qflax.quantizers._base import fused_sums, kept_small, reduce_axes, sum_to_shape
 from qflax.quantizers._family import (
     InputLowering,
     NotExportable,
@@ -251,22 +251,26 @@ def _weight_param_shape(shape: tuple[int, ...], config: GDNSQWeightConfig) -> tu
     return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
 
+def _weight_forward(config, w, log_step):
+    """``(ŵ, z)``: the quantized weights and the per-channel minimum ``z``."""
+    axes = _weight_axes(w.ndim, config)
+    z = kept_small(jnp.min(w, axis=axes, keepdims=True))
+    s = exp2(log_step)
+    return s * jnp.round((w - z) / s) + z, z
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _gdnsq_weight(config, w, log_step, r):
-    axes = _weight_axes(w.ndim, config)
-    z = jnp.min(w, axis=axes, keepdims=True)
-    s = exp2(log_step)
-    return s * jnp.round((w - z) / s) + z
+    return _weight_forward(config, w, log_step)[0]
 
 
 def _gdnsq_weight_fwd(config, w, log_step, r):
-    return _gdnsq_weight(config, w, log_step, r), (w, log_step, r)
+    y, z = _weight_forward(config, w, log_step)
+    return y, (w, z, log_step, r)
 
 
 def _gdnsq_weight_bwd(config, residuals, g):
-    w, log_step, r = residuals
-    axes = _weight_axes(w.ndim, config)
-    z = jnp.min(w, axis=axes, keepdims=True)
+    w, z, log_step, r = residuals
     s = exp2(log_step)
     v = (w - z) / s
     n = jnp.round(v) - v
@@ -408,16 +412,21 @@ def _gdnsq_act_bwd(config, residuals, g):
     below = x < lower
     above = x > hi
     zero = jnp.zeros_like(g)
-    v = (c - lower) / s
+    # (c − β)/s spelled as −((β − c)/s) (the same float: negation is exact), so that it is not
+    # one instruction with the forward's division: XLA does not duplicate a division into two
+    # fusions and would write it out as a full-size temporary.
+    v = -((lower - c) / s)
     n = jnp.round(v) - v
     dx = jnp.where(below | above, zero, g)
     dxhat_ds = n + s * _rho(config.backward, n, r) - above.astype(g.dtype)
-    dlog_step = jnp.sum(g * dxhat_ds) * (s * _LN2)
-    dlog_range = jnp.sum(jnp.where(above, g, zero)) * (q * _LN2)
+    # The three sums share one pass over x and g (one multi-output reduction).
+    terms = (g * dxhat_ds, jnp.where(above, g, zero))
     if config.signed:
-        dlower = jnp.sum(jnp.where(below | above, g, zero))
-    else:
-        dlower = jnp.zeros((), g.dtype)
+        terms += (jnp.where(below | above, g, zero),)
+    sums = fused_sums(terms, tuple(range(g.ndim)))
+    dlog_step = sums[0] * (s * _LN2)
+    dlog_range = sums[1] * (q * _LN2)
+    dlower = sums[2] if config.signed else jnp.zeros((), g.dtype)
     return dx, dlog_step, dlog_range, dlower, jnp.zeros_like(r)
 
 

@@ -62,7 +62,7 @@ from qflax.quantizers._base import (
     grouped,
     param_shape,
     reduce_axes,
-    sum_to_shape,
+    sums_to_shape,
     ungrouped,
     view_shape,
 )
@@ -281,17 +281,17 @@ def _uniform_bwd(config, residuals, g):
     else:  # "true"
         dx = jnp.zeros_like(g)
 
+    # The scale and zero-point sums share one pass over x and g (one multi-output reduction).
+    terms = []
     if config.learn_scale:
         dxhat_ds = jnp.where(inside, jnp.round(u) - u, q - z)
-        dscale = sum_to_shape(g * dxhat_ds, scale.shape)
-    else:
-        dscale = jnp.zeros_like(scale)
-
+        terms.append(g * dxhat_ds)
     if config.learn_zero_point:
         dxhat_dz = jnp.where(inside, jnp.zeros_like(x), -jnp.broadcast_to(scale, x.shape))
-        dzero = sum_to_shape(g * dxhat_dz, zero_point.shape)
-    else:
-        dzero = jnp.zeros_like(zero_point)
+        terms.append(g * dxhat_dz)
+    sums = list(sums_to_shape(tuple(terms), scale.shape)) if terms else []
+    dscale = sums.pop(0) if config.learn_scale else jnp.zeros_like(scale)
+    dzero = sums.pop(0) if config.learn_zero_point else jnp.zeros_like(zero_point)
     return dx, dscale, dzero
 
 
