@@ -5,8 +5,12 @@ parallel and 8-way FSDP, and for a fixed-bit (LSQ W4A4) and a binary-pair (BNN) 
 and 8-way FSDP (the data-parallel path is the GDNSQ one; a float model ran on both meshes until
 2026-12-06 and matched like GDNSQ — dropped for the suite's time budget).
 
-Tolerance: the GDNSQ runs agree to 1e-5 at every step (only the summation order of
-the sharded reductions differs). Models whose forward rounds or takes a sign agree to 1e-5 until
+Tolerance: the GDNSQ runs agree to 1e-5 for 10 steps (only the summation order of the
+sharded reductions differs; a partitioning error shows from step 1), and within 1e-3 (loss) and
+1e-4 (parameters) over all 22: Adam turns last-ulp differences of near-zero gradients into
+full-size update differences, so how long the runs stay within 1e-5 depends on the CPU's code
+generation — to step 22 on the machine of 2026-12-05, to step 11 on the AVX-512 AMD EPYC of
+2026-12-06 (then 1.7e-4 loss, 5e-5 parameters at most, data8 and fsdp8 alike). Models whose forward rounds or takes a sign agree to 1e-5 until
 a last-ulp difference moves a value across a rounding threshold (here from step 3 on, a code
 flips); from then the runs are different draws of the same training: every loss within 0.05 and
 every parameter within 1e-2 of the one-device run over these 22 steps."""
@@ -64,8 +68,10 @@ def test_smooth_training_matches_one_device_step_for_step(runs):
     one = np.asarray(result[f"{recipe}-one"]["losses"])
     for mesh in RUNS[recipe][1:]:
         name = f"{recipe}-{mesh}"
-        np.testing.assert_allclose(result[name]["losses"], one, atol=1e-5, err_msg=name)
-        assert _diff(params, name, f"{recipe}-one") < 1e-5, name
+        losses = np.asarray(result[name]["losses"])
+        np.testing.assert_allclose(losses[:10], one[:10], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(losses, one, atol=1e-3, err_msg=name)
+        assert _diff(params, name, f"{recipe}-one") < 1e-4, name
 
 
 @pytest.mark.parametrize("recipe", ["lsq_w4a4", "bnn"])
