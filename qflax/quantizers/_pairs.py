@@ -187,15 +187,26 @@ def _finite_z(z: jax.Array) -> jax.Array:
     At ``z = ±inf`` the formulas below form ``∞·0`` (NaN); at ``±max`` they give the limits,
     ``SS → ±1`` and ``SS′ → 0``, as they already do for every large finite ``z``.
     """
-    big = jnp.finfo(z.dtype).max
-    return jnp.where(jnp.isinf(z), jnp.where(z > 0, big, -big).astype(z.dtype), z)
+    big = float(jnp.finfo(z.dtype).max)
+    # min/max propagate NaN in XLA (as jnp.minimum/maximum do): NaN stays NaN.
+    return jnp.minimum(jnp.maximum(z, -big), big)
 
 
 @jax.custom_jvp
 def _sign_swish_z(z: jax.Array) -> jax.Array:
-    """``SS_1(z) = 2σ(z)[1 + zσ(−z)] − 1`` with a closed-form derivative (one ``tanh``)."""
+    """``SS_1(z) = 2σ(z)[1 + zσ(−z)] − 1`` with a closed-form derivative (one ``tanh``).
+
+    Both sigmoids from one ``u = exp(−|z|)``: ``σ(|z|) = 1/(1 + u)``, ``σ(−|z|) = u/(1 + u)``
+    (one exp and one division per element instead of two logistic functions; each tail exact).
+    ``−|z|`` is spelled ``min(z, −z)`` so that XLA does not merge this exp with the derivative's
+    ``exp(−|z|)`` (the backward of a pair): merged, it is one full-size array written by the
+    forward and read by the backward instead of being recomputed inside each fusion."""
     z = _finite_z(z)
-    return 2 * jax.nn.sigmoid(z) * (1 + z * jax.nn.sigmoid(-z)) - 1
+    u = jnp.exp(jnp.minimum(z, -z))
+    big = 1 / (1 + u)  # σ(|z|)
+    small = u * big  # σ(−|z|)
+    positive = z >= 0
+    return 2 * jnp.where(positive, big, small) * (1 + z * jnp.where(positive, small, big)) - 1
 
 
 @_sign_swish_z.defjvp
