@@ -218,18 +218,28 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         FWD_GOAL_OTHER,
     )
 
-    for granularity, backward in (("channel", "ste"), ("channel", "noise"), ("tensor", "lsq")):
-        config = qz.GDNSQWeightConfig(granularity=granularity, backward=backward)
+    for granularity, backward, noise in (
+        ("channel", "ste", "threefry"),
+        ("channel", "noise", "threefry"),
+        ("channel", "noise", "hash"),
+        ("tensor", "lsq", "threefry"),
+    ):
+        config = qz.GDNSQWeightConfig(granularity=granularity, backward=backward, noise=noise)
+        tag = "-hash" if noise == "hash" else ""
         add(
-            f"gdnsq_weight/{backward}/{granularity}",
+            f"gdnsq_weight/{backward}{tag}/{granularity}",
             "gdnsq_weight",
             *with_config(qz.gdnsq_weight, qz.gdnsq_weight_init, config, key=backward == "noise"),
             FWD_GOAL_OTHER,
         )
-    for signed, backward in ((False, "ste"), (True, "noise")):
-        config = qz.GDNSQActConfig(signed=signed, backward=backward, init_log_range=None)
+    for signed, backward, noise in ((False, "ste", "threefry"), (True, "noise", "threefry"),
+                                    (True, "noise", "hash")):  # fmt: skip
+        config = qz.GDNSQActConfig(
+            signed=signed, backward=backward, init_log_range=None, noise=noise
+        )
+        tag = "-hash" if noise == "hash" else ""
         add(
-            f"gdnsq_act/{backward}/{'signed' if signed else 'unsigned'}",
+            f"gdnsq_act/{backward}{tag}/{'signed' if signed else 'unsigned'}",
             "gdnsq_act",
             *with_config(qz.gdnsq_act, qz.gdnsq_act_init, config, key=backward == "noise"),
             FWD_GOAL_ELEMENTWISE,

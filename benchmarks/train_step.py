@@ -13,7 +13,9 @@ Variants: ``float``; ``W8A8`` (``recipes.absmax(8, 8)``: scales recomputed from 
 (the same with ``forward_dtype="int8"``: the dense and einsum layers' forward products on int8
 codes, int32 accumulation); ``GDNSQ`` (``recipes.gdnsq(4, 4)``,
 learned bit-widths, with the exterior-point penalty in the loss; no teacher: distillation would
-add a float forward pass of its own); ``BNN++`` (``recipes.binary(pair="bnn++", mu=5.0)``);
+add a float forward pass of its own; the STE rule of experiments/mnist5k/gdnsq.py), ``GDNSQ
+noise`` and ``GDNSQ noise-hash`` (the paper's noise-scale rule, its signs from threefry or the
+counter hash); ``BNN++`` (``recipes.binary(pair="bnn++", mu=5.0)``);
 fully quantized training (METHODS.md §7, ``experiments/fqt_rows.py``): ``FQT PSQ8`` and
 ``FQT BHQ8`` (absmax W8A8 with 8-bit per-sample / block-Householder stochastic gradients, two
 draws per layer; the rounding noise a counter hash, the default), the same two with
@@ -138,6 +140,22 @@ VARIANTS: tuple[Variant, ...] = (
             "quant.learning_rate": 0.05,
             "penalty.warmup_epochs": 0.5,
         },
+    ),
+    # The paper's noise-scale rule (the recipe default since issue 17): its signs drawn by
+    # threefry (the default) or by the counter hash.
+    *(
+        Variant(
+            name,
+            lambda noise=noise: ql.recipes.gdnsq(4, 4, init_bits=8.0, noise=noise),
+            GDNSQ_GOAL,
+            {
+                "optimizer.schedule": "constant",
+                "optimizer.warmup_epochs": 0.0,
+                "quant.learning_rate": 0.05,
+                "penalty.warmup_epochs": 0.5,
+            },
+        )
+        for name, noise in (("GDNSQ noise", "threefry"), ("GDNSQ noise-hash", "hash"))
     ),
     Variant("BNN++", lambda: ql.recipes.binary(pair="bnn++", mu=5.0), FIXED_BIT_GOAL),
     Variant(

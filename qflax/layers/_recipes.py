@@ -768,6 +768,7 @@ def gdnsq(
     init_bits: float | None = 8.0,
     weight_granularity: str = "channel",
     min_bits: float | None = 1.0,
+    noise: str = "threefry",
 ) -> Recipe:
     """GDNSQ: learned bit-widths driven to targets by the exterior-point penalty.
 
@@ -793,12 +794,16 @@ def gdnsq(
         (1: never a constant channel or a one-level activation; the penalty still sees the
         unfloored bit-width). None: no floor, as the code — at 1-bit targets on mnist5k the
         activations then fell to one level and the accuracy to chance.
+      noise: the draws of the noise rule's signs: ``"threefry"`` (the default; runs made
+        before 2026-12-06 reproduce) or ``"hash"`` (a counter hash computed where it is used:
+        nothing of the tensor's size drawn or stored, several times faster on CPU).
     """
     weight = act = None
     if not _is_float_bits(weight_bits, "weight_bits"):
         try:
             cfg = qz.GDNSQWeightConfig(
                 backward=backward,
+                noise=noise,
                 init_bits=init_bits,
                 granularity=weight_granularity,
                 min_bits=min_bits,
@@ -810,6 +815,7 @@ def gdnsq(
         try:
             cfg = qz.GDNSQActConfig(
                 backward=backward,
+                noise=noise,
                 signed=act_signed,
                 init_bits=init_bits,
                 init_log_range=None if init_bits is not None else 10.0,

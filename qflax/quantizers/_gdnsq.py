@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_choice, exp2
+from qflax.numerics import NOISE_SOURCES, check_choice, exp2, hash_uniform
 from qflax.quantizers._base import fused_sums, kept_small, reduce_axes, sum_to_shape
 from qflax.quantizers._family import (
     InputLowering,
@@ -136,8 +136,14 @@ class GDNSQWeightConfig:
     # the forward pass, so a channel keeps at least 2^min_bits levels (1: never a constant
     # channel); the continuous bit-width the penalty sees is not floored.
     min_bits: float | None = None
+    # The draws of r for backward="noise" (qflax.numerics.NOISE_SOURCES): "threefry"
+    # (jax.random.bernoulli: a full-size random array, the default, so existing runs reproduce)
+    # or "hash" (a counter hash of two words drawn from the key, computed inside the fusions
+    # that use r: nothing of the tensor's size is drawn or stored; other draws for a key).
+    noise: str = "threefry"
 
     def __post_init__(self):
+        check_choice(self.noise, "noise", NOISE_SOURCES)
         check_choice(self.granularity, "granularity", ("tensor", "channel"))
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
             raise ValueError(f"axis={self.axis!r} is not an integer; allowed: an int axis")
@@ -166,8 +172,14 @@ class GDNSQActConfig:
     # forward pass (at least 2^min_bits levels: 1 keeps activations from collapsing to one
     # level); the continuous bit-width the penalty sees is not floored.
     min_bits: float | None = None
+    # The draws of r for backward="noise" (qflax.numerics.NOISE_SOURCES): "threefry"
+    # (jax.random.bernoulli: a full-size random array, the default, so existing runs reproduce)
+    # or "hash" (a counter hash of two words drawn from the key, computed inside the fusions
+    # that use r: nothing of the tensor's size is drawn or stored; other draws for a key).
+    noise: str = "threefry"
 
     def __post_init__(self):
+        check_choice(self.noise, "noise", NOISE_SOURCES)
         _check_bool(self.signed, "signed")
         check_choice(self.backward, "backward", GDNSQ_BACKWARDS)
         _check_float(self.init_log_step, "init_log_step")
@@ -235,7 +247,11 @@ def _noise_signs(config, key: jax.Array | None, shape, dtype, name: str) -> jax.
         raise ValueError(
             f"key=None is not allowed for {name} with backward='noise'; allowed: a PRNG key"
         )
-    return jnp.where(jax.random.bernoulli(key, 0.5, shape), 0.5, -0.5).astype(dtype)
+    if config.noise == "hash":
+        heads = hash_uniform(key, shape) < 0.5
+    else:
+        heads = jax.random.bernoulli(key, 0.5, shape)
+    return jnp.where(heads, 0.5, -0.5).astype(dtype)
 
 
 # --------------------------------------------------------------------------------------------

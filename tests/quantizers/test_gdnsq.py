@@ -144,8 +144,9 @@ def test_weight_gradients_equal_the_formulas(backward, layout):
         np.testing.assert_allclose(np.asarray(dp["log_step"]), want, rtol=1e-4, atol=1e-6)
 
 
-def test_weight_noise_rule_per_element_factor():
-    config = _wcfg(backward="noise")
+@pytest.mark.parametrize("noise", ["threefry", "hash"])
+def test_weight_noise_rule_per_element_factor(noise):
+    config = _wcfg(backward="noise", noise=noise)
     w = jnp.asarray(_data(1))
     params = {"log_step": jnp.array([[-1.0, -2.0, 0.0, -3.0]])}
     key = jax.random.key(3)
@@ -162,9 +163,10 @@ def test_weight_noise_rule_per_element_factor():
     np.testing.assert_array_equal(np.asarray(g), np.arange(24.0).reshape(SHAPE))
 
 
-def test_weight_noise_scale_gradient_has_the_stated_distribution():
+@pytest.mark.parametrize("noise", ["threefry", "hash"])
+def test_weight_noise_scale_gradient_has_the_stated_distribution(noise):
     # One weight per channel: n = 0, so dℓ_c = ln2·s²·g·ρ_c exposes ρ_c directly.
-    config = _wcfg(backward="noise", axis=-1)
+    config = _wcfg(backward="noise", axis=-1, noise=noise)
     count = 8192
     w = jnp.asarray(_data(0, shape=(1, count)))
     params = {"log_step": jnp.full((1, count), -1.0)}
@@ -294,8 +296,9 @@ def test_act_gradients_equal_the_formulas(backward, signed):
     np.testing.assert_allclose(float(dp["lower"]), want_lower, rtol=1e-5, atol=1e-6)
 
 
-def test_act_noise_rule_per_element_factor():
-    config = _acfg(backward="noise")
+@pytest.mark.parametrize("noise", ["threefry", "hash"])
+def test_act_noise_rule_per_element_factor(noise):
+    config = _acfg(backward="noise", noise=noise)
     params = _act_params(-2.0, 1.0, 0.0)
     x = jnp.asarray(_data(8, shape=(5, 7)))
     key = jax.random.key(11)
@@ -511,3 +514,24 @@ def test_weight_bits_gradient_in_log_step_is_smooth_and_exact_at_integers():
     # d/dℓ [log2(3 + 2^ℓ) − ℓ] = 2^ℓ/(3 + 2^ℓ) − 1; at ℓ = 0: −3/4.
     got = jax.grad(lambda ell: jnp.sum(bits(ell)))(jnp.zeros((1, 1), jnp.float32))
     np.testing.assert_allclose(float(got[0, 0]), -0.75, rtol=1e-6)
+
+
+def test_hash_noise_differs_from_threefry_and_is_checked():
+    """``noise="hash"``: other draws than threefry for one key (so the default stays threefry:
+    earlier runs reproduce), the same draws for the same key, and a bad name is refused."""
+    count = 4096
+    w = jnp.asarray(_data(0, shape=(1, count)))
+    params = {"log_step": jnp.full((1, count), -1.0)}
+
+    def rho(noise):
+        config = _wcfg(backward="noise", axis=-1, noise=noise)
+        f = lambda p: jnp.sum(gdnsq_weight(w, p, config, key=jax.random.key(5)))  # noqa: E731
+        return np.asarray(jax.grad(f)(params)["log_step"])
+
+    assert not np.array_equal(rho("hash"), rho("threefry"))
+    np.testing.assert_array_equal(rho("hash"), rho("hash"))
+    with pytest.raises(ValueError, match=r"noise='philox' is not allowed; allowed"):
+        _wcfg(noise="philox")
+    with pytest.raises(ValueError, match=r"noise='philox' is not allowed; allowed"):
+        _acfg(noise="philox")
+    assert _wcfg().noise == _acfg().noise == "threefry"
