@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +37,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_choice
-from qflax.quantizers._base import reduce_axes
+from qflax.quantizers._base import fused_sum, fused_sums, kept_small, reduce_axes
 from qflax.quantizers._family import (
     InputLowering,
     NotExportable,
@@ -198,7 +199,10 @@ def _binary_noise(x: jax.Array, config: BinaryConfig, key: jax.Array | None, nam
 
 def _mean_abs(x: jax.Array, scaling: str, axis: int) -> jax.Array:
     axes = _scale_axes(x.ndim, scaling, axis)
-    return jnp.mean(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+    # (no gradient: every caller stops it; fused_sum's reduction has no JVP rule)
+    total = fused_sum(jnp.abs(lax.stop_gradient(x).astype(jnp.float32)), axes)
+    shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    return total.reshape(shape) / float(math.prod(x.shape[a] for a in axes))
 
 
 def binary_init(x: ArrayLike, config: BinaryConfig) -> dict:
@@ -331,11 +335,13 @@ def ternary_scale(x: ArrayLike, config: TernaryConfig) -> jax.Array:
     if config.scaling == "none":
         return jnp.ones((1,) * x.ndim, jnp.float32)
     axes = _scale_axes(x.ndim, config.scaling, config.axis)
-    ax = jnp.abs(x.astype(jnp.float32))
-    kept = ax > _ternary_threshold(x, config)
-    total = jnp.sum(jnp.where(kept, ax, 0.0), axis=axes, keepdims=True)
-    count = jnp.sum(kept, axis=axes, keepdims=True, dtype=jnp.float32)
-    return lax.stop_gradient(total / jnp.maximum(count, 1.0))
+    ax = jnp.abs(lax.stop_gradient(x).astype(jnp.float32))
+    kept = ax > kept_small(_ternary_threshold(x, config))
+    # One fused pass for both sums (qflax.quantizers._base.fused_sums; XLA:CPU otherwise writes
+    # the masked |x| and the mask out at full size before two separate sums).
+    total, count = fused_sums((jnp.where(kept, ax, 0.0), kept.astype(jnp.float32)), axes)
+    shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    return lax.stop_gradient(total.reshape(shape) / jnp.maximum(count.reshape(shape), 1.0))
 
 
 def ternary(

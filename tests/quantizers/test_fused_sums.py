@@ -224,3 +224,37 @@ def test_forward_backward_has_no_full_size_temporary(name, apply, params):
     # Two full-size results: the value and the input gradient; the parameter sums read x and g
     # in one fused pass and write 1/8-size partial sums.
     assert _full_size_results(fb, x, params, x) == 2, name
+
+
+@pytest.mark.parametrize("scaling", ["tensor", "channel"])
+def test_binary_and_ternary_scales_at_size(scaling):
+    """``mean|x|`` (binary's α, ternary's threshold) and ternary's masked mean at a size that
+    takes the fused path, against float64, with gradients through the quantizers unchanged."""
+    from qflax.quantizers._binary import (
+        BinaryConfig,
+        TernaryConfig,
+        binary,
+        binary_scale,
+        ternary,
+        ternary_scale,
+    )
+
+    x = _normal(12)
+    axes = (0, 1) if scaling == "tensor" else (0,)
+    xd = np.abs(x.astype(np.float64))
+    mean_abs = xd.mean(axis=axes, keepdims=True)
+    got = binary_scale(jnp.asarray(x), BinaryConfig(scaling=scaling))
+    np.testing.assert_allclose(got, mean_abs, rtol=1e-5)
+    config = TernaryConfig(scaling=scaling)
+    delta = float(config.threshold) * mean_abs
+    kept = xd > delta
+    want = (xd * kept).sum(axis=axes, keepdims=True) / np.maximum(
+        kept.sum(axis=axes, keepdims=True), 1
+    )
+    np.testing.assert_allclose(ternary_scale(jnp.asarray(x), config), want, rtol=1e-5)
+    # Straight-through gradients times the (constant) scale: the scales get none.
+    g = jax.grad(lambda v: jnp.sum(ternary(v, {}, config) * 2.0))(jnp.asarray(x))
+    np.testing.assert_allclose(g, np.broadcast_to(2.0 * want, x.shape), rtol=1e-5)
+    g = jax.grad(lambda v: jnp.sum(binary(v, {}, BinaryConfig(scaling=scaling))))(jnp.asarray(x))
+    ste = np.where(np.abs(x) <= 1, 1.0, 0.0) if BinaryConfig().gradient == "clipped_ste" else 1.0
+    np.testing.assert_allclose(g, ste * np.broadcast_to(mean_abs, x.shape), rtol=1e-5)
