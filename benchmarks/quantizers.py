@@ -259,6 +259,11 @@ def build_cases(shape: tuple[int, int]) -> list[Case]:
         ("det/tensor/ste", qz.BinaryConfig(scaling="tensor", gradient="ste"), FWD_GOAL_OTHER),
         ("det/channel/clipped_ste", qz.BinaryConfig(scaling="channel"), FWD_GOAL_OTHER),
         ("stochastic/none/clipped_ste", qz.BinaryConfig(stochastic=True), FWD_GOAL_OTHER),
+        (
+            "stochastic-hash/none/clipped_ste",
+            qz.BinaryConfig(stochastic=True, noise="hash"),
+            FWD_GOAL_OTHER,
+        ),
     )
     for variant, config, goal in binaries:
         add(

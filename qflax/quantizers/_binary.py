@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from qflax.numerics import check_choice
+from qflax.numerics import NOISE_SOURCES, check_choice, hash_uniform
 from qflax.quantizers._base import fused_sum, fused_sums, kept_small, reduce_axes
 from qflax.quantizers._family import (
     InputLowering,
@@ -82,8 +82,13 @@ class BinaryConfig:
     axis: int = -1
     # Gradient wrt x: "ste" (identity), "clipped_ste" (g·1[|x| <= 1], BNN) or "true" (zero).
     gradient: str = "clipped_ste"
+    # The uniform variates of stochastic=True (qflax.numerics.NOISE_SOURCES): "threefry"
+    # (jax.random.uniform, the default: earlier runs reproduce) or "hash" (a counter hash
+    # computed where it is used: nothing of the tensor's size drawn or stored; other draws).
+    noise: str = "threefry"
 
     def __post_init__(self):
+        check_choice(self.noise, "noise", NOISE_SOURCES)
         if not isinstance(self.stochastic, (bool, np.bool_)):
             raise ValueError(f"stochastic={self.stochastic!r} is not a bool; allowed: True, False")
         object.__setattr__(self, "stochastic", bool(self.stochastic))
@@ -194,6 +199,8 @@ def _binary_noise(x: jax.Array, config: BinaryConfig, key: jax.Array | None, nam
         raise ValueError(
             f"key=None is not allowed for {name} with stochastic=True; allowed: a PRNG key"
         )
+    if config.noise == "hash":
+        return hash_uniform(key, x.shape)
     return jax.random.uniform(key, x.shape, jnp.float32)
 
 

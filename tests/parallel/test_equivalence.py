@@ -10,10 +10,11 @@ sharded reductions differs; a partitioning error shows from step 1), and within 
 1e-4 (parameters) over all 22: Adam turns last-ulp differences of near-zero gradients into
 full-size update differences, so how long the runs stay within 1e-5 depends on the CPU's code
 generation — to step 22 on the machine of 2026-12-05, to step 11 on the AVX-512 AMD EPYC of
-2026-12-06 (then 1.7e-4 loss, 5e-5 parameters at most, data8 and fsdp8 alike). Models whose forward rounds or takes a sign agree to 1e-5 until
-a last-ulp difference moves a value across a rounding threshold (here from step 3 on, a code
-flips); from then the runs are different draws of the same training: every loss within 0.05 and
-every parameter within 1e-2 of the one-device run over these 22 steps."""
+2026-12-06 (then 1.7e-4 loss, 5e-5 parameters at most, data8 and fsdp8 alike). Models whose
+forward rounds or takes a sign agree to 1e-5 until a last-ulp difference moves a value across a
+rounding threshold (here from step 3 on, a code flips); from then the runs are different draws
+of the same training: every loss within 0.05 and every parameter within 1e-2 of the one-device
+run over these 22 steps."""
 
 import json
 import os

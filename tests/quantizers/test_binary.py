@@ -136,12 +136,13 @@ def test_binary_nan_and_dtype():
     assert y.dtype == jnp.bfloat16 and np.isnan(float(y[0]))
 
 
-def test_stochastic_binary_is_unbiased():
+@pytest.mark.parametrize("noise", ["threefry", "hash"])
+def test_stochastic_binary_is_unbiased(noise):
     # Mean over 40_000 keys: the standard error is sqrt((1 - p^2)/n) <= 0.005; tolerance 0.03
     # is 6 standard errors (the key is fixed, so the test is deterministic).
     x = jnp.array([-1.7, -1.0, -0.6, -0.1, 0.0, 0.3, 0.8, 1.0, 2.5], jnp.float32)
     keys = jax.random.split(jax.random.key(1234), 40_000)
-    config = BinaryConfig(stochastic=True)
+    config = BinaryConfig(stochastic=True, noise=noise)
     draws = jax.jit(jax.vmap(lambda k: binary(x, {}, config, key=k)))(keys)
     assert set(np.unique(np.asarray(draws)).tolist()) <= {-1.0, 1.0}
     mean = np.asarray(draws, np.float64).mean(axis=0)
@@ -150,8 +151,9 @@ def test_stochastic_binary_is_unbiased():
     np.testing.assert_array_equal(mean[[0, 1, 7, 8]], [-1, -1, 1, 1])
 
 
-def test_stochastic_binary_needs_a_key_and_uses_it():
-    config = BinaryConfig(stochastic=True)
+@pytest.mark.parametrize("noise", ["threefry", "hash"])
+def test_stochastic_binary_needs_a_key_and_uses_it(noise):
+    config = BinaryConfig(stochastic=True, noise=noise)
     x = jnp.asarray(_data(0, spread=0.9))
     with pytest.raises(ValueError, match="key=None"):
         binary(x, {}, config)
@@ -165,6 +167,10 @@ def test_stochastic_binary_needs_a_key_and_uses_it():
     np.testing.assert_array_equal(
         binary(x, {}, BinaryConfig(), key=_key(5)), binary(x, {}, BinaryConfig())
     )
+    other = BinaryConfig(stochastic=True, noise="threefry" if noise == "hash" else "hash")
+    assert not np.array_equal(a, binary(x, {}, other, key=_key(1)))  # other draws per key
+    with pytest.raises(ValueError, match=r"noise='philox' is not allowed; allowed"):
+        BinaryConfig(noise="philox")
 
 
 # ----------------------------------------------------------------------------------------------
