@@ -110,7 +110,9 @@ def test_second_step_compiles_nothing_new():
         jax.monitoring.unregister_event_duration_listener(listener)
     assert first >= 1
     assert second == 0
-    assert step._cache_size() == 1
+    # At most one compiled entry (seen once at 0 in a full -n 2 run on 2026-12-06, passing
+    # alone: JAX's C++ dispatch cache may drop an entry; `second == 0` is the no-retrace test).
+    assert step._cache_size() <= 1
 
 
 def test_state_is_donated_and_batch_stats_update(shared):
