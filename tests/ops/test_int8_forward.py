@@ -308,6 +308,14 @@ def test_recipe_forward_dtype_field_and_build():
     with pytest.raises(ValueError, match=r"both the weights and the input activations"):
         ql.recipes.build("absmax", act_bits=None, forward_dtype="int8")
     assert "forward_dtype" in ql.RECIPE_KEYWORDS
+    # A spec as an int8 slot of the ops (what researchers pass to qflax.ops directly).
+    spec = FAMILY_SPECS["learned_step4"]
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    params = spec.init(x)
+    slot = spec.int8_quantizer(params)
+    assert isinstance(slot, ops.Int8Operand)
+    np.testing.assert_array_equal(slot(x), spec.apply(x, params))
+    np.testing.assert_array_equal(slot.scale(x), spec.int8_scale(x, params))
 
 
 # ------------------------------------------------------------------------------------ training
