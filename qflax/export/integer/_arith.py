@@ -69,50 +69,42 @@ def requantize(acc: jax.Array, m0: jax.Array, t: jax.Array) -> jax.Array:
     """``round(acc·M0 / 2^t)`` exactly, rounding half to even, in 32-bit integer arithmetic.
 
     ``acc`` int32 (``|acc| < 2^31``), ``m0`` int32 in [0, 2^31), ``t`` int32 in [1, 62], both
-    broadcast against ``acc``. The 62-bit product is formed from 16-bit halves in uint32 (no
-    int64, which JAX disables by default). Results beyond int32 saturate.
+    broadcast against ``acc``. The 62-bit product ``P = |acc|·M0`` is formed from 16-bit halves
+    in uint32 (no int64, which JAX disables by default; both factors are below 2^31, so the
+    middle sum has no carry), the half ``2^(t−1)`` is added to it, and ``q = (P + 2^(t−1)) >>
+    t`` rounds half up; a tie (the low ``t`` bits of the sum all 0) is rounded to even by
+    clearing the last bit of ``q``. Results beyond int32 saturate.
     """
     acc = jnp.asarray(acc, jnp.int32)
     neg = acc < 0
     a = jnp.abs(jnp.maximum(acc, -INT32_MAX)).astype(jnp.uint32)
     m = jnp.asarray(m0, jnp.int32).astype(jnp.uint32)
     t = jnp.asarray(t, jnp.int32).astype(jnp.uint32)
-    low16 = jnp.uint32(0xFFFF)
-    ah, al = a >> 16, a & low16
+    one, zero, low16 = jnp.uint32(1), jnp.uint32(0), jnp.uint32(0xFFFF)
+    ah, al = a >> 16, a & low16  # ah, mh < 2^15
     mh, ml = m >> 16, m & low16
+    mid = ah * ml + al * mh  # < 2^32
     lo = al * ml
-    mid1, mid2 = ah * ml, al * mh
-    mid = mid1 + mid2
-    hi = ah * mh + ((mid < mid1).astype(jnp.uint32) << 16) + (mid >> 16)
     lo2 = lo + (mid << 16)
-    hi = hi + (lo2 < lo).astype(jnp.uint32)
-    lo = lo2
-    one = jnp.uint32(1)
-    zero = jnp.uint32(0)
+    hi = ah * mh + (mid >> 16) + (lo2 < lo).astype(jnp.uint32)  # P = hi·2^32 + lo2 < 2^62
+    # P + 2^(t−1) (< 2^63): the half in the low word when t ≤ 32, in the high word otherwise
+    low_half = t <= 32
+    lo = lo2 + jnp.where(low_half, one << (t - one), zero)
+    hi = hi + jnp.where(low_half, zero, one << (jnp.maximum(t, 33) - 33))
+    hi = hi + (lo < lo2).astype(jnp.uint32)
     big = t >= 32
-    # t < 32: q = (hi << (32 − t)) | (lo >> t), remainder (0, lo mod 2^t), half (0, 2^(t−1)).
-    ts = jnp.minimum(t, 31)
-    q_small = jnp.where(ts == 0, lo, (hi << (32 - jnp.maximum(ts, 1))) | (lo >> ts))
-    over_small = (hi >> ts) != 0
-    r_small_lo = lo & ((one << ts) - one)
-    half_small_lo = one << (ts - one)
-    # t >= 32: q = hi >> (t − 32), remainder (hi mod 2^(t−32), lo), half at bit t−1.
-    tb = jnp.clip(t - 32, 0, 31).astype(jnp.uint32)
-    q_big = hi >> tb
-    r_big_hi = hi & ((one << tb) - one)
-    half_big_hi = jnp.where(tb == 0, zero, one << jnp.maximum(tb, 1) - one)
-    half_big_lo = jnp.where(tb == 0, jnp.uint32(2**31), zero)
-    q = jnp.where(big, q_big, q_small)
-    r_hi = jnp.where(big, r_big_hi, zero)
-    r_lo = jnp.where(big, lo, r_small_lo)
-    h_hi = jnp.where(big, half_big_hi, zero)
-    h_lo = jnp.where(big, half_big_lo, half_small_lo)
-    above = (r_hi > h_hi) | ((r_hi == h_hi) & (r_lo > h_lo))
-    tie = (r_hi == h_hi) & (r_lo == h_lo)
-    up = above | (tie & ((q & one) == one))
-    overflow = (~big & over_small) | (q >= jnp.uint32(INT32_MAX))
-    q = jnp.where(overflow, jnp.uint32(INT32_MAX), q + up.astype(jnp.uint32))
-    q = jnp.minimum(q, jnp.uint32(INT32_MAX)).astype(jnp.int32)
+    ts = jnp.minimum(t, 31)  # t < 32: q = (hi << (32 − t)) | (lo >> t); over 32 bits: saturate
+    tb = jnp.maximum(t, 32) - 32  # t ≥ 32: q = hi >> (t − 32)
+    q = jnp.where(big, hi >> tb, (hi << (32 - ts)) | (lo >> ts))
+    overflow = ~big & ((hi >> ts) != zero)
+    tie = jnp.where(
+        big,
+        (lo == zero) & ((hi & ((one << tb) - one)) == zero),
+        (lo & ((one << ts) - one)) == zero,
+    )
+    q = jnp.where(tie, q & ~one, q)  # P = (q − ½)·2^t exactly: half to even
+    q = jnp.where(overflow | (q >= jnp.uint32(INT32_MAX)), jnp.uint32(INT32_MAX), q)
+    q = q.astype(jnp.int32)
     return jnp.where(neg, -q, q)
 
 
