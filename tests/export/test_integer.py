@@ -123,6 +123,23 @@ def test_integer_program_uses_int8_operands():
         assert eqn.outvars[0].aval.dtype == jnp.int32
 
 
+def test_integer_batch_of_one_is_its_row_of_a_batch():
+    """One example runs its integer products on two rows (the second zeros; XLA:CPU widens a
+    one-row integer product to int32 × int32): the same logits as in a batch."""
+    model, act_scales = _power_of_two_mlp()
+    program = export_integer(model, act_scales)
+    x = jax.random.uniform(jax.random.key(4), (5, 16), minval=-4.0, maxval=4.0)
+    forward = jax.jit(integer_forward)
+    batch = np.asarray(forward(program, x))
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(forward(program, x[i : i + 1])), batch[i : i + 1])
+    jaxpr = jax.make_jaxpr(integer_forward)(program, x[:1])
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    for eqn in dots:
+        assert eqn.invars[0].aval.shape[0] == 2 and eqn.invars[0].aval.dtype == jnp.int8
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_integer_cnn_matches_fake_quant(bits):
     """Integer CNN (BatchNorm folded after quantization) vs the model's fake-quant forward.

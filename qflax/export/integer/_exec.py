@@ -96,6 +96,11 @@ def _apply_op(
         dtype = max(kernel.dtype, h.dtype, key=lambda d: jnp.dtype(d).itemsize)
         kernel, h = kernel.astype(dtype), h.astype(dtype)
     if layer.op == "dense":
+        if h.shape[0] == 1 and jnp.issubdtype(h.dtype, jnp.integer):
+            # XLA:CPU runs an integer matrix-vector product (one row) as int32 × int32, widening
+            # the whole kernel at every call; two rows take its int8 matrix kernel
+            two = jnp.concatenate([h, jnp.zeros_like(h)])
+            return lax.dot_general(two, kernel, (((h.ndim - 1,), (0,)), ((), ())), **kwargs)[:1]
         return lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())), **kwargs)
     return lax.conv_general_dilated(
         h, kernel, layer.strides, layer.padding, dimension_numbers=CONV_DIMS, **kwargs
