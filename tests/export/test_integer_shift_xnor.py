@@ -86,15 +86,23 @@ def test_xnor_dense_is_the_plus_minus_one_product():
 
 
 @pytest.mark.parametrize(
-    "strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME"), ((1, 1), "VALID"), ((2, 1), "SAME")]
+    "strides, padding, c_in",
+    [
+        ((1, 1), "SAME", 5),
+        ((2, 2), "SAME", 5),
+        ((1, 1), "VALID", 5),
+        ((2, 1), "SAME", 5),
+        ((1, 1), "SAME", 64),  # whole words per tap: the patches of packed pixels
+        ((2, 1), "VALID", 32),
+    ],
 )
-def test_xnor_conv_counts_zero_padding_exactly(strides, padding):
+def test_xnor_conv_counts_zero_padding_exactly(strides, padding, c_in):
     """The float model pads ±1 inputs with 0 (neither sign); the popcount form corrects for it."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.integers(0, 2, (2, 7, 6, 5)), jnp.uint8)
-    w = jnp.asarray(rng.integers(0, 2, (3, 3, 5, 4)), jnp.uint8)
-    words = pack_words(w.reshape(45, 4).T).T
-    got = xnor_dot(x, words, (3, 3, 5, 4), "conv", strides, padding)
+    x = jnp.asarray(rng.integers(0, 2, (2, 7, 6, c_in)), jnp.uint8)
+    w = jnp.asarray(rng.integers(0, 2, (3, 3, c_in, 4)), jnp.uint8)
+    words = pack_words(w.reshape(9 * c_in, 4).T).T
+    got = xnor_dot(x, words, (3, 3, c_in, 4), "conv", strides, padding)
     want = lax.conv_general_dilated(
         _signs(x), _signs(w), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )

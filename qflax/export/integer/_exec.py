@@ -15,6 +15,7 @@ from qflax.export.integer._arith import (
     CONV_DIMS,
     code_dtype,
     max_pool,
+    max_pool_elementwise,
     requantize,
     threshold_bits,
     xnor_dot,
@@ -64,8 +65,8 @@ def apply_epilogue(epilogue: Epilogue, acc: jax.Array) -> jax.Array:
         y = (y - e.norm_mean) * mul + e.norm_bias
     if e.activation is not None:
         y = _ACT_FNS[e.activation](y)
-    if e.pool:
-        y = max_pool(y)
+    if e.pool:  # before signs: one elementwise pass with them
+        y = max_pool_elementwise(y) if e.output == "bits" else max_pool(y)
     if e.output == "bits":
         return (y >= 0).astype(jnp.uint8)
     if e.output == "float":
