@@ -267,10 +267,13 @@ def _conv(dtype, strides=(1, 1)):
 def _im2col_conv(dtype):
     kwargs = {} if dtype == jnp.float32 else {"preferred_element_type": jnp.int32}
 
-    def conv(x, w):
+    def conv(x, w):  # as integer_forward runs integer convolutions
         patches = im2col(x, w.shape[:2], (1, 1), "SAME")
-        flat = w.reshape(-1, w.shape[-1])
-        return lax.dot_general(patches, flat, (((3,), (0,)), ((), ())), **kwargs)
+        rows = patches.reshape(-1, patches.shape[-1])
+        acc = lax.dot_general(
+            rows, w.reshape(rows.shape[-1], -1), (((1,), (0,)), ((), ())), **kwargs
+        )
+        return acc.reshape(*patches.shape[:-1], w.shape[-1])
 
     return jax.jit(conv)
 
