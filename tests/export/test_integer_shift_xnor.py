@@ -12,7 +12,7 @@ from jax import lax
 
 from qflax import quantizers as qz
 from qflax.export import export_integer, fake_quant_forward, integer_forward, static_act_scales
-from qflax.export.integer._arith import pack_words, unpack_words, xnor_dot
+from qflax.export.integer._arith import pack_words, padded_columns, unpack_words, xnor_dot
 from qflax.layers import (
     QuantConv,
     QuantLinear,
@@ -83,6 +83,10 @@ def test_xnor_dense_is_the_plus_minus_one_product():
     got = xnor_dot(x, words, (70, 6))
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, np.asarray(_signs(x) @ _signs(w), np.int32))
+    # a kernel stored with padding columns (rows off a multiple of 1 KiB): the same product
+    assert padded_columns(6) == 6 and padded_columns(1024) == 1040
+    padded = jnp.pad(words, ((0, 0), (0, 16)))
+    np.testing.assert_array_equal(xnor_dot(x, padded, (70, 6)), got)
 
 
 @pytest.mark.parametrize(

@@ -198,6 +198,17 @@ def im2col(x: jax.Array, window: tuple[int, int], strides, padding) -> jax.Array
     return jnp.concatenate(cols, axis=-1)
 
 
+def padded_columns(out: int) -> int:
+    """The columns a packed binary kernel ``(words, out)`` is stored with: ``out + 16`` when
+    its rows span a multiple of 1 KiB (``out`` a multiple of 256), else ``out``.
+
+    XLA:CPU computes ``Σ_i popcount(x[i] XOR w[i, :])`` vectorized along the columns, reading
+    one row per word; rows a multiple of 4 KiB apart all map to the same L1 cache sets, which
+    evicts them before their reuse (measured: 1024 columns, 32 words, batch 256: 0.68 ms, with
+    1040 columns 0.35 ms)."""
+    return out + 16 if out % 256 == 0 else out
+
+
 def _popcount_sum(words: jax.Array, axis: int) -> jax.Array:
     return jnp.sum(lax.population_count(words).astype(jnp.int32), axis=axis)
 
@@ -215,7 +226,8 @@ def xnor_dot(
     Args:
       bits: the input signs as ``{0, 1}`` (1 ↔ +1), ``(B, features)`` or NHWC.
       kernel: the packed weight signs, uint32 ``(words, out)`` (:func:`pack_words` of the
-        kernel reshaped to ``(n, out)`` and transposed).
+        kernel reshaped to ``(n, out)`` and transposed), or with more columns than ``out``
+        (:func:`padded_columns`), which are dropped from the result.
       kernel_shape: the float kernel's shape (``(n, out)`` or HWIO).
       op, strides, padding: the layer's ("dense" or "conv").
 
@@ -228,9 +240,11 @@ def xnor_dot(
       every tap is whole words: each pixel's channels are packed first and the patches are
       taken of the words (32 times less data than patches of bits).
     """
+    out = kernel_shape[-1]
     if op == "dense":
         x = pack_words(bits)
-        return math.prod(kernel_shape[:-1]) - 2 * _popcount_sum(x[..., :, None] ^ kernel, -2)
+        dot = math.prod(kernel_shape[:-1]) - 2 * _popcount_sum(x[..., :, None] ^ kernel, -2)
+        return dot[..., :out]
     window = tuple(kernel_shape[:2])
     if kernel_shape[2] % 32 == 0:  # the patches of packed pixels: the same words
         x = im2col(pack_words(bits), window, strides, padding)  # (B, H_out, W_out, words)
@@ -240,7 +254,7 @@ def xnor_dot(
     valid = pack_words(im2col(ones, window, strides, padding))[0]  # (H_out, W_out, words)
     n_valid = _popcount_sum(valid, -1)[..., None]
     offset = n_valid + 2 * _popcount_sum(kernel & ~valid[..., :, None], -2)  # (H_out, W_out, C)
-    return offset - 2 * _popcount_sum(x[..., :, None] ^ kernel, -2)
+    return (offset - 2 * _popcount_sum(x[..., :, None] ^ kernel, -2))[..., :out]
 
 
 def threshold_bits(
