@@ -449,7 +449,8 @@ class Recipe:
     # The dtype of the forward product's operands: "float32" (the quantized values, i.e.
     # fake quantization) or "int8" (their integer codes: int8 × int8 products accumulated in
     # int32 and rescaled once, for dense and einsum layers; the backward is unchanged, see
-    # qflax.ops). Convolutions keep "float32": XLA:CPU's s8 convolution is slower than f32.
+    # qflax.ops). Convolutions keep "float32" (not built: an int8 convolution in training
+    # would need its own op; see benchmarks/RESULTS.md for what XLA:CPU's s8 convs do).
     forward_dtype: str = "float32"
 
     def __post_init__(self):

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 from qflax.export import (
     estimate_scale,
@@ -17,6 +18,9 @@ from qflax.export import (
     requantize,
     static_act_scales,
 )
+from qflax.export.integer import Epilogue, IntegerLayer
+from qflax.export.integer._arith import CONV_DIMS
+from qflax.export.integer._exec import _accumulate
 from qflax.layers import Rule, calibrate, first_last_float_rules, quantize_model, recipes
 from qflax.models import CNN, MLP
 from qflax.quantizers import UniformConfig
@@ -121,6 +125,40 @@ def test_integer_program_uses_int8_operands():
     for eqn in dots:
         assert [v.aval.dtype for v in eqn.invars] == [jnp.int8, jnp.int8]
         assert eqn.outvars[0].aval.dtype == jnp.int32
+
+
+def test_integer_batch_of_one_is_its_row_of_a_batch():
+    """One example runs its integer products on two rows (the second zeros; XLA:CPU widens a
+    one-row integer product to int32 × int32): the same logits as in a batch."""
+    model, act_scales = _power_of_two_mlp()
+    program = export_integer(model, act_scales)
+    x = jax.random.uniform(jax.random.key(4), (5, 16), minval=-4.0, maxval=4.0)
+    forward = jax.jit(integer_forward)
+    batch = np.asarray(forward(program, x))
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(forward(program, x[i : i + 1])), batch[i : i + 1])
+    jaxpr = jax.make_jaxpr(integer_forward)(program, x[:1])
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3
+    for eqn in dots:
+        assert eqn.invars[0].aval.shape[0] == 2 and eqn.invars[0].aval.dtype == jnp.int8
+
+
+@pytest.mark.parametrize(
+    "strides, padding",
+    [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID"), ((1, 1), ((1, 0), (2, 1)))],
+)
+def test_integer_conv_is_the_product_of_its_patches(strides, padding):
+    """Integer convolutions run as one int8 product of their im2col patches: the int32
+    accumulator of ``conv_general_dilated`` exactly."""
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.integers(-128, 128, (2, 7, 6, 5)), jnp.int8)
+    kernel = jnp.asarray(rng.integers(-127, 128, (3, 3, 5, 4)), jnp.int8)
+    layer = IntegerLayer(kernel, Epilogue(), op="conv", strides=strides, padding=padding)
+    want = lax.conv_general_dilated(
+        h, kernel, strides, padding, dimension_numbers=CONV_DIMS, preferred_element_type=jnp.int32
+    )
+    np.testing.assert_array_equal(np.asarray(jax.jit(_accumulate)(layer, h)), np.asarray(want))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

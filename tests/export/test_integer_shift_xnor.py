@@ -12,7 +12,7 @@ from jax import lax
 
 from qflax import quantizers as qz
 from qflax.export import export_integer, fake_quant_forward, integer_forward, static_act_scales
-from qflax.export.integer._arith import pack_words, unpack_words, xnor_dot
+from qflax.export.integer._arith import pack_words, padded_columns, unpack_words, xnor_dot
 from qflax.layers import (
     QuantConv,
     QuantLinear,
@@ -83,18 +83,30 @@ def test_xnor_dense_is_the_plus_minus_one_product():
     got = xnor_dot(x, words, (70, 6))
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, np.asarray(_signs(x) @ _signs(w), np.int32))
+    # a kernel stored with padding columns (rows off a multiple of 1 KiB): the same product
+    assert padded_columns(6) == 6 and padded_columns(1024) == 1040
+    padded = jnp.pad(words, ((0, 0), (0, 16)))
+    np.testing.assert_array_equal(xnor_dot(x, padded, (70, 6)), got)
 
 
 @pytest.mark.parametrize(
-    "strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME"), ((1, 1), "VALID"), ((2, 1), "SAME")]
+    "strides, padding, c_in",
+    [
+        ((1, 1), "SAME", 5),
+        ((2, 2), "SAME", 5),
+        ((1, 1), "VALID", 5),
+        ((2, 1), "SAME", 5),
+        ((1, 1), "SAME", 64),  # whole words per tap: the patches of packed pixels
+        ((2, 1), "VALID", 32),
+    ],
 )
-def test_xnor_conv_counts_zero_padding_exactly(strides, padding):
+def test_xnor_conv_counts_zero_padding_exactly(strides, padding, c_in):
     """The float model pads ±1 inputs with 0 (neither sign); the popcount form corrects for it."""
     rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.integers(0, 2, (2, 7, 6, 5)), jnp.uint8)
-    w = jnp.asarray(rng.integers(0, 2, (3, 3, 5, 4)), jnp.uint8)
-    words = pack_words(w.reshape(45, 4).T).T
-    got = xnor_dot(x, words, (3, 3, 5, 4), "conv", strides, padding)
+    x = jnp.asarray(rng.integers(0, 2, (2, 7, 6, c_in)), jnp.uint8)
+    w = jnp.asarray(rng.integers(0, 2, (3, 3, c_in, 4)), jnp.uint8)
+    words = pack_words(w.reshape(9 * c_in, 4).T).T
+    got = xnor_dot(x, words, (3, 3, c_in, 4), "conv", strides, padding)
     want = lax.conv_general_dilated(
         _signs(x), _signs(w), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -245,7 +257,9 @@ def test_pow2_cnn_shifts_equal_one_integer_kernel_and_fake_quant(bits, activatio
     error = np.abs(logits * shifted.logit_scale - reference) / np.abs(reference).max()
     assert error.max() < 1e-3
     ops = _ops(shifted, x[:2])
-    assert ops.count("conv_general_dilated") == sum(len(lyr.shifts) for lyr in shifted.layers[:2])
+    # one integer product per exponent in use (convolutions as products of their patches)
+    assert "conv_general_dilated" not in ops
+    assert ops.count("dot_general") == sum(max(len(lyr.shifts), 1) for lyr in shifted.layers)
     assert "shift_left" in ops
 
 

@@ -14,7 +14,9 @@ from jax import lax
 from qflax.export.integer._arith import (
     CONV_DIMS,
     code_dtype,
+    im2col,
     max_pool,
+    max_pool_elementwise,
     requantize,
     threshold_bits,
     xnor_dot,
@@ -64,8 +66,8 @@ def apply_epilogue(epilogue: Epilogue, acc: jax.Array) -> jax.Array:
         y = (y - e.norm_mean) * mul + e.norm_bias
     if e.activation is not None:
         y = _ACT_FNS[e.activation](y)
-    if e.pool:
-        y = max_pool(y)
+    if e.pool:  # before signs: one elementwise pass with them
+        y = max_pool_elementwise(y) if e.output == "bits" else max_pool(y)
     if e.output == "bits":
         return (y >= 0).astype(jnp.uint8)
     if e.output == "float":
@@ -96,7 +98,20 @@ def _apply_op(
         dtype = max(kernel.dtype, h.dtype, key=lambda d: jnp.dtype(d).itemsize)
         kernel, h = kernel.astype(dtype), h.astype(dtype)
     if layer.op == "dense":
+        if h.shape[0] == 1 and jnp.issubdtype(h.dtype, jnp.integer):
+            # XLA:CPU runs an integer matrix-vector product (one row) as int32 × int32, widening
+            # the whole kernel at every call; two rows take its int8 matrix kernel
+            two = jnp.concatenate([h, jnp.zeros_like(h)])
+            return lax.dot_general(two, kernel, (((h.ndim - 1,), (0,)), ((), ())), **kwargs)[:1]
         return lax.dot_general(h, kernel, (((h.ndim - 1,), (0,)), ((), ())), **kwargs)
+    if jnp.issubdtype(h.dtype, jnp.integer):
+        # XLA:CPU: the integer convolution as one integer matrix product of its patches
+        # (im2col, the kernel's (kh, kw, c_in) order; exact: int32 accumulation either way)
+        patches = im2col(h, kernel.shape[:2], layer.strides, layer.padding)
+        rows = patches.reshape(-1, patches.shape[-1])
+        flat = kernel.reshape(rows.shape[-1], kernel.shape[-1])
+        acc = lax.dot_general(rows, flat, (((1,), (0,)), ((), ())), **kwargs)
+        return acc.reshape(*patches.shape[:-1], kernel.shape[-1])
     return lax.conv_general_dilated(
         h, kernel, layer.strides, layer.padding, dimension_numbers=CONV_DIMS, **kwargs
     )
@@ -140,13 +155,16 @@ def _product(layer: IntegerLayer | BinaryLayer | FloatLayer, h: jax.Array) -> ja
 def integer_forward(program: IntegerProgram, x: jax.Array) -> jax.Array:
     """Runs an :class:`IntegerProgram`: the logits of ``x``.
 
-    Quantized layers run ``lax.dot_general`` / ``lax.conv_general_dilated`` on integer codes
-    with ``preferred_element_type=jnp.int32`` (pow2 layers: one per exponent, combined by left
-    shifts), add the int32 bias, requantize with :func:`requantize` (integer multiply and
-    rounding shift), clip to the next layer's codes, apply ReLU as ``max(q, 0)`` (hardtanh:
-    the clip) and max-pool the codes. Binary layers run XNOR/popcount on packed bits and
-    integer thresholds. Float layers run in float32. The float input is quantized once
-    (:func:`quantize_input`) when the first layer is quantized or binary.
+    Quantized layers run ``lax.dot_general`` on integer codes with
+    ``preferred_element_type=jnp.int32`` (convolutions on their im2col patches, which XLA:CPU
+    runs faster than an integer ``conv_general_dilated``; one example on two rows, the second
+    zeros, which XLA:CPU runs as an int8 product where it widens a one-row product to int32;
+    pow2 layers: one product per exponent, combined by left shifts), add the int32 bias,
+    requantize with :func:`requantize` (integer multiply and rounding shift), clip to the next
+    layer's codes, apply ReLU as ``max(q, 0)`` (hardtanh: the clip) and max-pool the codes.
+    Binary layers run XNOR/popcount on packed bits and integer thresholds. Float layers run in
+    float32. The float input is quantized once (:func:`quantize_input`) when the first layer is
+    quantized or binary.
 
     Returns:
       int32 logits (real value ``program.logit_scale·logits``) when the last layer is an

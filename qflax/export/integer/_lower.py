@@ -24,6 +24,7 @@ from qflax.export.integer._arith import (
     auto_shift,
     code_dtype,
     pack_words,
+    padded_columns,
     quantize_multiplier,
 )
 from qflax.export.integer._plan import (
@@ -291,6 +292,7 @@ def _binary_layer(step: Step, nxt: _Next) -> BinaryLayer:
     out_channels = shape[-1]
     fan_in = math.prod(shape[:-1])
     words = pack_words(jnp.asarray(plus.reshape(fan_in, out_channels).T)).T  # (words, out)
+    words = jnp.pad(words, ((0, 0), (0, padded_columns(out_channels) - out_channels)))
     alpha = jnp.broadcast_to(alpha, (out_channels,))
     if nxt.kind == "binary":
         direction, threshold = _binary_thresholds(step, alpha, fan_in)

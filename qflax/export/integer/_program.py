@@ -148,7 +148,9 @@ class BinaryLayer:
     BatchNorm, activation, pool, and the next layer's codes or the float32 logits).
     """
 
-    kernel: jax.Array  # uint32 (words, out): the weight signs (1 ↔ +1), (kh, kw, c_in) packed
+    # uint32 (words, out'): the weight signs (1 ↔ +1), (kh, kw, c_in) packed; out' ≥ out columns
+    # (:func:`~qflax.export.integer._arith.padded_columns`; the columns past out are 0)
+    kernel: jax.Array
     epilogue: Epilogue
     kernel_shape: tuple[int, ...] = ()  # the float kernel's shape ((n, out) or HWIO)
     op: str = "dense"
