@@ -18,6 +18,7 @@ from qflax.numerics._rounding import (
     hash_uniform,
     round_nearest_even,
     stochastic_round,
+    uniform_noise,
 )
 
 __all__ = [
@@ -42,5 +43,6 @@ __all__ = [
     "smallest_int_dtype",
     "stochastic_round",
     "times_pow2",
+    "uniform_noise",
     "unpack_bits",
 ]

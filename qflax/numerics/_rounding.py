@@ -11,7 +11,13 @@ from jax.typing import ArrayLike
 
 from qflax.numerics._ranges import check_choice
 
-__all__ = ["NOISE_SOURCES", "hash_uniform", "round_nearest_even", "stochastic_round"]
+__all__ = [
+    "NOISE_SOURCES",
+    "hash_uniform",
+    "round_nearest_even",
+    "stochastic_round",
+    "uniform_noise",
+]
 
 # Where the uniform variates of stochastic rounding come from: "threefry" (jax.random.uniform
 # with the key's own generator) or "hash" (:func:`hash_uniform`: two 32-bit words drawn from the
@@ -66,6 +72,22 @@ def hash_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return (h >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
 
 
+def uniform_noise(
+    key: jax.Array, shape: tuple[int, ...], noise: str, dtype: jax.typing.DTypeLike = jnp.float32
+) -> jax.Array:
+    """``U[0, 1)`` variates of ``shape`` from one of :data:`NOISE_SOURCES`: ``"threefry"``
+    (``jax.random.uniform(key, shape, dtype)``) or ``"hash"`` (:func:`hash_uniform`, float32
+    on a ``2^−24`` grid, cast to ``dtype``).
+
+    >>> uniform_noise(jax.random.key(0), (3,), "hash").shape
+    (3,)
+    """
+    check_choice(noise, "noise", NOISE_SOURCES)
+    if noise == "hash":
+        return hash_uniform(key, shape).astype(dtype)
+    return jax.random.uniform(key, shape, dtype=dtype)
+
+
 def round_nearest_even(x: ArrayLike) -> jax.Array:
     """Rounds to the nearest integer, ties to even (IEEE 754 default).
 
@@ -99,8 +121,5 @@ def stochastic_round(x: ArrayLike, key: jax.Array, *, noise: str = "threefry") -
     u_dtype = x.dtype if jnp.finfo(x.dtype).bits > 32 else jnp.float32
     lower = jnp.floor(x)
     frac = (x - lower).astype(u_dtype)
-    if noise == "hash":
-        u = hash_uniform(key, x.shape).astype(u_dtype)
-    else:
-        u = jax.random.uniform(key, x.shape, dtype=u_dtype)
+    u = uniform_noise(key, x.shape, noise, u_dtype)
     return lower + (u < frac).astype(x.dtype)

@@ -36,7 +36,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from qflax.numerics import NOISE_SOURCES, check_choice, hash_uniform
+from qflax.numerics import NOISE_SOURCES, check_choice, uniform_noise
 from qflax.quantizers._base import fused_sum, fused_sums, kept_small, reduce_axes
 from qflax.quantizers._family import (
     InputLowering,
@@ -199,9 +199,7 @@ def _binary_noise(x: jax.Array, config: BinaryConfig, key: jax.Array | None, nam
         raise ValueError(
             f"key=None is not allowed for {name} with stochastic=True; allowed: a PRNG key"
         )
-    if config.noise == "hash":
-        return hash_uniform(key, x.shape)
-    return jax.random.uniform(key, x.shape, jnp.float32)
+    return uniform_noise(key, x.shape, config.noise)
 
 
 def _mean_abs(x: jax.Array, scaling: str, axis: int) -> jax.Array:

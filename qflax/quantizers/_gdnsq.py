@@ -70,7 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from qflax.numerics import NOISE_SOURCES, check_choice, exp2, hash_uniform
+from qflax.numerics import NOISE_SOURCES, check_choice, exp2, uniform_noise
 from qflax.quantizers._base import fused_sums, kept_small, reduce_axes, sum_to_shape
 from qflax.quantizers._family import (
     InputLowering,
@@ -247,10 +247,8 @@ def _noise_signs(config, key: jax.Array | None, shape, dtype, name: str) -> jax.
         raise ValueError(
             f"key=None is not allowed for {name} with backward='noise'; allowed: a PRNG key"
         )
-    if config.noise == "hash":
-        heads = hash_uniform(key, shape) < 0.5
-    else:
-        heads = jax.random.bernoulli(key, 0.5, shape)
+    # (threefry: the draws of jax.random.bernoulli(key, 0.5, shape), which is this comparison)
+    heads = uniform_noise(key, shape, config.noise) < 0.5
     return jnp.where(heads, 0.5, -0.5).astype(dtype)
 
 
