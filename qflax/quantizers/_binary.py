@@ -37,7 +37,7 @@ from jax import lax
 from jax.typing import ArrayLike
 
 from qflax.numerics import NOISE_SOURCES, check_choice, uniform_noise
-from qflax.quantizers._base import fused_sum, fused_sums, kept_small, reduce_axes
+from qflax.quantizers._base import kept_small, reduce_axes, sum_to_shape, sums_to_shape
 from qflax.quantizers._family import (
     InputLowering,
     NotExportable,
@@ -202,12 +202,17 @@ def _binary_noise(x: jax.Array, config: BinaryConfig, key: jax.Array | None, nam
     return uniform_noise(key, x.shape, config.noise)
 
 
+def _scale_shape(shape: tuple[int, ...], scaling: str, axis: int) -> tuple[int, ...]:
+    """The keepdims shape of a scale statistic of a tensor of ``shape``."""
+    axes = _scale_axes(len(shape), scaling, axis)
+    return tuple(1 if a in axes else n for a, n in enumerate(shape))
+
+
 def _mean_abs(x: jax.Array, scaling: str, axis: int) -> jax.Array:
-    axes = _scale_axes(x.ndim, scaling, axis)
-    # (no gradient: every caller stops it; fused_sum's reduction has no JVP rule)
-    total = fused_sum(jnp.abs(lax.stop_gradient(x).astype(jnp.float32)), axes)
-    shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
-    return total.reshape(shape) / float(math.prod(x.shape[a] for a in axes))
+    shape = _scale_shape(x.shape, scaling, axis)
+    # (no gradient: every caller stops it; the fused sum's reduction has no JVP rule)
+    total = sum_to_shape(jnp.abs(lax.stop_gradient(x).astype(jnp.float32)), shape)
+    return total / float(math.prod(x.shape) // math.prod(shape))
 
 
 def binary_init(x: ArrayLike, config: BinaryConfig) -> dict:
@@ -339,14 +344,13 @@ def ternary_scale(x: ArrayLike, config: TernaryConfig) -> jax.Array:
     _check_float(x, "ternary_scale")
     if config.scaling == "none":
         return jnp.ones((1,) * x.ndim, jnp.float32)
-    axes = _scale_axes(x.ndim, config.scaling, config.axis)
+    shape = _scale_shape(x.shape, config.scaling, config.axis)
     ax = jnp.abs(lax.stop_gradient(x).astype(jnp.float32))
     kept = ax > kept_small(_ternary_threshold(x, config))
     # One fused pass for both sums (qflax.quantizers._base.fused_sums; XLA:CPU otherwise writes
     # the masked |x| and the mask out at full size before two separate sums).
-    total, count = fused_sums((jnp.where(kept, ax, 0.0), kept.astype(jnp.float32)), axes)
-    shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
-    return lax.stop_gradient(total.reshape(shape) / jnp.maximum(count.reshape(shape), 1.0))
+    total, count = sums_to_shape((jnp.where(kept, ax, 0.0), kept.astype(jnp.float32)), shape)
+    return lax.stop_gradient(total / jnp.maximum(count, 1.0))
 
 
 def ternary(

@@ -30,7 +30,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from qflax.numerics import check_bits
-from qflax.quantizers._base import fused_sum
+from qflax.quantizers._base import sum_to_shape
 from qflax.quantizers._family import (
     InputLowering,
     NotExportable,
@@ -85,7 +85,7 @@ def _pact_bwd(config, residuals, g):
     x, alpha = residuals
     zero = jnp.zeros_like(g)
     dx = jnp.where((x >= 0) & (x < alpha), g, zero)
-    dalpha = fused_sum(jnp.where(x >= alpha, g, zero), tuple(range(x.ndim))).reshape(alpha.shape)
+    dalpha = sum_to_shape(jnp.where(x >= alpha, g, zero), alpha.shape)
     return dx, dalpha
 
 
