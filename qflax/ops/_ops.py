@@ -357,6 +357,12 @@ def _quantized_binary_op(
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     lhs_hat = _quantize_operand(lhs_quantizer, lhs, "lhs_quantizer")
     rhs_hat = _quantize_operand(rhs_quantizer, rhs, "rhs_quantizer")
+    dq, rq, shared = (None, None, True)
+    if grad_quantizer is not None:
+        dq, rq, shared = _split_grad_quantizer(grad_quantizer)
+    if int8 is None and dq is None and rq is None:
+        return op(lhs_hat, rhs_hat)
+    out = jax.eval_shape(op, lhs_hat, rhs_hat)
     forward, forward_consts = None, ()
     if int8 is not None:
         int_op, scale_op, scales = int8
@@ -364,20 +370,7 @@ def _quantized_binary_op(
         ls = _operand_scale(lhs_quantizer, lhs, fields[0])
         rs = _operand_scale(rhs_quantizer, rhs, fields[1])
         forward_consts = scales(lhs_hat, rhs_hat, ls, rs, fields)
-        out_dtype = jax.eval_shape(op, lhs_hat, rhs_hat).dtype
-        forward = functools.partial(_int8_forward, int_op, scale_op, out_dtype)
-    if grad_quantizer is None and forward is None:
-        return op(lhs_hat, rhs_hat)
-    dq, rq, shared = (None, None, True)
-    if grad_quantizer is not None:
-        dq, rq, shared = _split_grad_quantizer(grad_quantizer)
-    if dq is None and rq is None:
-        if forward is None:
-            return op(lhs_hat, rhs_hat)
-        return _grad_quantized(
-            op, forward, None, None, True, lhs_hat, rhs_hat, (), (), forward_consts
-        )
-    out = jax.eval_shape(op, lhs_hat, rhs_hat)
+        forward = functools.partial(_int8_forward, int_op, scale_op, out.dtype)
     example = jax.ShapeDtypeStruct(out.shape, out.dtype)
 
     def convert(q):
